@@ -1,0 +1,33 @@
+"""``keel train``: compose the Hydra config, validate it, run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from keel.config import KeelConfig
+
+ConfigStore.instance().store(name="keel_schema", node=KeelConfig)
+
+
+def validate(cfg: DictConfig) -> KeelConfig:
+    """Typed, value-checked config; a user error exits with the offending key named."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ValueError as err:
+        sys.exit(f"keel: {err}")
+
+
+@hydra.main(version_base=None, config_path="pkg://keel.conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    keel_cfg = validate(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    keel_cfg.run_dir = str(run_dir)
+    from keel.launch.driver import run_training
+
+    run_training(keel_cfg, run_dir)

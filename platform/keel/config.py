@@ -1,0 +1,258 @@
+"""Typed configuration schema: one dataclass per Hydra config group.
+
+Hydra merges every YAML in ``conf/`` onto these dataclasses, so an unknown key or a
+wrong type fails at composition time. Value checks that types cannot express live in
+``__post_init__`` and raise ``ValueError`` naming the full key (``mix.T``), which
+``OmegaConf.to_object`` triggers before any worker starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    """Raise a ValueError naming the config key when a user setting is invalid."""
+    if not cond:
+        raise ValueError(f"config error: {key} {msg}")
+
+
+def _one_of(value: str, choices: tuple[str, ...], key: str) -> None:
+    _require(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the offline random-init Llama-architecture model (``model=tiny``)."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 2048
+    init_seed: int = 1234
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: str = MISSING  # hub id or local directory; "tiny" builds the offline model
+    trust_remote_code: bool = False
+    dtype: str = "float32"
+    attention: str = "auto"
+    gradient_checkpointing: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+    def __post_init__(self) -> None:
+        _one_of(self.dtype, ("float32", "bfloat16"), "model.dtype")
+        _one_of(self.attention, ("auto", "sdpa_block"), "model.attention")
+
+
+@dataclass
+class SourceConfig:
+    """One dataset in the mixture."""
+
+    name: str = MISSING
+    kind: str = "demo"  # demo | file
+    task: Optional[str] = None  # demo task name (kind=demo)
+    path: Optional[str] = None  # file path (kind=file)
+    num_examples: int = 1000  # demo: how many to generate; file: cap (-1 = all)
+    masking: Optional[str] = None  # per-source override of the masking group
+    weight: Optional[float] = None  # explicit quality factor q_k
+
+    def check(self, key: str) -> None:
+        _one_of(self.kind, ("demo", "file"), f"{key}.kind")
+        if self.kind == "demo":
+            _require(self.task is not None, f"{key}.task", "is required for kind=demo")
+        if self.kind == "file":
+            _require(self.path is not None, f"{key}.path", "is required for kind=file")
+        if self.masking is not None:
+            _one_of(self.masking, MASKINGS, f"{key}.masking")
+        _require(self.num_examples == -1 or self.num_examples > 0, f"{key}.num_examples",
+                 f"must be > 0 or -1, got {self.num_examples}")
+        if self.weight is not None:
+            _require(self.weight >= 0, f"{key}.weight", f"must be >= 0, got {self.weight}")
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    seed: int = 0
+    sources: list[SourceConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(len(self.sources) > 0, "data.sources", "must list at least one source")
+        names = [s.name for s in self.sources]
+        _require(len(set(names)) == len(names), "data.sources", f"names must be unique: {names}")
+        for i, src in enumerate(self.sources):
+            src.check(f"data.sources[{i}]")
+
+
+@dataclass
+class TemplateConfig:
+    name: str = MISSING
+    default_system: Optional[str] = None
+
+
+MASKINGS = ("assistant_only", "last_turn", "all_tokens")
+
+
+@dataclass
+class MaskingConfig:
+    name: str = MISSING
+    train_eot: bool = True
+    min_trained_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, MASKINGS, "masking.name")
+        _require(self.min_trained_tokens >= 1, "masking.min_trained_tokens",
+                 f"must be >= 1 (an empty mask is never trained), got {self.min_trained_tokens}")
+
+
+@dataclass
+class MixConfig:
+    name: str = MISSING
+    T: float = 1.0
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, ("temperature", "proportional"), "mix.name")
+        _require(self.T > 0 and not math.isnan(self.T), "mix.T", f"must be > 0, got {self.T}")
+        if self.name == "proportional":
+            _require(self.T == 1.0, "mix.T", "has no effect with mix=proportional (use mix=temperature)")
+
+
+@dataclass
+class PackingConfig:
+    name: str = MISSING
+    strategy: str = "bfd"
+    max_len: int = 512
+    window: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _one_of(self.strategy, ("bfd", "ffd", "first_fit", "pad"), "packing.strategy")
+        _require(self.max_len >= 8, "packing.max_len", f"must be >= 8, got {self.max_len}")
+        if self.window is not None:
+            _require(self.window >= 1, "packing.window", f"must be >= 1, got {self.window}")
+
+
+@dataclass
+class MitigationConfig:
+    name: str = MISSING
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, ("none",), "mitigation.name")
+
+
+@dataclass
+class DeepSpeedConfig:
+    name: str = MISSING
+    stage: int = 3
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    overlap_comm: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.stage in (0, 1, 2, 3), "deepspeed.stage", f"must be 0..3, got {self.stage}")
+        if self.offload_param:
+            _require(self.stage == 3, "deepspeed.offload_param", "needs deepspeed.stage=3")
+
+
+@dataclass
+class ClusterConfig:
+    name: str = MISSING
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    address: Optional[str] = None  # None: start (or join via RAY_ADDRESS) a local Ray instance
+    max_failures: int = 0
+    object_store_memory_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, "cluster.num_workers", f"must be >= 1, got {self.num_workers}")
+        _require(self.cpus_per_worker >= 1, "cluster.cpus_per_worker", "must be >= 1")
+        _require(self.max_failures >= 0, "cluster.max_failures", "must be >= 0")
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+    project: str = "keel"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto: online with WANDB_API_KEY, else offline
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, ("wandb", "none"), "logger.name")
+        _one_of(self.mode, ("auto", "online", "offline", "disabled"), "logger.mode")
+        _require(self.log_every >= 1, "logger.log_every", "must be >= 1")
+
+
+@dataclass
+class TrainerConfig:
+    name: str = MISSING
+    max_steps: int = 60
+    micro_batch_size: int = 2  # packed rows per rank per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_hf: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "grad_accum"):
+            value = getattr(self, key)
+            _require(value >= 1, f"trainer.{key}", f"must be >= 1, got {value}")
+        _require(self.lr > 0, "trainer.lr", f"must be > 0, got {self.lr}")
+        _require(0 <= self.min_lr_ratio <= 1, "trainer.min_lr_ratio", "must be in [0, 1]")
+        _require(self.warmup_steps >= 0, "trainer.warmup_steps", "must be >= 0")
+        _require(self.max_grad_norm >= 0, "trainer.max_grad_norm", "must be >= 0 (0 disables clipping)")
+        _require(len(self.betas) == 2, "trainer.betas", "must have two values")
+
+
+@dataclass
+class KeelConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    template: TemplateConfig = MISSING
+    masking: MaskingConfig = MISSING
+    mix: MixConfig = MISSING
+    packing: PackingConfig = MISSING
+    mitigation: MitigationConfig = MISSING
+    deepspeed: DeepSpeedConfig = MISSING
+    cluster: ClusterConfig = MISSING
+    logger: LoggerConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    run_dir: str = "."
+
+    def __post_init__(self) -> None:
+        _one_of(self.template.name, TEMPLATES, "template.name")
+
+
+TEMPLATES = ("llama3", "chatml")
+
+
+def to_plain(cfg: Any) -> dict:
+    """A KeelConfig (or nested dataclass) as plain dicts/lists, for workers and logs."""
+    from dataclasses import asdict, is_dataclass
+
+    assert is_dataclass(cfg)
+    return asdict(cfg)
+
+
+def from_plain(d: dict) -> KeelConfig:
+    """Rebuild a validated KeelConfig from ``to_plain`` output (worker side)."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(KeelConfig), d)
+    return OmegaConf.to_object(merged)

@@ -1,0 +1,32 @@
+"""Data path: sources -> formats -> template -> masking -> mixing -> packing -> sharding.
+
+Nothing in this package imports Ray, DeepSpeed or torch.distributed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keel.data.masking import Encoded, apply_mask
+from keel.data.template import TextEncoder, get_template, render_chat, render_text
+
+__all__ = ["Encoded", "encode"]
+
+
+def encode(messages: list[dict] | str, tokenizer: Any, template: str = "llama3",
+           masking: str = "assistant_only", train_eot: bool = True) -> Encoded:
+    """Render a conversation (or plain text) and mask it in one pass."""
+    enc = tokenizer if isinstance(tokenizer, TextEncoder) else TextEncoder(tokenizer)
+    tpl = get_template(template)
+    if isinstance(messages, str):
+        segs = render_text(messages, enc, tpl, tokenizer_eos(tokenizer))
+    else:
+        segs = render_chat(messages, enc, tpl)
+    return apply_mask(segs, masking, train_eot)
+
+
+def tokenizer_eos(tokenizer: Any) -> str:
+    tok = tokenizer._tok if isinstance(tokenizer, TextEncoder) else tokenizer
+    if tok.eos_token is None:
+        raise ValueError("tokenizer has no eos_token; plain-text sources need one")
+    return tok.eos_token

@@ -1,0 +1,174 @@
+"""The whole data path for a run: sources -> encode -> mix -> pack -> per-step row plan.
+
+The result is a pure function of (config, tokenizer): the same seed gives the same rows
+in the same order, whatever the world size (rows are laid out step-major, and each
+data-parallel rank takes a fixed slice of its step).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from keel.data import tokenizer_eos
+from keel.data.formats import validate
+from keel.data.masking import IGNORE, apply_mask
+from keel.data.mixing import mixture_weights, sample_plan
+from keel.data.packing import pack
+from keel.data.sources import Reject, iter_source
+from keel.data.template import TextEncoder, get_template, render_chat, render_text
+
+
+@dataclass
+class SourceData:
+    """Encoded, valid examples of one source, plus its rejects."""
+
+    name: str
+    input_ids: list[np.ndarray] = field(default_factory=list)
+    targets: list[np.ndarray] = field(default_factory=list)  # shifted: targets[i] = labels[i+1]
+    rejects: list[dict] = field(default_factory=list)
+    rows_read: int = 0
+
+
+@dataclass
+class RowPlan:
+    """Packed rows in training order, and what they hold."""
+
+    input_ids: np.ndarray  # [R, L] int32
+    targets: np.ndarray  # [R, L] int32, -100 where not trained
+    position_ids: np.ndarray  # [R, L] int32, restart at 0 per example (and for tail padding)
+    seq_lens: np.ndarray  # [R, D] int32, example lengths per row, 0-padded
+    source_ids: np.ndarray  # [R, L] int16, source of each token (-1 padding)
+    source_names: list[str]
+    report: dict
+
+
+def _encode_example(ex: dict, enc: TextEncoder, cfg: Any, masking: str) -> tuple[np.ndarray, np.ndarray]:
+    tpl = get_template(cfg.template.name)
+    if "text" in ex and "messages" not in ex:
+        segs = render_text(ex["text"], enc, tpl, tokenizer_eos(enc._tok))
+    else:
+        messages = ex["messages"]
+        if cfg.template.default_system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": cfg.template.default_system}] + messages
+        segs = render_chat(messages, enc, tpl)
+    encoded = apply_mask(segs, masking, cfg.masking.train_eot)
+    ids = np.asarray(encoded.input_ids, dtype=np.int32)
+    labels = np.asarray(encoded.labels, dtype=np.int32)
+    # Shift inside the example so its first token is never the target of the previous one.
+    targets = np.full_like(labels, IGNORE)
+    targets[:-1] = labels[1:]
+    return ids, targets
+
+
+def load_source(src: Any, cfg: Any, enc: TextEncoder) -> SourceData:
+    """Validate and encode one source; every row is either kept or rejected with a reason."""
+    out = SourceData(src.name)
+    masking = src.masking or cfg.masking.name
+    for row_no, row in iter_source(src, cfg.data.seed):
+        out.rows_read += 1
+        reason = str(row) if isinstance(row, Reject) else validate(row)
+        if reason is None:
+            ids, targets = _encode_example(row, enc, cfg, masking)
+            trained = int((targets != IGNORE).sum())
+            if len(ids) > cfg.packing.max_len:
+                reason = f"over-length: {len(ids)} tokens > packing.max_len={cfg.packing.max_len}"
+            elif trained < cfg.masking.min_trained_tokens:
+                reason = f"too few trained tokens: {trained} < masking.min_trained_tokens"
+        if reason is not None:
+            raw = None if isinstance(row, Reject) else row
+            out.rejects.append({"source": src.name, "row": row_no, "reason": reason, "data": raw})
+            continue
+        out.input_ids.append(ids)
+        out.targets.append(targets)
+    return out
+
+
+def rows_per_step(cfg: Any) -> int:
+    """Packed rows in one optimizer step across all data-parallel ranks."""
+    return cfg.cluster.num_workers * cfg.trainer.grad_accum * cfg.trainer.micro_batch_size
+
+
+def _plan_bins(sources: list[SourceData], weights: list[float], cfg: Any, needed: int):
+    sizes = [len(s.input_ids) for s in sources]
+    mean_len = sum(w * np.mean([len(x) for x in s.input_ids]) for w, s in zip(weights, sources) if w > 0)
+    total = math.ceil(needed * cfg.packing.max_len / mean_len * 1.05) + 16
+    while True:
+        plan = sample_plan(sizes, weights, total, cfg.data.seed)
+        lengths = [len(sources[k].input_ids[i]) for k, i in plan]
+        bins = pack(lengths, cfg.packing.max_len, strategy=cfg.packing.strategy, window=cfg.packing.window)
+        if len(bins) >= needed:
+            return plan, lengths, bins
+        total = math.ceil(total * 1.25)
+
+
+def _fill_row(r: int, bin_items: list[int], plan, sources, arrays: dict, pad_id: int) -> None:
+    pos = 0
+    for d, item in enumerate(bin_items):
+        k, i = plan[item]
+        ids, tgt = sources[k].input_ids[i], sources[k].targets[i]
+        n = len(ids)
+        arrays["input_ids"][r, pos:pos + n] = ids
+        arrays["targets"][r, pos:pos + n] = tgt
+        arrays["position_ids"][r, pos:pos + n] = np.arange(n)
+        arrays["source_ids"][r, pos:pos + n] = k
+        arrays["seq_lens"][r, d] = n
+        pos += n
+    tail = arrays["input_ids"].shape[1] - pos
+    arrays["input_ids"][r, pos:] = pad_id
+    # Tail padding is its own "example": it attends only to itself and is never a target.
+    arrays["position_ids"][r, pos:] = np.arange(tail)
+
+
+def build_rows(sources: list[SourceData], cfg: Any, pad_id: int) -> RowPlan:
+    """Mix, pack and lay out exactly the rows ``trainer.max_steps`` steps will consume."""
+    usable = [s for s in sources if s.input_ids]
+    if not usable:
+        raise ValueError("no usable examples in any data source (see rejects.jsonl)")
+    sizes = [len(s.input_ids) for s in sources]
+    quality = [getattr(src, "weight", None) or 1.0 for src in cfg.data.sources]
+    weights = mixture_weights(sizes, T=cfg.mix.T, quality=quality)
+    needed = cfg.trainer.max_steps * rows_per_step(cfg)
+    plan, lengths, bins = _plan_bins(sources, weights, cfg, needed)
+    # Rows keep time order by window, shuffled (seeded) so a step is not all-long or all-short.
+    order = np.random.default_rng(cfg.data.seed).permutation(len(bins))[:needed]
+    L, D = cfg.packing.max_len, max(len(b) for b in bins)
+    arrays = {"input_ids": np.zeros((needed, L), np.int32), "targets": np.full((needed, L), IGNORE, np.int32),
+              "position_ids": np.zeros((needed, L), np.int32), "seq_lens": np.zeros((needed, D), np.int32),
+              "source_ids": np.full((needed, L), -1, np.int16)}
+    for r, b in enumerate(order):
+        _fill_row(r, bins[b], plan, sources, arrays, pad_id)
+    report = _report(sources, weights, arrays, plan, [bins[b] for b in order], L)
+    return RowPlan(source_names=[s.name for s in sources], report=report, **arrays)
+
+
+def _report(sources, weights, arrays, plan, used_bins, L) -> dict:
+    used_items = [i for b in used_bins for i in b]
+    examples = Counter(plan[i][0] for i in used_items)
+    real = int(sum(len(sources[plan[i][0]].input_ids[plan[i][1]]) for i in used_items))
+    tokens = {s.name: int((arrays["source_ids"] == k).sum()) for k, s in enumerate(sources)}
+    trained = {s.name: int(((arrays["source_ids"] == k) & (arrays["targets"] != IGNORE)).sum())
+               for k, s in enumerate(sources)}
+    return {
+        "rows": len(used_bins), "max_len": L, "real_tokens": real,
+        "packing_efficiency": real / (len(used_bins) * L),
+        "sources": {s.name: {"available": len(s.input_ids), "rows_read": s.rows_read,
+                             "rejected": len(s.rejects), "weight": weights[k],
+                             "examples": examples.get(k, 0),
+                             "example_share": examples.get(k, 0) / max(1, len(used_items)),
+                             "tokens": tokens[s.name], "trained_tokens": trained[s.name]}
+                    for k, s in enumerate(sources)},
+    }
+
+
+def build(cfg: Any, tokenizer: Any) -> tuple[RowPlan, list[dict]]:
+    """Run the data path for ``cfg``; returns the row plan and every rejected row."""
+    enc = TextEncoder(tokenizer)
+    sources = [load_source(src, cfg, enc) for src in cfg.data.sources]
+    rejects = [r for s in sources for r in s.rejects]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return build_rows(sources, cfg, pad_id), rejects

@@ -1,0 +1,82 @@
+"""The driver of ``keel train``: data path, engine launch, run outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from keel.config import to_plain
+from keel.tracking.logger import redact
+
+
+def _write_rejects(run_dir: Path, rejects: list[dict]) -> None:
+    with (run_dir / "rejects.jsonl").open("w") as fh:
+        for r in rejects:
+            fh.write(json.dumps(r, default=str) + "\n")
+
+
+def _print_mixture(report: dict) -> None:
+    print(f"data: {report['rows']} packed rows of {report['max_len']} tokens, "
+          f"packing efficiency {report['packing_efficiency']:.1%}")
+    print(f"  {'source':<14}{'weight':>8}{'share':>8}{'examples':>10}{'tokens':>10}{'trained':>10}{'rejected':>10}")
+    for name, s in report["sources"].items():
+        print(f"  {name:<14}{s['weight']:>8.3f}{s['example_share']:>8.3f}{s['examples']:>10}"
+              f"{s['tokens']:>10}{s['trained_tokens']:>10}{s['rejected']:>10}")
+
+
+def prepare_data(cfg: Any, run_dir: Path) -> tuple[str, Any]:
+    """Model path and the packed row plan; writes rejects.jsonl."""
+    from keel.data import pipeline
+    from keel.model.build import load_tokenizer, model_path
+
+    path = model_path(cfg)
+    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+    plan, rejects = pipeline.build(cfg, tokenizer)
+    _write_rejects(run_dir, rejects)
+    _print_mixture(plan.report)
+    if rejects:
+        print(f"data: {len(rejects)} rows rejected, see {run_dir / 'rejects.jsonl'}")
+    return path, plan
+
+
+def _summary_table(summary: dict) -> str:
+    keys = ("world_size", "zero_stage", "steps", "loss_first", "loss_last", "tokens_trained",
+            "tokens_per_s", "packing_efficiency", "wall_s", "hf_dir")
+    lines = ["", "Keel run summary", "-" * 60]
+    for k in keys:
+        v = summary.get(k)
+        lines.append(f"  {k:<20} {v:.4f}" if isinstance(v, float) else f"  {k:<20} {v}")
+    lines.append(f"  {'tokens_per_source':<20} {summary['tokens_per_source']}")
+    return "\n".join(lines)
+
+
+def run_training(cfg: Any, run_dir: Path) -> dict:
+    """Everything ``keel train`` does after the config is composed and validated."""
+    from omegaconf import OmegaConf
+
+    from keel.data.sharding import step_bundles, step_source_tokens
+    from keel.launch import ray_train
+    from keel.model.attention import resolve
+
+    t0 = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(to_plain(cfg))))
+    attention = resolve(cfg.model.attention, cfg.cluster.use_gpu)
+    print(f"attention backend: {attention} (model.attention={cfg.model.attention})")
+    path, plan = prepare_data(cfg, run_dir)
+    t = cfg.trainer
+    world = cfg.cluster.num_workers
+    bundles = list(step_bundles(plan, world, t.grad_accum, t.micro_batch_size))
+    sst = step_source_tokens(plan, world, t.grad_accum, t.micro_batch_size)
+    result = ray_train.run(cfg, run_dir, path, attention, bundles, sst, plan.source_names)
+    summary = {"world_size": world, "zero_stage": cfg.deepspeed.stage, **result,
+               "packing_efficiency": plan.report["packing_efficiency"],
+               "tokens_per_source": {k: v["tokens"] for k, v in plan.report["sources"].items()},
+               "mixture": plan.report["sources"], "attention": attention, "model_path": path,
+               "wall_s": time.perf_counter() - t0, "pid": os.getpid()}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(_summary_table(summary))
+    return summary

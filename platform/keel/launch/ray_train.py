@@ -1,0 +1,99 @@
+"""Ray Train + Ray Data engine: packed step bundles streamed to DeepSpeed workers.
+
+``cluster=local`` starts a Ray instance on this host (or joins one named by
+``cluster.address`` / ``RAY_ADDRESS``) and runs a ``TorchTrainer`` with
+``cluster.num_workers`` workers; Ray Data's ``streaming_split`` feeds each worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from keel.config import from_plain, to_plain
+
+WORKER_RESULT = "worker_result.json"
+
+
+def _worker_env(cfg: Any) -> dict[str, str]:
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if not cfg.cluster.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    for key in ("KEEL_CACHE_DIR", "WANDB_MODE", "WANDB_DIR", "HF_HOME", "HF_HUB_OFFLINE"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+def init_ray(cfg: Any) -> None:
+    """Start or join Ray; the dashboard stays on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = _worker_env(cfg)
+    os.environ.update(env)
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True,
+                              "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+        return
+    # Logical CPUs: one per worker plus headroom for Ray Data's coordinator tasks.
+    ray.init(num_cpus=cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 2,
+             object_store_memory=cfg.cluster.object_store_memory_mb * 2**20,
+             include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point on every Ray Train worker."""
+    import ray.train
+
+    from keel.train.loop import WorkerInfo, train
+
+    cfg = from_plain(config["cfg"])
+    ctx = ray.train.get_context()
+    info = WorkerInfo(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                      run_dir=Path(config["run_dir"]), model_path=config["model_path"],
+                      attention=config["attention"], step_source_tokens=config["step_source_tokens"],
+                      source_names=config["source_names"])
+    shard = ray.train.get_dataset_shard("train")
+    batches = shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1)
+    bundles = ({k: v[0] for k, v in b.items()} for b in batches)
+    result = train(cfg, info, bundles)
+    if info.rank == 0:
+        (info.run_dir / WORKER_RESULT).write_text(json.dumps(result))
+
+
+def _dataset(bundles: list[dict]) -> Any:
+    import ray.data
+
+    # One block per bundle: streaming_split then hands bundles out one by one in order.
+    return ray.data.from_items(bundles, override_num_blocks=len(bundles))
+
+
+def run(cfg: Any, run_dir: Path, model_path: str, attention: str, bundles: list[dict],
+        step_source_tokens: list[list[int]], source_names: list[str]) -> dict:
+    """Run distributed training; returns rank 0's result."""
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    init_ray(cfg)
+    loop_config = {"cfg": to_plain(cfg), "run_dir": str(run_dir), "model_path": model_path,
+                   "attention": attention, "step_source_tokens": step_source_tokens,
+                   "source_names": source_names}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+        run_config=RunConfig(name="keel", storage_path=str(run_dir.resolve() / "ray"),
+                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
+        datasets={"train": _dataset(bundles)},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    trainer.fit()
+    return json.loads((run_dir / WORKER_RESULT).read_text())
