@@ -1,0 +1,24 @@
+"""Integration runs: real `keel train` subprocesses (local Ray, 2 CPU workers, gloo, ZeRO-3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+KEEL = str(Path(sys.executable).with_name("keel"))
+
+
+def keel_train(run_dir: Path, *overrides: str, timeout: int = 600) -> dict:
+    """Run `keel train` into ``run_dir`` and return its summary.json."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["WANDB_MODE"] = "offline"
+    cmd = [KEEL, "train", f"hydra.run.dir={run_dir}", "trainer.progress=false", *overrides]
+    out = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        pytest.fail(f"keel train failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}")
+    return json.loads((run_dir / "summary.json").read_text())

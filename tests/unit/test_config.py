@@ -1,0 +1,83 @@
+"""Every option of every config group composes and validates; bad overrides fail fast."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+import keel.cli.train  # noqa: F401  (registers the schema)
+import keel.conf
+from keel.config import KeelConfig
+
+CONF = Path(keel.conf.__file__).parent
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
+OPTIONS = [(g, y.stem) for g in GROUPS for y in sorted((CONF / g).glob("*.yaml"))]
+
+
+def _compose(overrides: list[str]) -> KeelConfig:
+    with initialize_config_module(config_module="keel.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_object(cfg)
+
+
+def test_groups_are_the_documented_ones():
+    assert GROUPS == sorted(["model", "data", "template", "masking", "mix", "packing", "mitigation",
+                             "deepspeed", "cluster", "logger", "trainer"])
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS)
+def test_every_option_composes(group, option):
+    cfg = _compose([f"{group}={option}"])
+    assert isinstance(cfg, KeelConfig)
+    assert getattr(cfg, group).name == option
+
+
+def test_defaults():
+    cfg = _compose([])
+    assert (cfg.model.name, cfg.data.name, cfg.deepspeed.stage, cfg.cluster.num_workers) == ("tiny", "demo", 3, 2)
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("mix.T=-1", "mix.T"),
+    ("mix.T=0", "mix.T"),
+    ("trainer.max_steps=0", "trainer.max_steps"),
+    ("cluster.num_workers=0", "cluster.num_workers"),
+    ("packing.strategy=zigzag", "packing.strategy"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+        _compose([override])
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("trainer.max_stepz=3", "max_stepz"),
+    ("masking=nope", "masking"),
+    ("trainer.lr=fast", "lr"),
+])
+def test_unknown_keys_and_options_fail(override, needle):
+    with pytest.raises(Exception, match=needle):
+        _compose([override])
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("mix.T=-1", "mix.T"), ("masking=nope", "masking"), ("trainer.max_stepz=3", "max_stepz")])
+def test_cli_fails_fast_naming_the_key(tmp_path, override, needle):
+    keel = Path(sys.executable).with_name("keel")
+    out = subprocess.run([str(keel), "train", override], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert needle in out.stdout + out.stderr
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("summary.json"))
+
+
+def test_cli_prints_composed_config(tmp_path):
+    keel = Path(sys.executable).with_name("keel")
+    out = subprocess.run([str(keel), "train", "--cfg", "job", "mix.T=3"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, check=True)
+    printed = OmegaConf.create(out.stdout)
+    assert printed.mix.T == 3.0 and printed.model.name == "tiny"

@@ -1,0 +1,69 @@
+"""The loss mask trains exactly the assistant contents plus each assistant end-of-turn."""
+
+from __future__ import annotations
+
+import pytest
+
+from keel.data import encode
+from keel.data.masking import IGNORE
+
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "2 + 2 = 4."},
+    {"role": "user", "content": "And times 3?"},
+    {"role": "assistant", "content": "4 * 3 = 12."},
+]
+EOT = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
+
+
+def _trained_runs(enc) -> list[list[int]]:
+    """Maximal runs of consecutive trained tokens."""
+    runs, cur = [], []
+    for tok, lab in zip(enc.input_ids, enc.labels):
+        if lab != IGNORE:
+            assert lab == tok
+            cur.append(tok)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
+@pytest.mark.parametrize("template", ["llama3", "chatml"])
+def test_assistant_only_trains_contents_and_eot(tokenizer, template):
+    enc = encode(CONV, tokenizer, template=template)
+    runs = [tokenizer.decode(r) for r in _trained_runs(enc)]
+    assert runs == ["2 + 2 = 4." + EOT[template], "4 * 3 = 12." + EOT[template]]
+
+
+@pytest.mark.parametrize("template", ["llama3", "chatml"])
+def test_last_turn_and_no_eot(tokenizer, template):
+    enc = encode(CONV, tokenizer, template=template, masking="last_turn", train_eot=False)
+    assert [tokenizer.decode(r) for r in _trained_runs(enc)] == ["4 * 3 = 12."]
+
+
+def test_all_tokens_trains_everything_but_bos(tokenizer):
+    enc = encode("plain pretraining text.", tokenizer, masking="all_tokens")
+    assert enc.labels[0] == IGNORE and all(x != IGNORE for x in enc.labels[1:])
+    assert tokenizer.decode(enc.input_ids[1:]) == "plain pretraining text." + tokenizer.eos_token
+
+
+def test_matches_the_tokenizers_own_chat_template(tokenizer):
+    ours = encode(CONV, tokenizer, template="llama3").input_ids
+    theirs = tokenizer.apply_chat_template(CONV, tokenize=True, return_dict=False)
+    assert ours == list(theirs)
+
+
+@pytest.mark.parametrize("template", ["llama3", "chatml"])
+def test_special_token_lookalikes_are_never_injected(tokenizer, template):
+    sneaky = [{"role": "user", "content": "hi <|eot_id|><|im_end|><|start_header_id|>"},
+              {"role": "assistant", "content": "ok <|eot_id|> <|im_start|>assistant"}]
+    enc = encode(sneaky, tokenizer, template=template)
+    specials = set(tokenizer.all_special_ids) | set(tokenizer.convert_tokens_to_ids(
+        ["<|eot_id|>", "<|im_end|>", "<|im_start|>", "<|start_header_id|>", "<|end_header_id|>"]))
+    n_special = sum(1 for t in enc.input_ids if t in specials)
+    expected = {"llama3": 1 + 2 * 3, "chatml": 2 * 2}[template]  # bos + (header pair + eot) per turn
+    assert n_special == expected
+    assert [tokenizer.decode(r) for r in _trained_runs(enc)] == ["ok <|eot_id|> <|im_start|>assistant"
+                                                                + EOT[template]]

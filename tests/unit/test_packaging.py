@@ -1,0 +1,35 @@
+"""Layout contracts: platform/ is a src folder, never a package."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_platform_has_no_init():
+    assert not (ROOT / "platform" / "__init__.py").exists()
+
+
+def test_stdlib_platform_still_works_with_keel_installed():
+    code = "import keel, platform; print(platform.python_version())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_every_subpackage_is_listed_in_pyproject():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    pkg = ROOT / "platform" / "keel"
+    found = {".".join(("keel", *p.parent.relative_to(pkg).parts)) for p in pkg.rglob("__init__.py")}
+    assert found | {"keel.conf"} <= listed
+
+
+def test_configs_ship_with_the_package():
+    import keel.conf
+
+    conf = Path(keel.conf.__file__).parent
+    assert (conf / "config.yaml").is_file()
+    assert (conf / "model" / "tiny.yaml").is_file()
