@@ -51,7 +51,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.dtype, ("float32", "bfloat16"), "model.dtype")
-        _one_of(self.attention, ("auto", "sdpa_block"), "model.attention")
+        _one_of(self.attention, ("auto", "sdpa_block", "flex", "torch_varlen", "flash_attn"), "model.attention")
 
 
 @dataclass
@@ -206,6 +206,8 @@ class TrainerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     max_grad_norm: float = 1.0
     seed: int = 0
+    loss_norm: str = "token"  # token | sequence (see keel.train.loss)
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; known GPUs are looked up
     save_hf: bool = True
     progress: bool = True
 
@@ -218,6 +220,7 @@ class TrainerConfig:
         _require(self.warmup_steps >= 0, "trainer.warmup_steps", "must be >= 0")
         _require(self.max_grad_norm >= 0, "trainer.max_grad_norm", "must be >= 0 (0 disables clipping)")
         _require(len(self.betas) == 2, "trainer.betas", "must have two values")
+        _one_of(self.loss_norm, ("token", "sequence"), "trainer.loss_norm")
 
 
 @dataclass

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM
-
 from keel.model.attention import block_causal_mask, cu_seqlens, document_ids
+from transformers import AutoModelForCausalLM
 
 
 def test_block_mask_is_block_diagonal_causal():
@@ -36,3 +35,37 @@ def test_packed_equals_unpacked(tiny_path):
             diff = (packed[start:start + len(doc)] - alone).abs().max().item()
             assert diff < 1e-5, diff
             start += len(doc)
+
+
+def test_flex_matches_sdpa_block_on_cpu(tiny_path):
+    import warnings
+
+    from keel.model import attention
+
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(10, 2000, (2, 40), generator=g)
+    pos = torch.cat([torch.arange(15), torch.arange(20), torch.arange(5)])[None].expand(2, -1)
+    logits = {}
+    for backend in ("sdpa_block", "flex"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_path, attn_implementation=backend,
+                                                     dtype=torch.float32).eval()
+        before = attention.CALLS[backend]
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # flex warns that eager mode is unfused
+            logits[backend] = model(input_ids=ids, position_ids=pos).logits
+        assert attention.CALLS[backend] > before  # the backend really executed
+    assert (logits["flex"] - logits["sdpa_block"]).abs().max().item() < 1e-5
+
+
+def test_resolve_is_strict_on_cpu():
+    import pytest
+    from keel.model.attention import resolve
+
+    assert resolve("auto", use_gpu=False) == "sdpa_block"
+    assert resolve("flex", use_gpu=False) == "flex"
+    with pytest.raises(ValueError, match=r"keel-sft\[gpu\]"):
+        resolve("flash_attn", use_gpu=False)
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve("torch_varlen", use_gpu=False)
+    with pytest.raises(ValueError, match="not a backend"):
+        resolve("magic", use_gpu=False)

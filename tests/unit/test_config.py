@@ -6,13 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
-
 import keel.cli.train  # noqa: F401  (registers the schema)
 import keel.conf
+import pytest
+from hydra import compose, initialize_config_module
 from keel.config import KeelConfig
+from omegaconf import OmegaConf
 
 CONF = Path(keel.conf.__file__).parent
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
@@ -65,7 +64,8 @@ def test_unknown_keys_and_options_fail(override, needle):
 
 
 @pytest.mark.parametrize(("override", "needle"), [
-    ("mix.T=-1", "mix.T"), ("masking=nope", "masking"), ("trainer.max_stepz=3", "max_stepz")])
+    ("mix.T=-1", "mix.T"), ("masking=nope", "masking"), ("trainer.max_stepz=3", "max_stepz"),
+    ("model.attention=flash_attn", "keel-sft[gpu]")])
 def test_cli_fails_fast_naming_the_key(tmp_path, override, needle):
     keel = Path(sys.executable).with_name("keel")
     out = subprocess.run([str(keel), "train", override], cwd=tmp_path, capture_output=True, text=True,

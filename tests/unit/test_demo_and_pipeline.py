@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 
+import keel.cli.train  # noqa: F401
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
-
-import keel.cli.train  # noqa: F401
 from keel.data import demo, pipeline
 from keel.data.formats import validate
 from keel.data.masking import IGNORE
 from keel.data.sharding import step_bundles
+from omegaconf import OmegaConf
 
 
 def _cfg(*overrides):

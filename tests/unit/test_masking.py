@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from keel.data import encode
 from keel.data.masking import IGNORE
 

@@ -33,3 +33,15 @@ def test_configs_ship_with_the_package():
     conf = Path(keel.conf.__file__).parent
     assert (conf / "config.yaml").is_file()
     assert (conf / "model" / "tiny.yaml").is_file()
+
+
+def test_wheel_ships_the_configs(tmp_path):
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("keel_sft-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "keel/conf/config.yaml" in names and "keel/conf/model/tiny.yaml" in names
+    assert "keel/cli/main.py" in names
+    assert not any(n.startswith("platform/") for n in names)

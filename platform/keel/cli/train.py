@@ -30,4 +30,7 @@ def main(cfg: DictConfig) -> None:
     keel_cfg.run_dir = str(run_dir)
     from keel.launch.driver import run_training
 
-    run_training(keel_cfg, run_dir)
+    try:
+        run_training(keel_cfg, run_dir)
+    except ValueError as err:  # user errors (bad data, unavailable backend): no traceback
+        sys.exit(f"keel: {err}")

@@ -21,7 +21,8 @@ from keel.config import to_plain
 from keel.data.masking import IGNORE
 from keel.train.checkpoint import save_final
 from keel.train.deepspeed import ds_config
-from keel.train.loss import backward_scale, token_loss_sum
+from keel.train.flops import device_peak, matmul_params, step_flops
+from keel.train.loss import backward_scale, token_weights, weighted_loss_sum
 from keel.train.schedule import lr_factor
 
 
@@ -82,29 +83,53 @@ def train_step(engine: Any, bundle: dict, cfg: Any, world: int) -> dict:
     ids = torch.as_tensor(bundle["input_ids"]).long()
     targets = torch.as_tensor(bundle["targets"]).long()
     pos = torch.as_tensor(bundle["position_ids"]).long()
-    real = int(np.asarray(bundle["seq_lens"]).sum())
-    supervised, real_global = _all_reduce([float((targets != IGNORE).sum()), float(real)])
-    scale = backward_scale(int(supervised), world)
+    seq_lens = np.asarray(bundle["seq_lens"], dtype=np.int64)
+    weights, local_norm = token_weights(targets, pos, cfg.trainer.loss_norm)
+    norm, supervised, real_global, sum_sq = _all_reduce(
+        [local_norm, float((targets != IGNORE).sum()), float(seq_lens.sum()), float((seq_lens**2).sum())])
+    scale = backward_scale(norm, world)
     lr = engine.lr_scheduler.get_last_lr()[0]
     micro = cfg.trainer.micro_batch_size
     loss_sum = 0.0
     for a in range(cfg.trainer.grad_accum):
         sl = slice(a * micro, (a + 1) * micro)
         logits = engine(input_ids=ids[sl], position_ids=pos[sl]).logits
-        part = token_loss_sum(logits, targets[sl])
+        part = weighted_loss_sum(logits, targets[sl], weights[sl])
         engine.backward(part * scale, scale_wrt_gas=False)
         engine.step()
         loss_sum += float(part.detach())
     (loss_total,) = _all_reduce([loss_sum])
     grad_norm = engine.get_global_grad_norm()
-    return {"loss": loss_total / max(supervised, 1.0), "lr": lr, "supervised_tokens": int(supervised),
-            "tokens": int(real_global), "grad_norm": float(grad_norm) if grad_norm is not None else None}
+    capacity = ids.numel() * world
+    return {"loss": loss_total / max(norm, 1.0), "lr": lr, "supervised_tokens": int(supervised),
+            "tokens": int(real_global), "sum_sq_lengths": sum_sq, "packing_efficiency": real_global / capacity,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None}
 
 
 def _check_bundle(bundle: dict, step: int) -> None:
     got = int(np.asarray(bundle["step"]).reshape(-1)[0])
     if got != step:
         raise RuntimeError(f"data order broken: rank expected rows of step {step}, got step {got}")
+
+
+def _flops_counter(model: Any, cfg: Any) -> Any:
+    n = matmul_params(model)
+    layers, d = model.config.num_hidden_layers, model.config.hidden_size
+    return lambda tokens, sum_sq: step_flops(n, layers, d, tokens, int(sum_sq))
+
+
+def _attention_calls() -> dict:
+    from keel.model.attention import CALLS
+
+    return {k: v for k, v in CALLS.items() if v}
+
+
+def _check_backend(name: str) -> None:
+    """Fail rather than let a configured attention backend be silently skipped."""
+    from keel.model.attention import CALLS
+
+    if CALLS.get(name, 0) == 0:
+        raise RuntimeError(f"attention backend {name!r} was configured but never executed")
 
 
 def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
@@ -117,6 +142,8 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
         from keel.tracking.logger import RunLogger
 
         logger = RunLogger(cfg, info.run_dir, to_plain(cfg), cfg.trainer.max_steps)
+    flops_of = _flops_counter(engine.module, cfg)
+    peak = device_peak(cfg.cluster.use_gpu, cfg.trainer.peak_tflops)
     losses, tokens_seen, t_start = [], 0, time.perf_counter()
     for step in range(cfg.trainer.max_steps):
         t0 = time.perf_counter()
@@ -125,6 +152,11 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
         _check_bundle(bundle, step)
         m = train_step(engine, bundle, cfg, info.world_size)
         dt = time.perf_counter() - t0
+        if step == 0:
+            _check_backend(info.attention)
+        flops = flops_of(m["tokens"], m.pop("sum_sq_lengths"))
+        m["tflops_per_device"] = flops / dt / info.world_size / 1e12
+        m["mfu"] = flops / dt / info.world_size / peak if peak else None
         tokens_seen += m["tokens"]
         losses.append(m["loss"])
         if logger is not None:
@@ -137,7 +169,7 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
     result = {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
               "tokens_trained": tokens_seen, "train_s": train_s, "checkpoint_dir": str(ckpt_dir),
               "hf_dir": str(hf_dir) if hf_dir else None,
-              "tokens_per_s": tokens_seen / train_s}
+              "tokens_per_s": tokens_seen / train_s, "attention_calls": _attention_calls()}
     if logger is not None:
         logger.finish(result)
     return result

@@ -1,0 +1,47 @@
+"""Model FLOPs utilisation (MFU) for packed training.
+
+FLOPs of one optimizer step (forward + backward):
+
+    6 · N · T  +  6 · n_layers · d_model · Σ_i L_i²
+
+N = parameters in matmuls (all parameters except the input embedding), T = real tokens in
+the step, L_i = length of packed example i. The first term is the dense 6N rule; the second
+is causal attention (QKᵀ and PV cost 2·L²·d each per layer forward, halved by the causal
+mask, tripled for backward), computed with each example's own length: packing must not be
+credited with attention across the whole row it never computes. MFU = FLOPs / (step time ·
+world size · peak bf16 FLOP/s of one device).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Dense bf16 peak FLOP/s per device (no sparsity).
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def matmul_params(model: Any) -> int:
+    """Parameters that take part in matmuls (ZeRO-3 partitioned sizes counted in full)."""
+    embed = model.get_input_embeddings().weight
+    total = 0
+    for p in model.parameters():
+        if p is not embed:
+            total += getattr(p, "ds_numel", p.numel())
+    return total
+
+
+def step_flops(n_params: int, n_layers: int, d_model: int, tokens: int, sum_sq_lengths: int) -> float:
+    """Training FLOPs of one step (see module docstring)."""
+    return 6.0 * n_params * tokens + 6.0 * n_layers * d_model * sum_sq_lengths
+
+
+def device_peak(use_gpu: bool, override_tflops: float | None) -> float | None:
+    """Peak bf16 FLOP/s of one device, or None when unknown (CPU without an override)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if not use_gpu:
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
