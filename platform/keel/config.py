@@ -61,7 +61,12 @@ class SourceConfig:
     name: str = MISSING
     kind: str = "demo"  # demo | file
     task: Optional[str] = None  # demo task name (kind=demo)
-    path: Optional[str] = None  # file path (kind=file)
+    path: Optional[str] = None  # kind=file: a file, a glob, a local dataset dir, or hf:owner/name
+    format: str = "auto"  # messages|sharegpt|alpaca|prompt_completion|gsm8k|text|auto
+    fields: Optional[dict[str, str]] = None  # field-name overrides for the format
+    split: str = "train"
+    subset: Optional[str] = None
+    streaming: bool = False
     num_examples: int = 1000  # demo: how many to generate; file: cap (-1 = all)
     masking: Optional[str] = None  # per-source override of the masking group
     weight: Optional[float] = None  # explicit quality factor q_k
@@ -72,6 +77,12 @@ class SourceConfig:
             _require(self.task is not None, f"{key}.task", "is required for kind=demo")
         if self.kind == "file":
             _require(self.path is not None, f"{key}.path", "is required for kind=file")
+        from keel.data.formats import check_fields, check_format
+
+        try:
+            check_fields(check_format(self.format), self.fields)
+        except ValueError as err:
+            raise ValueError(f"config error: {key}.format/fields: {err}") from err
         if self.masking is not None:
             _one_of(self.masking, MASKINGS, f"{key}.masking")
         _require(self.num_examples == -1 or self.num_examples > 0, f"{key}.num_examples",
@@ -210,6 +221,11 @@ class TrainerConfig:
     peak_tflops: Optional[float] = None  # per-device peak for MFU; known GPUs are looked up
     save_hf: bool = True
     progress: bool = True
+    checkpoint_every: int = 0  # optimizer steps between checkpoints (0: only the final one)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept (the newest is never deleted)
+    resume: str = "auto"  # auto: continue from the run dir's newest complete checkpoint | none
+    resume_fallback: str = "none"  # previous: a corrupt newest checkpoint falls back to the one before
+    resume_allow_changes: list[str] = field(default_factory=list)  # fingerprint fields allowed to differ
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum"):
@@ -221,6 +237,28 @@ class TrainerConfig:
         _require(self.max_grad_norm >= 0, "trainer.max_grad_norm", "must be >= 0 (0 disables clipping)")
         _require(len(self.betas) == 2, "trainer.betas", "must have two values")
         _one_of(self.loss_norm, ("token", "sequence"), "trainer.loss_norm")
+        _require(self.checkpoint_every >= 0, "trainer.checkpoint_every", "must be >= 0")
+        _require(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
+        _one_of(self.resume, ("auto", "none"), "trainer.resume")
+        _one_of(self.resume_fallback, ("none", "previous"), "trainer.resume_fallback")
+        for f in self.resume_allow_changes:
+            _one_of(f, RESUME_FIELDS, "trainer.resume_allow_changes")
+
+
+# What a checkpoint records about its run; resuming with any of these changed is refused.
+RESUME_FIELDS = ("data_fingerprint", "tokenizer", "template", "grad_accum", "micro_batch_size", "max_steps")
+
+
+@dataclass
+class FaultConfig:
+    """Test-only fault injector: rank ``kill_rank`` dies after optimizer step ``at_step``, once per run."""
+
+    kill_rank: Optional[int] = None
+    at_step: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _require((self.kill_rank is None) == (self.at_step is None), "fault",
+                 "needs both fault.kill_rank and fault.at_step (or neither)")
 
 
 @dataclass
@@ -236,6 +274,7 @@ class KeelConfig:
     cluster: ClusterConfig = MISSING
     logger: LoggerConfig = MISSING
     trainer: TrainerConfig = MISSING
+    fault: FaultConfig = field(default_factory=FaultConfig)
     run_dir: str = "."
 
     def __post_init__(self) -> None:

@@ -18,9 +18,8 @@ def _packed_batch(vocab: int):
 
 
 def _run(tiny_path, backend):
-    from transformers import AutoModelForCausalLM
-
     import keel.model.attention  # noqa: F401
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_path, attn_implementation=backend,
                                                  dtype=torch.bfloat16).cuda()

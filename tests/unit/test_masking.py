@@ -66,3 +66,25 @@ def test_special_token_lookalikes_are_never_injected(tokenizer, template):
     assert n_special == expected
     assert [tokenizer.decode(r) for r in _trained_runs(enc)] == ["ok <|eot_id|> <|im_start|>assistant"
                                                                 + EOT[template]]
+
+
+TOOL_CONV = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "content": "",
+     "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+    {"role": "tool", "content": '{"temp": -3}'},
+    {"role": "assistant", "content": "It is -3 degrees."},
+]
+TOOLS = [{"name": "weather", "parameters": {"city": "string"}}]
+
+
+@pytest.mark.parametrize("template", ["llama3", "chatml"])
+def test_tool_calls_are_trained_and_tool_results_are_not(tokenizer, template):
+    enc = encode(TOOL_CONV, tokenizer, template=template, tools=TOOLS)
+    runs = [tokenizer.decode(r) for r in _trained_runs(enc)]
+    assert len(runs) == 2
+    assert '"name": "weather"' in runs[0] and "Oslo" in runs[0] and runs[0].endswith(EOT[template])
+    assert runs[1] == "It is -3 degrees." + EOT[template]
+    text = tokenizer.decode(enc.input_ids)
+    assert '{"temp": -3}' in text and '"parameters": {"city": "string"}' in text  # result + tool listing
+    assert all('"temp"' not in r for r in runs)

@@ -8,20 +8,21 @@ from __future__ import annotations
 from typing import Any
 
 from keel.data.masking import Encoded, apply_mask
+from keel.data.sources import load_conversations
 from keel.data.template import TextEncoder, get_template, render_chat, render_text
 
-__all__ = ["Encoded", "encode"]
+__all__ = ["Encoded", "encode", "load_conversations"]
 
 
 def encode(messages: list[dict] | str, tokenizer: Any, template: str = "llama3",
-           masking: str = "assistant_only", train_eot: bool = True) -> Encoded:
+           masking: str = "assistant_only", train_eot: bool = True, tools: list | None = None) -> Encoded:
     """Render a conversation (or plain text) and mask it in one pass."""
     enc = tokenizer if isinstance(tokenizer, TextEncoder) else TextEncoder(tokenizer)
     tpl = get_template(template)
     if isinstance(messages, str):
         segs = render_text(messages, enc, tpl, tokenizer_eos(tokenizer))
     else:
-        segs = render_chat(messages, enc, tpl)
+        segs = render_chat(messages, enc, tpl, tools)
     return apply_mask(segs, masking, train_eot)
 
 

@@ -55,7 +55,7 @@ def _encode_example(ex: dict, enc: TextEncoder, cfg: Any, masking: str) -> tuple
         messages = ex["messages"]
         if cfg.template.default_system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": cfg.template.default_system}] + messages
-        segs = render_chat(messages, enc, tpl)
+        segs = render_chat(messages, enc, tpl, ex.get("tools"))
     encoded = apply_mask(segs, masking, cfg.masking.train_eot)
     ids = np.asarray(encoded.input_ids, dtype=np.int32)
     labels = np.asarray(encoded.labels, dtype=np.int32)
@@ -80,7 +80,7 @@ def load_source(src: Any, cfg: Any, enc: TextEncoder) -> SourceData:
             elif trained < cfg.masking.min_trained_tokens:
                 reason = f"too few trained tokens: {trained} < masking.min_trained_tokens"
         if reason is not None:
-            raw = None if isinstance(row, Reject) else row
+            raw = row.data if isinstance(row, Reject) else row
             out.rejects.append({"source": src.name, "row": row_no, "reason": reason, "data": raw})
             continue
         out.input_ids.append(ids)

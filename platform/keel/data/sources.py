@@ -1,56 +1,294 @@
-"""Sources: where canonical examples come from (built-in demo tasks, local JSON/JSONL)."""
+"""Sources: where canonical examples come from.
+
+Readers for local JSON (a list of rows, or an object holding one under a key such as
+``data``), JSONL, Parquet and CSV files, sorted globs of them, and Hugging Face datasets
+(``hf:owner/name`` or a local dataset folder, through ``datasets.load_dataset``). Rows are
+numbered per file from 0 (for JSONL: the line number, blank lines skipped but counted).
+Every row comes out either as a canonical example (see ``keel.data.formats``) or as a
+``Reject`` carrying the reason: malformed lines and undecodable bytes never raise.
+"""
 
 from __future__ import annotations
 
+import csv
+import glob
 import json
-from collections.abc import Iterator
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from keel.data import demo
+from keel.data.formats import FORMATS, Reject, check_fields, check_format, detect_format, to_canonical, validate
+
+__all__ = ["Reject", "detect_source_format", "iter_raw", "iter_rows", "iter_source", "load_conversations",
+           "read_file", "resolve_files"]
+
+log = logging.getLogger(__name__)
+
+HF_PREFIX = "hf:"
+CONTAINER_KEYS = ("data", "rows", "examples", "train", "instances", "records", "items")
+Row = tuple[int, Any]
+
+# ---------------------------------------------------------------- file readers
 
 
-class Reject(Exception):
-    """A row that cannot be read; carries the reason for the rejects file."""
+def _jsonl_line(raw: bytes, first: bool) -> Any:
+    try:
+        text = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as err:
+        return Reject(f"undecodable bytes: {err}")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, or e.g. an int over the digit limit
+        return Reject(f"malformed JSON line: {err}")
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+def _jsonl_rows(path: Path) -> Iterator[Row]:
     with path.open("rb") as fh:
         for i, raw in enumerate(fh):
-            if not raw.strip():
-                continue
+            if raw.strip():
+                yield i, _jsonl_line(raw, i == 0)
+
+
+def _json_container(data: Any) -> list | None:
+    """The row list of a parsed JSON file, or None when ``data`` is one row."""
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict):
+        for key in CONTAINER_KEYS:
+            if isinstance(data.get(key), list):
+                return data[key]
+    return None
+
+
+def _json_rows(path: Path) -> Iterator[Row]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        yield 0, Reject(f"undecodable bytes: {err}")
+        return
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # one JSON value per line in a .json file
+            yield from _jsonl_rows(path)
+        else:
+            yield 0, Reject(f"malformed JSON file: {err}")
+        return
+    except (ValueError, RecursionError) as err:
+        yield 0, Reject(f"malformed JSON file: {err}")
+        return
+    rows = _json_container(data)
+    yield from enumerate(rows if rows is not None else [data])
+
+
+def _parquet_rows(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    i = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield i, row
+                i += 1
+    except (OSError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
+        yield i, Reject(f"unreadable Parquet data: {err}")
+
+
+def _has_surrogates(values: list[str]) -> bool:
+    return any(any("\udc80" <= ch <= "\udcff" for ch in v) for v in values)
+
+
+def _csv_row(header: list[str], values: list[str]) -> Any:
+    if _has_surrogates(values):
+        return Reject("undecodable bytes: CSV row is not valid UTF-8")
+    if len(values) != len(header):
+        return Reject(f"malformed CSV row: {len(values)} fields, the header has {len(header)}")
+    return dict(zip(header, values))
+
+
+def _csv_rows(path: Path) -> Iterator[Row]:
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            return
+        if _has_surrogates(header):
+            yield 0, Reject("undecodable bytes: CSV header is not valid UTF-8")
+            return
+        i = 0
+        while True:
             try:
-                yield i, json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                yield i, Reject(f"malformed JSON line: {err}")
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                yield i, Reject(f"malformed CSV row: {err}")
+                i += 1
+                continue
+            if values:
+                yield i, _csv_row(header, values)
+                i += 1
 
 
-def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of rows")
-    yield from enumerate(data)
+READERS: dict[str, Callable[[Path], Iterator[Row]]] = {
+    ".json": _json_rows, ".jsonl": _jsonl_rows, ".ndjson": _jsonl_rows, ".parquet": _parquet_rows,
+    ".csv": _csv_rows,
+}
 
 
-def read_file(path: str) -> Iterator[tuple[int, Any]]:
-    """Yield (row number, row or Reject) from a .json or .jsonl file."""
+def _reader(path: Path) -> Callable[[Path], Iterator[Row]]:
+    suffix = path.suffix.lower()
+    if suffix not in READERS:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(READERS)})")
+    return READERS[suffix]
+
+
+def read_file(path: str | os.PathLike) -> Iterator[Row]:
+    """Yield (row number, raw row or Reject) from one .json/.jsonl/.ndjson/.parquet/.csv file."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ValueError(f"data source file not found: {p}")
-    if p.suffix == ".jsonl":
-        yield from _jsonl_rows(p)
-    elif p.suffix == ".json":
-        yield from _json_rows(p)
+    yield from _reader(p)(p)
+
+
+def _is_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def resolve_files(path: str) -> list[str]:
+    """The files ``path`` names: itself, or the sorted matches of a glob."""
+    expanded = os.path.expanduser(str(path))
+    if not _is_glob(expanded):
+        if not Path(expanded).is_file():
+            raise ValueError(f"data source file not found: {expanded} "
+                             f"(for a Hugging Face Hub dataset write '{HF_PREFIX}owner/name')")
+        files = [expanded]
     else:
-        raise ValueError(f"{p}: unsupported file type {p.suffix!r} (use .json or .jsonl)")
+        files = sorted(f for f in glob.glob(expanded, recursive=True) if Path(f).is_file())
+        if not files:
+            raise ValueError(f"no files match the data source glob {expanded!r}")
+    for f in files:
+        _reader(Path(f))  # fail on an unsupported type before reading anything
+    return files
+
+
+# ---------------------------------------------------------------- Hugging Face datasets
+
+
+def _is_hf(path: str) -> bool:
+    return str(path).startswith(HF_PREFIX) or Path(os.path.expanduser(str(path))).is_dir()
+
+
+def _hf_rows(path: str, split: str, subset: str | None, streaming: bool) -> Iterator[Row]:
+    from datasets import load_dataset
+
+    name = path[len(HF_PREFIX):] if path.startswith(HF_PREFIX) else os.path.expanduser(path)
+    try:
+        ds = load_dataset(name, subset, split=split, streaming=streaming)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{path}: cannot load Hugging Face dataset (split={split!r}): {err}") from err
+    yield from enumerate(ds)
+
+
+# ---------------------------------------------------------------- rows of a source
+
+
+def iter_raw(path: str, *, split: str = "train", subset: str | None = None,
+             streaming: bool = False) -> Iterator[tuple[str, int, Any]]:
+    """Yield (file, row number, raw row or Reject) for a file, glob or Hugging Face dataset."""
+    path = str(path)
+    if _is_hf(path):
+        label = f"{path}[{split}]"
+        for i, row in _hf_rows(path, split, subset, streaming):
+            yield label, i, row
+        return
+    for f in resolve_files(path):
+        for i, row in read_file(f):
+            yield f, i, row
+
+
+def _convert(raw: Any, fmt: str, fields: Mapping[str, str] | None) -> dict | Reject:
+    """A canonical, valid example, or a Reject carrying the raw row."""
+    if isinstance(raw, Reject):
+        return raw
+    try:
+        example = to_canonical(raw, fmt, fields)
+    except Reject as rej:
+        return Reject(str(rej), data=raw)
+    reason = validate(example)
+    return example if reason is None else Reject(reason, data=raw)
+
+
+def _undetected(raw: Any, fields: Mapping[str, str] | None) -> Reject:
+    if isinstance(raw, Reject):
+        return raw
+    keys = sorted(map(str, raw)) if isinstance(raw, dict) else type(raw).__name__
+    return Reject(f"format=auto: no row has the fields of a known format ({', '.join(FORMATS)}; "
+                  f"fields={dict(fields or {})}); this row has {keys}", data=raw)
+
+
+def _chosen(path: str, raw: Any, fields: Mapping[str, str] | None) -> str | None:
+    fmt = detect_format(raw, fields)
+    if fmt is not None:
+        log.info("%s: format=auto chose %r from the fields %s", path, fmt, sorted(raw))
+    return fmt
+
+
+def iter_rows(path: str, format: str = "auto", fields: Mapping[str, str] | None = None, *,
+              split: str = "train", subset: str | None = None,
+              streaming: bool = False) -> Iterator[tuple[str, int, dict | Reject]]:
+    """Yield (file, row number, canonical valid example or Reject) for every row of ``path``."""
+    # format="auto" takes the format of the first row that has a known format's fields (logged,
+    # see detect_source_format) and applies it to every row; rows before it are held back.
+    # fields renames fields, e.g. {"messages": "conversations", "role": "from", "content": "value"}.
+    fmt = check_format(format)
+    check_fields(fmt, fields)
+    chosen = None if fmt == "auto" else fmt
+    pending: list[tuple[str, int, Any]] = []
+    for file, i, raw in iter_raw(path, split=split, subset=subset, streaming=streaming):
+        if chosen is None:
+            chosen = _chosen(str(path), raw, fields)
+            if chosen is None:
+                pending.append((file, i, raw))
+                continue
+            for p_file, p_i, p_raw in pending:
+                yield p_file, p_i, _convert(p_raw, chosen, fields)
+            pending.clear()
+        yield file, i, _convert(raw, chosen, fields)
+    for p_file, p_i, p_raw in pending:
+        yield p_file, p_i, _undetected(p_raw, fields)
+
+
+def detect_source_format(path: str, fields: Mapping[str, str] | None = None, *, split: str = "train",
+                         subset: str | None = None, streaming: bool = False) -> str:
+    """The format ``format="auto"`` would choose for ``path``; ValueError if none fits."""
+    check_fields("auto", fields)
+    for _, _, raw in iter_raw(path, split=split, subset=subset, streaming=streaming):
+        fmt = detect_format(raw, fields)
+        if fmt is not None:
+            return fmt
+    raise ValueError(f"{path}: no row has the fields of a known format ({', '.join(FORMATS)})")
+
+
+def load_conversations(path: str, format: str = "auto", fields: Mapping[str, str] | None = None, *,
+                       split: str = "train", subset: str | None = None,
+                       streaming: bool = False) -> Iterator[dict]:
+    """Yield the valid canonical examples of ``path`` (use ``iter_rows`` to see rejects too)."""
+    for _, _, item in iter_rows(path, format, fields, split=split, subset=subset, streaming=streaming):
+        if not isinstance(item, Reject):
+            yield item
 
 
 def iter_source(src: Any, seed: int) -> Iterator[tuple[int, Any]]:
-    """(row number, example) pairs of one configured source."""
+    """(row number, canonical example or Reject) pairs of one configured source."""
     if src.kind == "demo":
         yield from enumerate(demo.generate(src.task, src.num_examples, seed))
         return
-    for n, (i, row) in enumerate(read_file(src.path)):
+    rows = iter_rows(src.path, getattr(src, "format", None) or "auto", getattr(src, "fields", None),
+                     split=getattr(src, "split", None) or "train", subset=getattr(src, "subset", None),
+                     streaming=bool(getattr(src, "streaming", False)))
+    for n, (_, i, row) in enumerate(rows):
         if src.num_examples != -1 and n >= src.num_examples:
             break
         yield i, row

@@ -8,10 +8,11 @@ string that looks like ``<|eot_id|>`` can never inject a real special token.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class Tokenizer(Protocol):
@@ -36,12 +37,29 @@ class ChatTemplate:
     eot: str
     sep: str  # text after the end-of-turn token (not trained)
     strip_content: bool
+    tool_role: str  # header role of tool results
+    call_key: str  # key of the arguments in a rendered tool call
+    call_open: str  # text around each rendered tool call
+    call_close: str
+    result_open: str  # text around a tool result
+    result_close: str
+    tools_intro: str  # system-prompt text that introduces the available tools
 
 
 TEMPLATES: dict[str, ChatTemplate] = {
+    # Llama 3.1 JSON tool calling: calls are bare JSON, results come back as role "ipython".
     "llama3": ChatTemplate("llama3", "<|begin_of_text|>", "<|start_header_id|>{role}<|end_header_id|>\n\n",
-                           "<|eot_id|>", "", strip_content=True),
-    "chatml": ChatTemplate("chatml", None, "<|im_start|>{role}\n", "<|im_end|>", "\n", strip_content=False),
+                           "<|eot_id|>", "", strip_content=True, tool_role="ipython", call_key="parameters",
+                           call_open="", call_close="", result_open="", result_close="",
+                           tools_intro="You have access to the following functions. To call a function, respond "
+                                       "with JSON of the form {\"name\": function name, \"parameters\": "
+                                       "arguments}.\n\n"),
+    # Qwen2/2.5 style: <tool_call> blocks; results go back as role "tool" in <tool_response>.
+    "chatml": ChatTemplate("chatml", None, "<|im_start|>{role}\n", "<|im_end|>", "\n", strip_content=False,
+                           tool_role="tool", call_key="arguments", call_open="<tool_call>\n",
+                           call_close="\n</tool_call>", result_open="<tool_response>\n",
+                           result_close="\n</tool_response>",
+                           tools_intro="# Tools\n\nYou may call one or more functions. Function signatures:\n"),
 }
 
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -95,17 +113,42 @@ class TextEncoder:
         return ids
 
 
-def render_chat(messages: list[dict], enc: TextEncoder, template: ChatTemplate) -> list[Segment]:
+def _content(msg: dict, template: ChatTemplate) -> str:
+    """Message text with tool calls and tool results in the template's own syntax."""
+    content = msg["content"]
+    calls = [template.call_open + json.dumps({"name": c["function"]["name"],
+                                              template.call_key: c["function"].get("arguments", {})},
+                                             ensure_ascii=False) + template.call_close
+             for c in msg.get("tool_calls") or []]
+    if calls:
+        content = "\n".join(([content] if content else []) + calls)
+    if msg["role"] == "tool":
+        content = template.result_open + content + template.result_close
+    return content.strip() if template.strip_content else content
+
+
+def _with_tools(messages: list[dict], tools: list | None, template: ChatTemplate) -> list[dict]:
+    """Put the tool definitions into the system prompt (one is added if there is none)."""
+    if not tools:
+        return messages
+    listing = template.tools_intro + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    if messages and messages[0]["role"] == "system":
+        first = {**messages[0], "content": messages[0]["content"] + "\n\n" + listing}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": listing}, *messages]
+
+
+def render_chat(messages: list[dict], enc: TextEncoder, template: ChatTemplate,
+                tools: list | None = None) -> list[Segment]:
     """Render a validated conversation into segments with exact message spans."""
     segs: list[Segment] = []
     if template.bos:
         segs.append(Segment([enc.special(template.bos)], "system", "bos", -1))
-    for i, msg in enumerate(messages):
-        role, content = msg["role"], msg["content"]
-        if template.strip_content:
-            content = content.strip()
-        segs.append(Segment(enc.markup(template.header.format(role=role)), role, "header", i))
-        segs.append(Segment(enc.text(content), role, "content", i))
+    for i, msg in enumerate(_with_tools(messages, tools, template)):
+        role = msg["role"]
+        header_role = template.tool_role if role == "tool" else role
+        segs.append(Segment(enc.markup(template.header.format(role=header_role)), role, "header", i))
+        segs.append(Segment(enc.text(_content(msg, template)), role, "content", i))
         segs.append(Segment([enc.special(template.eot)], role, "eot", i))
         if template.sep:
             segs.append(Segment(enc.text(template.sep), role, "sep", i))

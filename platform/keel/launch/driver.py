@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.config import to_plain
-from keel.tracking.logger import redact
+from keel.tracking.logger import STARTS, redact
 
 
 def _write_rejects(run_dir: Path, rejects: list[dict]) -> None:
@@ -27,8 +28,8 @@ def _print_mixture(report: dict) -> None:
               f"{s['tokens']:>10}{s['trained_tokens']:>10}{s['rejected']:>10}")
 
 
-def prepare_data(cfg: Any, run_dir: Path) -> tuple[str, Any]:
-    """Model path and the packed row plan; writes rejects.jsonl."""
+def prepare_data(cfg: Any, run_dir: Path) -> tuple[str, Any, Any]:
+    """Model path, tokenizer and the packed row plan; writes rejects.jsonl."""
     from keel.data import pipeline
     from keel.model.build import load_tokenizer, model_path
 
@@ -39,11 +40,11 @@ def prepare_data(cfg: Any, run_dir: Path) -> tuple[str, Any]:
     _print_mixture(plan.report)
     if rejects:
         print(f"data: {len(rejects)} rows rejected, see {run_dir / 'rejects.jsonl'}")
-    return path, plan
+    return path, tokenizer, plan
 
 
 def _summary_table(summary: dict) -> str:
-    keys = ("world_size", "zero_stage", "steps", "loss_first", "loss_last", "tokens_trained",
+    keys = ("world_size", "zero_stage", "steps", "restarts", "loss_first", "loss_last", "tokens_trained",
             "tokens_per_s", "packing_efficiency", "wall_s", "hf_dir")
     lines = ["", "Keel run summary", "-" * 60]
     for k in keys:
@@ -51,6 +52,40 @@ def _summary_table(summary: dict) -> str:
         lines.append(f"  {k:<20} {v:.4f}" if isinstance(v, float) else f"  {k:<20} {v}")
     lines.append(f"  {'tokens_per_source':<20} {summary['tokens_per_source']}")
     return "\n".join(lines)
+
+
+def run_meta(cfg: Any, plan: Any, tokenizer: Any) -> dict:
+    """Fingerprints stored with every checkpoint; a resume must match them."""
+    data = hashlib.sha256(plan.input_ids.tobytes() + plan.targets.tobytes()).hexdigest()[:16]
+    tok = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    t = cfg.trainer
+    return {"data_fingerprint": data, "tokenizer": tok, "template": cfg.template.name,
+            "grad_accum": t.grad_accum, "micro_batch_size": t.micro_batch_size, "max_steps": t.max_steps}
+
+
+def check_resumable(saved: dict, meta: dict, allowed: list[str]) -> None:
+    """Refuse a resume whose data, tokenizer, template or batch geometry changed."""
+    for key, value in meta.items():
+        if key in saved and saved[key] != value and key not in allowed:
+            raise ValueError(f"cannot resume: {key} changed since the checkpoint ({saved[key]!r} -> {value!r}); "
+                             f"set trainer.resume_allow_changes=[{key}] to allow it, or trainer.resume=none")
+
+
+def _start_step(cfg: Any, run_dir: Path, meta: dict) -> int:
+    from keel.train import checkpoint as ckpt
+
+    if cfg.trainer.resume != "auto":
+        return 0
+    try:
+        chosen = ckpt.choose(run_dir, cfg.trainer.resume_fallback)
+    except ckpt.CheckpointCorruption as err:
+        raise ValueError(f"{err}; set trainer.resume_fallback=previous to use the checkpoint before it") from err
+    if chosen is None:
+        return 0
+    saved = ckpt.state(chosen)
+    check_resumable(saved, meta, cfg.trainer.resume_allow_changes)
+    print(f"resume: continuing from {chosen} (step {saved['step']})")
+    return saved["step"]
 
 
 def run_training(cfg: Any, run_dir: Path) -> dict:
@@ -66,13 +101,20 @@ def run_training(cfg: Any, run_dir: Path) -> dict:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(to_plain(cfg))))
     attention = resolve(cfg.model.attention, cfg.cluster.use_gpu)
     print(f"attention backend: {attention} (model.attention={cfg.model.attention})")
-    path, plan = prepare_data(cfg, run_dir)
+    path, tokenizer, plan = prepare_data(cfg, run_dir)
     t = cfg.trainer
     world = cfg.cluster.num_workers
-    bundles = list(step_bundles(plan, world, t.grad_accum, t.micro_batch_size))
+    meta = run_meta(cfg, plan, tokenizer)
+    start = _start_step(cfg, run_dir, meta)
+    # The plan is a pure function of the config: resuming ships exactly the rows from the
+    # checkpoint's step on, nothing re-read or replayed (the last step's rows if already done).
+    first = min(start, t.max_steps - 1)
+    bundles = [b for b in step_bundles(plan, world, t.grad_accum, t.micro_batch_size) if b["step"] >= first]
     sst = step_source_tokens(plan, world, t.grad_accum, t.micro_batch_size)
-    result = ray_train.run(cfg, run_dir, path, attention, bundles, sst, plan.source_names)
-    summary = {"world_size": world, "zero_stage": cfg.deepspeed.stage, **result,
+    (run_dir / STARTS).unlink(missing_ok=True)
+    result = ray_train.run(cfg, run_dir, path, attention, bundles, sst, plan.source_names, meta)
+    restarts = len((run_dir / STARTS).read_text().splitlines()) - 1
+    summary = {"world_size": world, "zero_stage": cfg.deepspeed.stage, **result, "restarts": restarts,
                "packing_efficiency": plan.report["packing_efficiency"],
                "tokens_per_source": {k: v["tokens"] for k, v in plan.report["sources"].items()},
                "mixture": plan.report["sources"], "attention": attention, "model_path": path,

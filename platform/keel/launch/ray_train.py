@@ -58,7 +58,7 @@ def train_loop_per_worker(config: dict) -> None:
     info = WorkerInfo(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                       run_dir=Path(config["run_dir"]), model_path=config["model_path"],
                       attention=config["attention"], step_source_tokens=config["step_source_tokens"],
-                      source_names=config["source_names"])
+                      source_names=config["source_names"], run_meta=config["run_meta"])
     shard = ray.train.get_dataset_shard("train")
     batches = shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1)
     bundles = ({k: v[0] for k, v in b.items()} for b in batches)
@@ -75,7 +75,7 @@ def _dataset(bundles: list[dict]) -> Any:
 
 
 def run(cfg: Any, run_dir: Path, model_path: str, attention: str, bundles: list[dict],
-        step_source_tokens: list[list[int]], source_names: list[str]) -> dict:
+        step_source_tokens: list[list[int]], source_names: list[str], run_meta: dict) -> dict:
     """Run distributed training; returns rank 0's result."""
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -83,7 +83,7 @@ def run(cfg: Any, run_dir: Path, model_path: str, attention: str, bundles: list[
     init_ray(cfg)
     loop_config = {"cfg": to_plain(cfg), "run_dir": str(run_dir), "model_path": model_path,
                    "attention": attention, "step_source_tokens": step_source_tokens,
-                   "source_names": source_names}
+                   "source_names": source_names, "run_meta": run_meta}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -1,16 +1,149 @@
-"""Checkpoints: the DeepSpeed state of every rank, and a consolidated Hugging Face dir."""
+"""Checkpoints: atomic, verified DeepSpeed states of every rank, and a consolidated HF dir.
+
+A checkpoint is written to ``checkpoints/.tmp-step_N`` and renamed to ``step_N`` by rank 0
+only after every rank has finished writing and a manifest of sizes and SHA-256 checksums is
+in place, so a crash mid-write leaves the previous checkpoint as the newest complete one.
+It holds the DeepSpeed ZeRO state (parameters, optimizer, scheduler), every rank's RNG
+states and ``keel_state.json`` (step = the data position: the run resumes with exactly the
+rows of step N+1, since the row plan is a pure function of the config).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import random
+import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import torch.distributed as dist
 
-def save_engine(engine: Any, run_dir: Path, step: int) -> Path:
-    """DeepSpeed checkpoint (partitioned params, optimizer, scheduler) of all ranks."""
-    root = run_dir / "checkpoints"
-    engine.save_checkpoint(str(root), tag=f"step_{step:06d}", client_state={"step": step})
-    return root / f"step_{step:06d}"
+PREFIX = "step_"
+MANIFEST = "manifest.json"
+STATE = "keel_state.json"
+
+
+class CheckpointCorruption(RuntimeError):
+    """A checkpoint whose files do not match its manifest."""
+
+
+def root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(ckpt: Path) -> list[Path]:
+    return sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(ckpt: Path) -> None:
+    entries = {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+               for p in _files(ckpt)}
+    (ckpt / MANIFEST).write_text(json.dumps(entries, indent=1))
+
+
+def verify(ckpt: Path) -> None:
+    """Raise CheckpointCorruption naming the first missing, truncated or altered file."""
+    manifest = ckpt / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointCorruption(f"checkpoint {ckpt} has no {MANIFEST} (incomplete write)")
+    for rel, meta in json.loads(manifest.read_text()).items():
+        path = ckpt / rel
+        if not path.is_file():
+            raise CheckpointCorruption(f"checkpoint {ckpt}: missing file {rel}")
+        if path.stat().st_size != meta["size"] or _sha256(path) != meta["sha256"]:
+            raise CheckpointCorruption(f"checkpoint {ckpt}: {rel} is truncated or altered (checksum mismatch)")
+
+
+def complete(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (renamed, with a manifest), oldest first."""
+    d = root(run_dir)
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.name.startswith(PREFIX) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def choose(run_dir: Path, fallback: str = "none") -> Path | None:
+    """The newest complete checkpoint that verifies; with ``fallback="previous"`` a corrupt
+    newest one is skipped (and reported) in favour of the one before it."""
+    ckpts = complete(run_dir)
+    if not ckpts:
+        return None
+    try:
+        verify(ckpts[-1])
+        return ckpts[-1]
+    except CheckpointCorruption as err:
+        if fallback != "previous" or len(ckpts) < 2:
+            raise
+        print(f"checkpoint: {err}; trainer.resume_fallback=previous uses {ckpts[-2].name}", flush=True)
+        verify(ckpts[-2])
+        return ckpts[-2]
+
+
+def state(ckpt: Path) -> dict:
+    return json.loads((ckpt / STATE).read_text())
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "python_pos": random.getstate()[2], "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2])}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    for old in complete(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save(engine: Any, run_dir: Path, step: int, rank: int, keep: int, meta: dict) -> Path:
+    """Write checkpoint ``step`` atomically on every rank (a collective)."""
+    r = root(run_dir)
+    tmp_tag, final = f".tmp-{PREFIX}{step:06d}", r / f"{PREFIX}{step:06d}"
+    engine.save_checkpoint(str(r), tag=tmp_tag, client_state={"step": step}, save_latest=False)
+    torch.save(_rng_state(), r / tmp_tag / f"rng_rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        (r / tmp_tag / STATE).write_text(json.dumps({"step": step, **meta}))
+        write_manifest(r / tmp_tag)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(r / tmp_tag, final)
+        _prune(run_dir, keep)
+    _barrier()
+    return final
+
+
+def load(engine: Any, ckpt: Path, rank: int) -> int:
+    """Restore engine and RNG states from a verified ``ckpt``; returns its step."""
+    engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    rng = ckpt / f"rng_rank{rank}.pt"
+    if rng.is_file():  # absent when resuming on more ranks than were saved
+        _set_rng_state(torch.load(rng, weights_only=True))
+    return json.loads((ckpt / STATE).read_text())["step"]
 
 
 def consolidated_state_dict(engine: Any) -> dict | None:
@@ -30,11 +163,3 @@ def save_hf(engine: Any, model_path: str, out: Path, rank: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     engine.module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
     load_tokenizer(model_path).save_pretrained(str(out))
-
-
-def save_final(engine: Any, cfg: Any, info: Any, step: int) -> tuple[Path, Path | None]:
-    ckpt = save_engine(engine, info.run_dir, step)
-    hf_dir = info.run_dir / "hf" if cfg.trainer.save_hf else None
-    if hf_dir is not None:
-        save_hf(engine, info.model_path, hf_dir, info.rank)
-    return ckpt, hf_dir

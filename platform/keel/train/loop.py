@@ -7,6 +7,7 @@ tokens in the step (all-reduced over ranks and micro-steps).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 from keel.config import to_plain
 from keel.data.masking import IGNORE
-from keel.train.checkpoint import save_final
+from keel.train import checkpoint as ckpt
 from keel.train.deepspeed import ds_config
 from keel.train.flops import device_peak, matmul_params, step_flops
 from keel.train.loss import backward_scale, token_weights, weighted_loss_sum
@@ -37,6 +38,7 @@ class WorkerInfo:
     attention: str
     step_source_tokens: list[list[int]]
     source_names: list[str]
+    run_meta: dict  # fingerprints stored with every checkpoint (see keel.launch.driver)
 
 
 def _seed_all(seed: int) -> None:
@@ -132,44 +134,90 @@ def _check_backend(name: str) -> None:
         raise RuntimeError(f"attention backend {name!r} was configured but never executed")
 
 
+def _resume(engine: Any, cfg: Any, info: WorkerInfo) -> int:
+    """Load the newest complete checkpoint of the run (trainer.resume=auto); returns its step."""
+    if cfg.trainer.resume != "auto":
+        return 0
+    chosen = ckpt.choose(info.run_dir, cfg.trainer.resume_fallback)  # verifies on every rank
+    if chosen is None:
+        return 0
+    step = ckpt.load(engine, chosen, info.rank)
+    if info.rank == 0:
+        print(f"resumed from {chosen} (step {step})")
+    return step
+
+
+def _maybe_fault(cfg: Any, info: WorkerInfo, step: int) -> None:
+    """Test-only fault injector: kill one rank once, right after optimizer step ``step``."""
+    f = cfg.fault
+    marker = info.run_dir / "fault_fired"
+    if f.at_step == step and f.kill_rank == info.rank and not marker.exists():
+        marker.write_text(str(step))
+        print(f"fault injector: killing rank {info.rank} after step {step}", flush=True)
+        os._exit(17)
+
+
+def _step_metrics(m: dict, dt: float, t_data: float, flops: float, peak: float | None, world: int) -> dict:
+    return {**m, "tokens_per_s": m["tokens"] / dt, "step_s": dt, "data_wait_s": t_data,
+            "data_wait_share": t_data / dt, "tflops_per_device": flops / dt / world / 1e12,
+            "mfu": flops / dt / world / peak if peak else None}
+
+
+def _save(engine: Any, cfg: Any, info: WorkerInfo, step: int) -> Path:
+    meta = {"world_size": info.world_size, **info.run_meta}
+    return ckpt.save(engine, info.run_dir, step, info.rank, cfg.trainer.keep_checkpoints, meta)
+
+
+def _next_bundle(bundles: Iterator[dict], step: int) -> dict:
+    """The bundle of ``step``; after an in-place restart the stream may begin earlier."""
+    while True:
+        bundle = next(bundles)
+        if int(np.asarray(bundle["step"]).reshape(-1)[0]) >= step:
+            _check_bundle(bundle, step)
+            return bundle
+
+
 def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
-    """Run ``trainer.max_steps`` optimizer steps; returns rank 0's results."""
+    """Run (or resume) ``trainer.max_steps`` optimizer steps; returns rank 0's results."""
     _seed_all(cfg.trainer.seed)
     engine, _hf_ds = build_engine(cfg, info)
     engine.train()
+    start = _resume(engine, cfg, info)
     logger = None
     if info.rank == 0:
         from keel.tracking.logger import RunLogger
 
-        logger = RunLogger(cfg, info.run_dir, to_plain(cfg), cfg.trainer.max_steps)
+        logger = RunLogger(cfg, info.run_dir, to_plain(cfg), cfg.trainer.max_steps, start)
     flops_of = _flops_counter(engine.module, cfg)
     peak = device_peak(cfg.cluster.use_gpu, cfg.trainer.peak_tflops)
-    losses, tokens_seen, t_start = [], 0, time.perf_counter()
-    for step in range(cfg.trainer.max_steps):
+    t_start, last_saved = time.perf_counter(), start
+    for step in range(start, cfg.trainer.max_steps):
         t0 = time.perf_counter()
-        bundle = next(bundles)
+        bundle = _next_bundle(bundles, step)
         t_data = time.perf_counter() - t0
-        _check_bundle(bundle, step)
         m = train_step(engine, bundle, cfg, info.world_size)
         dt = time.perf_counter() - t0
-        if step == 0:
+        if step == start:
             _check_backend(info.attention)
         flops = flops_of(m["tokens"], m.pop("sum_sq_lengths"))
-        m["tflops_per_device"] = flops / dt / info.world_size / 1e12
-        m["mfu"] = flops / dt / info.world_size / peak if peak else None
-        tokens_seen += m["tokens"]
-        losses.append(m["loss"])
         if logger is not None:
             src = dict(zip(info.source_names, info.step_source_tokens[step]))
-            logger.log({"step": step + 1, **m, "tokens_seen": tokens_seen, "tokens_per_s": m["tokens"] / dt,
-                        "step_s": dt, "data_wait_s": t_data, "data_wait_share": t_data / dt,
+            logger.log({"step": step + 1, **_step_metrics(m, dt, t_data, flops, peak, info.world_size),
                         **{f"data/tokens/{k}": v for k, v in src.items()}})
+        every = cfg.trainer.checkpoint_every
+        if every and (step + 1) % every == 0 and step + 1 < cfg.trainer.max_steps:
+            _save(engine, cfg, info, step + 1)
+            last_saved = step + 1
+        _maybe_fault(cfg, info, step + 1)
     train_s = time.perf_counter() - t_start
-    ckpt_dir, hf_dir = save_final(engine, cfg, info, cfg.trainer.max_steps)
-    result = {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
-              "tokens_trained": tokens_seen, "train_s": train_s, "checkpoint_dir": str(ckpt_dir),
-              "hf_dir": str(hf_dir) if hf_dir else None,
-              "tokens_per_s": tokens_seen / train_s, "attention_calls": _attention_calls()}
-    if logger is not None:
-        logger.finish(result)
+    final = _save(engine, cfg, info, cfg.trainer.max_steps) if last_saved < cfg.trainer.max_steps else \
+        ckpt.complete(info.run_dir)[-1]
+    hf_dir = info.run_dir / "hf" if cfg.trainer.save_hf else None
+    if hf_dir is not None:
+        ckpt.save_hf(engine, info.model_path, hf_dir, info.rank)
+    if logger is None:
+        return {}
+    result = {**logger.totals(), "resumed_from_step": start, "train_s": train_s, "checkpoint_dir": str(final),
+              "hf_dir": str(hf_dir) if hf_dir else None, "attention_calls": _attention_calls()}
+    logger.finish(result)
     return result

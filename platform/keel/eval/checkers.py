@@ -1,0 +1,255 @@
+"""Answer checkers: ``check(completion, reference) -> bool``, looked up by name with :func:`get`."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+
+Checker = Callable[[str, str], bool]
+
+# ----------------------------------------------------------------------------------------- math
+
+# A number with optional sign, strict thousands grouping ("1,000" yes, "1,2,3" is three numbers),
+# optional decimals. The lookbehind stops "3-4" from reading as 3 and -4.
+_NUM = r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])[-+]?\.\d+"
+# A simple fraction "3/4" is one number, not two.
+_NUM_RE = re.compile(rf"(?:{_NUM})(?:\s*/\s*(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?)?")
+_GSM8K_RE = re.compile(r"####\s*([^\n]*)")
+_ANSWER_IS_RE = re.compile(r"answer\s+is\s*:?\s*([^\n]*)", re.IGNORECASE)
+_LATEX_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_LATEX_TEXT_RE = re.compile(r"\\(?:text|mathrm|textbf|mbox)\s*\{[^{}]*\}")
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (braces balanced), or None."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None  # unbalanced: treat as no box
+
+
+def _delatex(s: str) -> str:
+    """Turn the LaTeX that shows up in boxed answers into plain text."""
+    s = _LATEX_FRAC_RE.sub(r"\1/\2", s)
+    s = _LATEX_TEXT_RE.sub(" ", s)  # units like \text{ dollars}
+    s = s.replace("{,}", ",").replace("\\!", "").replace("\\,", "").replace("\\$", "$").replace("\\%", "%")
+    return s
+
+
+def extract_answer(text: str) -> str | None:
+    """Final-answer span: GSM8K ``#### N``, else ``\\boxed{}``, else "answer is X", else the last number."""
+    marks = _GSM8K_RE.findall(text)
+    if marks:
+        return marks[-1].strip()
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return _delatex(boxed).strip()
+    said = _ANSWER_IS_RE.findall(text)
+    if said:
+        return said[-1].strip()
+    numbers = _NUM_RE.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def parse_number(span: str) -> Fraction | None:
+    """First number in ``span`` as an exact Fraction ("$1,000.00" -> 1000, "3/4" -> 3/4), or None."""
+    m = _NUM_RE.search(span)
+    if m is None:
+        return None
+    num, _, den = m.group(0).replace(",", "").replace(" ", "").partition("/")
+    # Fraction parses decimals exactly, so "72", "72.0" and "72.00" are equal with no float rounding.
+    value = Fraction(num)
+    if den:
+        if Fraction(den) == 0:
+            return None
+        value /= Fraction(den)
+    return value
+
+
+def _normalise_text(span: str) -> str:
+    """Loose string form for non-numeric answers."""
+    return re.sub(r"\s+", " ", span.replace("$", "")).strip().rstrip(".").strip().lower()
+
+
+def _reference_answer(reference: str) -> str | None:
+    """The answer inside a reference: after ``####`` if a full GSM8K solution, else the reference itself."""
+    marks = _GSM8K_RE.findall(reference)
+    if marks:
+        return marks[-1].strip()
+    return reference.strip() or None
+
+
+def check_math(completion: str, reference: str) -> bool:
+    """True iff the completion's final answer equals the reference's, numerically when both are numbers."""
+    want = _reference_answer(reference)
+    if want is None:
+        raise ValueError("math checker: empty reference")
+    got = extract_answer(completion)
+    if got is None:
+        return False
+    want_num, got_num = parse_number(want), parse_number(got)
+    if want_num is not None and got_num is not None:
+        return want_num == got_num
+    if want_num is not None or got_num is not None:
+        return False
+    return _normalise_text(got) == _normalise_text(want)
+
+
+# -------------------------------------------------------------------------------- string checks
+
+
+def check_exact(completion: str, reference: str) -> bool:
+    """Equality after stripping surrounding whitespace."""
+    return completion.strip() == reference.strip()
+
+
+def check_regex(completion: str, reference: str) -> bool:
+    """The reference is a regex that must fullmatch the stripped completion."""
+    try:
+        pattern = re.compile(reference)
+    except re.error as e:
+        raise ValueError(f"regex checker: bad reference pattern {reference!r}: {e}") from e
+    return pattern.fullmatch(completion.strip()) is not None
+
+
+def check_contains(completion: str, reference: str) -> bool:
+    """Reference (stripped) is a substring of the completion.
+
+    Caveat: substring matching over-counts. "12" is in "112", and a completion that lists many
+    candidate answers passes if any one is right, so pass@k computed with it is biased upward
+    (this is what inflated the seed document's numbers). Prefer ``math`` or ``exact``.
+    """
+    needle = reference.strip()
+    if not needle:
+        raise ValueError("contains checker: empty reference would match everything")
+    return needle in completion
+
+
+# ------------------------------------------------------------------------------------- python
+
+_FENCE_RE = re.compile(r"```[ \t]*(python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def extract_code(completion: str) -> str:
+    """First ```python fenced block, else the first untagged fenced block, else the whole completion."""
+    blocks = _FENCE_RE.findall(completion)
+    for tag, body in blocks:
+        if tag:
+            return body
+    for _tag, body in blocks:
+        return body
+    return completion
+
+
+def _cap(res: int, value: int) -> None:
+    """Set soft and hard limit to ``value``, never above the current hard limit (that would fail)."""
+    _soft, hard = resource.getrlimit(res)
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(res, (value, value))
+
+
+def _limits(memory_mb: int, cpu_s: int, max_procs: int, fsize_mb: int) -> Callable[[], None]:
+    """preexec_fn that applies resource limits in the child before exec."""
+
+    def apply() -> None:
+        _cap(resource.RLIMIT_AS, memory_mb * 2**20)
+        _cap(resource.RLIMIT_CPU, cpu_s)
+        _cap(resource.RLIMIT_NPROC, max_procs)  # not enforced for root: the group kill is the real guard
+        _cap(resource.RLIMIT_FSIZE, fsize_mb * 2**20)
+        _cap(resource.RLIMIT_CORE, 0)
+
+    return apply
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL the whole process group, repeating briefly in case members were mid-fork."""
+    for _ in range(50):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.01)
+
+
+def _clean_env(home: str) -> dict[str, str]:
+    """Minimal environment: nothing inherited, so no tokens or keys leak into untrusted code."""
+    return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
+
+
+def make_python_checker(
+    timeout_s: float = 5.0, memory_mb: int = 1024, max_procs: int = 64, fsize_mb: int = 16
+) -> Checker:
+    """Checker that runs ``code + "\\n" + tests`` in a sandboxed subprocess; passes iff exit code 0."""
+    if timeout_s <= 0 or memory_mb <= 0 or max_procs <= 0 or fsize_mb <= 0:
+        raise ValueError("timeout_s, memory_mb, max_procs and fsize_mb must all be positive")
+    preexec = _limits(memory_mb, math.ceil(timeout_s) + 1, max_procs, fsize_mb)
+
+    def check_python(completion: str, reference: str) -> bool:
+        """True iff the extracted code followed by the reference tests exits 0 within the limits."""
+        program = extract_code(completion) + "\n" + reference
+        with tempfile.TemporaryDirectory(prefix="keel-pycheck-") as tmp:
+            (Path(tmp) / "prog.py").write_text(program, encoding="utf-8")
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "prog.py"],
+                cwd=tmp,
+                env=_clean_env(tmp),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # own process group, so one killpg reaches every descendant
+                preexec_fn=preexec,  # limits must be set in the child, before exec
+            )
+            try:
+                rc = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                rc = None
+            finally:
+                # Always kill the group: children forked by passing code may outlive the leader.
+                _kill_group(proc.pid)
+                proc.wait()
+        return rc == 0
+
+    return check_python
+
+
+# ----------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Checker] = {
+    "math": check_math,
+    "exact": check_exact,
+    "regex": check_regex,
+    "contains": check_contains,
+    "python": make_python_checker(),
+}
+
+
+def names() -> list[str]:
+    """Names of the registered checkers."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Checker:
+    """The checker registered under ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown checker {name!r}; valid: {', '.join(names())}") from None

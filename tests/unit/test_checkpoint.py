@@ -1,0 +1,67 @@
+"""Checkpoint manifests catch truncated or altered files; incomplete writes are never picked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from keel.train import checkpoint as ckpt
+
+
+def _fake(run_dir, step, complete=True):
+    d = ckpt.root(run_dir) / (f"step_{step:06d}" if complete else f".tmp-step_{step:06d}")
+    d.mkdir(parents=True)
+    (d / "shard.pt").write_bytes(b"x" * 100)
+    (d / ckpt.STATE).write_text(json.dumps({"step": step}))
+    if complete:
+        ckpt.write_manifest(d)
+    return d
+
+
+def test_newest_complete_checkpoint_wins(tmp_path):
+    _fake(tmp_path, 2)
+    _fake(tmp_path, 10)
+    _fake(tmp_path, 12, complete=False)  # crashed mid-write
+    assert [p.name for p in ckpt.complete(tmp_path)] == ["step_000002", "step_000010"]
+    assert ckpt.state(ckpt.choose(tmp_path))["step"] == 10
+
+
+def test_corrupt_newest_fails_or_falls_back(tmp_path):
+    _fake(tmp_path, 2)
+    newest = _fake(tmp_path, 4)
+    (newest / "shard.pt").write_bytes(b"z" * 100)
+    with pytest.raises(ckpt.CheckpointCorruption, match="step_000004"):
+        ckpt.choose(tmp_path)
+    assert ckpt.choose(tmp_path, fallback="previous").name == "step_000002"
+
+
+def test_resume_refuses_changed_fingerprints():
+    from keel.launch.driver import check_resumable
+
+    saved = {"step": 2, "data_fingerprint": "aa", "micro_batch_size": 2, "template": "llama3"}
+    check_resumable(saved, {"data_fingerprint": "aa", "micro_batch_size": 2, "template": "llama3"}, [])
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        check_resumable(saved, {"data_fingerprint": "aa", "micro_batch_size": 4, "template": "llama3"}, [])
+    check_resumable(saved, {"data_fingerprint": "bb", "micro_batch_size": 2, "template": "llama3"},
+                    ["data_fingerprint"])
+
+
+def test_truncated_or_altered_shards_are_caught(tmp_path):
+    d = _fake(tmp_path, 4)
+    ckpt.verify(d)
+    (d / "shard.pt").write_bytes(b"x" * 99)
+    with pytest.raises(ckpt.CheckpointCorruption, match="shard.pt"):
+        ckpt.verify(d)
+    (d / "shard.pt").write_bytes(b"y" * 100)
+    with pytest.raises(ckpt.CheckpointCorruption, match="checksum"):
+        ckpt.verify(d)
+    (d / "shard.pt").unlink()
+    with pytest.raises(ckpt.CheckpointCorruption, match="missing"):
+        ckpt.verify(d)
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    for s in (2, 4, 6):
+        _fake(tmp_path, s)
+    ckpt._prune(tmp_path, keep=1)
+    assert [p.name for p in ckpt.complete(tmp_path)] == ["step_000006"]
