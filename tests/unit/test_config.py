@@ -39,6 +39,7 @@ def test_every_option_composes(group, option):
 def test_defaults():
     cfg = _compose([])
     assert (cfg.model.name, cfg.data.name, cfg.deepspeed.stage, cfg.cluster.num_workers) == ("tiny", "demo", 3, 2)
+    assert cfg.model.trust_remote_code is False and cfg.trainer.resume == "auto"
 
 
 @pytest.mark.parametrize(("override", "needle"), [
