@@ -69,7 +69,8 @@ class SourceConfig:
     streaming: bool = False
     num_examples: int = 1000  # demo: how many to generate; file: cap (-1 = all)
     masking: Optional[str] = None  # per-source override of the masking group
-    weight: Optional[float] = None  # explicit quality factor q_k
+    quality: Optional[float] = None  # q_k for mix=quality (p_k ∝ (N_k·q_k)^(1/T))
+    cap: Optional[int] = None  # at most this many examples of the source enter N_k and sampling
 
     def check(self, key: str) -> None:
         _one_of(self.kind, ("demo", "file"), f"{key}.kind")
@@ -87,8 +88,10 @@ class SourceConfig:
             _one_of(self.masking, MASKINGS, f"{key}.masking")
         _require(self.num_examples == -1 or self.num_examples > 0, f"{key}.num_examples",
                  f"must be > 0 or -1, got {self.num_examples}")
-        if self.weight is not None:
-            _require(self.weight >= 0, f"{key}.weight", f"must be >= 0, got {self.weight}")
+        if self.quality is not None:
+            _require(self.quality >= 0, f"{key}.quality", f"must be >= 0, got {self.quality}")
+        if self.cap is not None:
+            _require(self.cap >= 1, f"{key}.cap", f"must be >= 1, got {self.cap}")
 
 
 @dataclass
@@ -126,16 +129,32 @@ class MaskingConfig:
                  f"must be >= 1 (an empty mask is never trained), got {self.min_trained_tokens}")
 
 
+MIXES = ("temperature", "proportional", "quality", "explicit")
+
+
 @dataclass
 class MixConfig:
+    """p_k ∝ (N_k · q_k)^(1/T); ``explicit`` uses each source's ``weight`` as p_k instead."""
+
     name: str = MISSING
     T: float = 1.0
+    count: str = "examples"  # N_k in examples or tokens
+    weights: Optional[dict[str, float]] = None  # mix=explicit: source name -> weight
 
     def __post_init__(self) -> None:
-        _one_of(self.name, ("temperature", "proportional"), "mix.name")
+        _one_of(self.name, MIXES, "mix.name")
+        _one_of(self.count, ("examples", "tokens"), "mix.count")
         _require(self.T > 0 and not math.isnan(self.T), "mix.T", f"must be > 0, got {self.T}")
         if self.name == "proportional":
             _require(self.T == 1.0, "mix.T", "has no effect with mix=proportional (use mix=temperature)")
+        if self.name == "explicit":
+            _require(self.T == 1.0 and self.count == "examples", "mix.T/mix.count",
+                     "have no effect with mix=explicit (mix.weights is the mixture)")
+            _require(bool(self.weights), "mix.weights", "is required with mix=explicit")
+            _require(all(w >= 0 for w in self.weights.values()) and sum(self.weights.values()) > 0,
+                     "mix.weights", "must be >= 0 and not all 0")
+        else:
+            _require(self.weights is None, "mix.weights", f"has no effect with mix={self.name}")
 
 
 @dataclass
@@ -279,6 +298,18 @@ class KeelConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.template.name, TEMPLATES, "template.name")
+        self._check_mix_fields()
+
+    def _check_mix_fields(self) -> None:
+        """Per-source mixture fields must match the mix mode, never be silently ignored."""
+        names = [s.name for s in self.data.sources]
+        if self.mix.weights is not None:
+            _require(sorted(self.mix.weights) == sorted(names), "mix.weights",
+                     f"must name exactly the sources {names}, got {sorted(self.mix.weights)}")
+        for i, src in enumerate(self.data.sources):
+            key = f"data.sources[{i}]"
+            if self.mix.name != "quality":
+                _require(src.quality is None, f"{key}.quality", f"has no effect with mix={self.mix.name}")
 
 
 TEMPLATES = ("llama3", "chatml")

@@ -90,3 +90,32 @@ def test_overlength_rows_are_rejected_not_lost(tokenizer):
     for src in cfg.data.sources:
         s = per_source[src.name]
         assert s["available"] + s["rejected"] == s["rows_read"] == src.num_examples
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["mix=explicit"], [0.5, 0.3, 0.2]),
+    (["mix=proportional"], [3000 / 5100, 1500 / 5100, 600 / 5100]),
+    (["mix=quality", "+data.sources.0.quality=2"], [6000 / 8100, 1500 / 8100, 600 / 8100]),
+])
+def test_mixture_modes(tokenizer, overrides, expected):
+    cfg = _cfg("trainer.max_steps=1", *overrides)
+    sources = [pipeline.load_source(s, cfg, pipeline.TextEncoder(tokenizer)) for s in cfg.data.sources]
+    assert pipeline.source_weights(sources, cfg) == pytest.approx(expected)
+
+
+def test_token_counted_mixture_and_caps(tokenizer):
+    cfg = _cfg("trainer.max_steps=1", "mix=proportional", "mix.count=tokens", "data.sources.2.cap=100")
+    sources = [pipeline.load_source(s, cfg, pipeline.TextEncoder(tokenizer)) for s in cfg.data.sources]
+    assert len(sources[2].input_ids) == 100
+    tokens = [sum(len(x) for x in s.input_ids) for s in sources]
+    assert pipeline.source_weights(sources, cfg) == pytest.approx([t / sum(tokens) for t in tokens])
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["data.sources.0.quality=2"], "quality"),
+    (["mix=explicit", "+mix.weights.extra=1"], "mix.weights"),
+    (["mix=explicit", "mix.weights=null"], "mix.weights"),
+    (["mix=explicit", "mix.T=2"], "mix.T")])
+def test_mixture_fields_that_would_do_nothing_are_errors(overrides, needle):
+    with pytest.raises(ValueError, match=needle):
+        _cfg(*overrides)

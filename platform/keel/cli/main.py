@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-USAGE = """usage: keel <command> [hydra overrides]
+USAGE = """usage: keel <command> [options | hydra overrides]
 
 commands:
   train     fine-tune per the composed config (e.g. `keel train mix.T=2 trainer.max_steps=5`)
             `keel train --cfg job` prints the composed config; `keel train --help` lists groups
+  inspect   show rendered examples with trained tokens coloured, and write an HTML report
+  eval      evaluation: `keel eval passk --help`
 """
+
+# command -> module with a main(argv) (Hydra-based commands read sys.argv themselves)
+COMMANDS = {"train": "keel.cli.train", "inspect": "keel.cli.inspect", "eval": "keel.cli.eval"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,13 +24,11 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        from keel.cli.train import main as train_main
-
-        sys.argv = ["keel train", *rest]
-        train_main()
-        return
-    sys.exit(f"keel: unknown command {command!r}\n\n{USAGE}")
+    if command not in COMMANDS:
+        sys.exit(f"keel: unknown command {command!r}\n\n{USAGE}")
+    module = importlib.import_module(COMMANDS[command])
+    sys.argv = [f"keel {command}", *rest]
+    module.main()
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ def load_source(src: Any, cfg: Any, enc: TextEncoder) -> SourceData:
     out = SourceData(src.name)
     masking = src.masking or cfg.masking.name
     for row_no, row in iter_source(src, cfg.data.seed):
+        if src.cap is not None and len(out.input_ids) >= src.cap:
+            break  # the cap bounds what enters the mixture; unread rows are not rejects
         out.rows_read += 1
         reason = str(row) if isinstance(row, Reject) else validate(row)
         if reason is None:
@@ -124,14 +126,25 @@ def _fill_row(r: int, bin_items: list[int], plan, sources, arrays: dict, pad_id:
     arrays["position_ids"][r, pos:] = np.arange(tail)
 
 
+def source_weights(sources: list[SourceData], cfg: Any) -> list[float]:
+    """Mixture weights p_k per the ``mix`` group (N_k counted in examples or tokens)."""
+    if cfg.mix.name == "explicit":
+        raw = [cfg.mix.weights[src.name] for src in cfg.data.sources]
+        return [w / sum(raw) for w in raw]
+    if cfg.mix.count == "tokens":
+        sizes = [float(sum(len(x) for x in s.input_ids)) for s in sources]
+    else:
+        sizes = [float(len(s.input_ids)) for s in sources]
+    quality = [src.quality if src.quality is not None else 1.0 for src in cfg.data.sources]
+    return mixture_weights(sizes, T=cfg.mix.T, quality=quality)
+
+
 def build_rows(sources: list[SourceData], cfg: Any, pad_id: int) -> RowPlan:
     """Mix, pack and lay out exactly the rows ``trainer.max_steps`` steps will consume."""
     usable = [s for s in sources if s.input_ids]
     if not usable:
         raise ValueError("no usable examples in any data source (see rejects.jsonl)")
-    sizes = [len(s.input_ids) for s in sources]
-    quality = [getattr(src, "weight", None) or 1.0 for src in cfg.data.sources]
-    weights = mixture_weights(sizes, T=cfg.mix.T, quality=quality)
+    weights = source_weights(sources, cfg)
     needed = cfg.trainer.max_steps * rows_per_step(cfg)
     plan, lengths, bins = _plan_bins(sources, weights, cfg, needed)
     # Rows keep time order by window, shuffled (seeded) so a step is not all-long or all-short.
