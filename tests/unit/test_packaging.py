@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -45,3 +46,13 @@ def test_wheel_ships_the_configs(tmp_path):
     assert "keel/conf/config.yaml" in names and "keel/conf/model/tiny.yaml" in names
     assert "keel/cli/main.py" in names
     assert not any(n.startswith("platform/") for n in names)
+    # A non-editable install of that wheel composes the config from any directory.
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    code = ("import sys, keel; assert keel.__file__.startswith(sys.argv[1]), keel.__file__; "
+            "from keel.cli.main import main; main(['train', '--cfg', 'job', 'mix.T=3'])")
+    out = subprocess.run([sys.executable, "-c", code, str(target)], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(target)}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "T: 3.0" in out.stdout
