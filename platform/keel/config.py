@@ -172,11 +172,51 @@ class PackingConfig:
 
 
 @dataclass
+class ReplayConfig:
+    """Mix pretraining-style text (trained on all tokens) at ``ratio`` of the trained tokens."""
+
+    source: SourceConfig = field(default_factory=lambda: SourceConfig(
+        name="replay", kind="demo", task="text", num_examples=2000, masking="all_tokens"))
+    ratio: float = 0.05
+
+    def check(self) -> None:
+        _require(0 < self.ratio < 1, "mitigation.replay.ratio", f"must be in (0, 1), got {self.ratio}")
+        self.source.check("mitigation.replay.source")
+
+
+@dataclass
+class ConservativeLRConfig:
+    """The seed's preset against forgetting: lr 1e-6..5e-6, few epochs, warmup."""
+
+    lr: float = 2e-6
+    warmup_steps: int = 10
+    max_epochs: float = 3.0
+
+    def check(self) -> None:
+        _require(1e-6 <= self.lr <= 5e-6, "mitigation.conservative_lr.lr",
+                 f"must be in [1e-6, 5e-6] (the conservative range), got {self.lr}")
+        _require(self.warmup_steps >= 0, "mitigation.conservative_lr.warmup_steps", "must be >= 0")
+        _require(self.max_epochs > 0, "mitigation.conservative_lr.max_epochs", "must be > 0")
+
+
+@dataclass
 class MitigationConfig:
-    name: str = MISSING
+    """Forgetting-mitigation plugins; each is enabled by selecting its option
+    (``mitigation=[replay,conservative_lr]``), which fills its sub-config."""
+
+    replay: Optional[ReplayConfig] = None
+    conservative_lr: Optional[ConservativeLRConfig] = None
+
+    @property
+    def enabled(self) -> list[str]:
+        return [name for name in MITIGATIONS if getattr(self, name) is not None]
 
     def __post_init__(self) -> None:
-        _one_of(self.name, ("none",), "mitigation.name")
+        for name in self.enabled:
+            getattr(self, name).check()
+
+
+MITIGATIONS = ("replay", "conservative_lr")
 
 
 @dataclass

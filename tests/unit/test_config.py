@@ -33,7 +33,15 @@ def test_groups_are_the_documented_ones():
 def test_every_option_composes(group, option):
     cfg = _compose([f"{group}={option}"])
     assert isinstance(cfg, KeelConfig)
-    assert getattr(cfg, group).name == option
+    if group == "mitigation":  # plugins compose as a list: mitigation=[replay,conservative_lr]
+        assert cfg.mitigation.enabled == ([] if option == "none" else [option])
+    else:
+        assert getattr(cfg, group).name == option
+
+
+def test_mitigations_compose_as_a_list():
+    cfg = _compose(["mitigation=[replay,conservative_lr]"])
+    assert cfg.mitigation.enabled == ["replay", "conservative_lr"]
 
 
 def test_defaults():

@@ -139,12 +139,11 @@ def source_weights(sources: list[SourceData], cfg: Any) -> list[float]:
     return mixture_weights(sizes, T=cfg.mix.T, quality=quality)
 
 
-def build_rows(sources: list[SourceData], cfg: Any, pad_id: int) -> RowPlan:
+def build_rows(sources: list[SourceData], cfg: Any, pad_id: int, weights: list[float]) -> RowPlan:
     """Mix, pack and lay out exactly the rows ``trainer.max_steps`` steps will consume."""
     usable = [s for s in sources if s.input_ids]
     if not usable:
         raise ValueError("no usable examples in any data source (see rejects.jsonl)")
-    weights = source_weights(sources, cfg)
     needed = cfg.trainer.max_steps * rows_per_step(cfg)
     plan, lengths, bins = _plan_bins(sources, weights, cfg, needed)
     # Rows keep time order by window, shuffled (seeded) so a step is not all-long or all-short.
@@ -173,15 +172,24 @@ def _report(sources, weights, arrays, plan, used_bins, L) -> dict:
                              "rejected": len(s.rejects), "weight": weights[k],
                              "examples": examples.get(k, 0),
                              "example_share": examples.get(k, 0) / max(1, len(used_items)),
+                             "epochs": examples.get(k, 0) / max(1, len(s.input_ids)),
                              "tokens": tokens[s.name], "trained_tokens": trained[s.name]}
                     for k, s in enumerate(sources)},
     }
 
 
-def build(cfg: Any, tokenizer: Any) -> tuple[RowPlan, list[dict]]:
-    """Run the data path for ``cfg``; returns the row plan and every rejected row."""
+def build(cfg: Any, tokenizer: Any, extra_sources: tuple = (), adjust: Any = None) -> tuple[RowPlan, list[dict]]:
+    """Run the data path for ``cfg``; returns the row plan and every rejected row.
+
+    ``extra_sources`` (e.g. replay) join the mixture after the configured ones, and
+    ``adjust(weights, sources)`` turns the configured sources' weights into weights for all.
+    """
     enc = TextEncoder(tokenizer)
-    sources = [load_source(src, cfg, enc) for src in cfg.data.sources]
+    sources = [load_source(src, cfg, enc) for src in [*cfg.data.sources, *extra_sources]]
+    weights = source_weights(sources[: len(cfg.data.sources)], cfg)
+    if adjust is not None:
+        weights = adjust(weights, sources)
+    assert len(weights) == len(sources)
     rejects = [r for s in sources for r in s.rejects]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return build_rows(sources, cfg, pad_id), rejects
+    return build_rows(sources, cfg, pad_id, weights), rejects

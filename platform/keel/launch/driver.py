@@ -28,14 +28,29 @@ def _print_mixture(report: dict) -> None:
               f"{s['tokens']:>10}{s['trained_tokens']:>10}{s['rejected']:>10}")
 
 
-def prepare_data(cfg: Any, run_dir: Path) -> tuple[str, Any, Any]:
+def _adjust(plugins: list) -> Any:
+    def adjust(weights: list[float], sources: list) -> list[float]:
+        n = len(weights)
+        for p in plugins:  # each plugin's extra sources follow the weights it receives
+            extra = len(p.extra_sources())
+            weights = p.adjust_weights(weights, sources[: n + extra])
+            n += extra
+        return weights
+    return adjust
+
+
+def prepare_data(cfg: Any, run_dir: Path, plugins: list) -> tuple[str, Any, Any]:
     """Model path, tokenizer and the packed row plan; writes rejects.jsonl."""
     from keel.data import pipeline
+    from keel.mitigation import warnings_for
     from keel.model.build import load_tokenizer, model_path
 
     path = model_path(cfg)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
-    plan, rejects = pipeline.build(cfg, tokenizer)
+    extra = tuple(src for p in plugins for src in p.extra_sources())
+    plan, rejects = pipeline.build(cfg, tokenizer, extra, _adjust(plugins))
+    for warning in warnings_for(cfg, plugins, plan.report):
+        print(f"warning: {warning}")
     _write_rejects(run_dir, rejects)
     _print_mixture(plan.report)
     if rejects:
@@ -98,10 +113,15 @@ def run_training(cfg: Any, run_dir: Path) -> dict:
 
     t0 = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(to_plain(cfg))))
     attention = resolve(cfg.model.attention, cfg.cluster.use_gpu)
     print(f"attention backend: {attention} (model.attention={cfg.model.attention})")
-    path, tokenizer, plan = prepare_data(cfg, run_dir)
+    from keel.mitigation import build as build_mitigations
+
+    plugins = build_mitigations(cfg)
+    for plugin in plugins:
+        plugin.configure(cfg)
+    path, tokenizer, plan = prepare_data(cfg, run_dir, plugins)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(to_plain(cfg))))  # as plugins left it
     t = cfg.trainer
     world = cfg.cluster.num_workers
     meta = run_meta(cfg, plan, tokenizer)

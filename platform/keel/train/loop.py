@@ -82,9 +82,9 @@ def _all_reduce(values: list[float]) -> list[float]:
 
 def train_step(engine: Any, bundle: dict, cfg: Any, world: int) -> dict:
     """Forward/backward over the bundle's micro-batches and one optimizer step."""
-    ids = torch.as_tensor(bundle["input_ids"]).long()
-    targets = torch.as_tensor(bundle["targets"]).long()
-    pos = torch.as_tensor(bundle["position_ids"]).long()
+    ids = torch.tensor(bundle["input_ids"], dtype=torch.long)  # copies: Ray hands out read-only arrays
+    targets = torch.tensor(bundle["targets"], dtype=torch.long)
+    pos = torch.tensor(bundle["position_ids"], dtype=torch.long)
     seq_lens = np.asarray(bundle["seq_lens"], dtype=np.int64)
     weights, local_norm = token_weights(targets, pos, cfg.trainer.loss_norm)
     norm, supervised, real_global, sum_sq = _all_reduce(
