@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ class RunLogger:
 
         id_file = run_dir / "wandb_id.txt"  # one W&B run per Keel run, across restarts
         if not id_file.is_file():
-            id_file.write_text(wandb.util.generate_id())
+            id_file.write_text(uuid.uuid4().hex[:12])
         run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, dir=str(run_dir),
                          mode=wandb_mode(cfg.logger.mode), config=redact(plain_cfg), id=id_file.read_text(),
                          resume="allow", name=run_dir.name, reinit="finish_previous")
