@@ -62,7 +62,8 @@ def test_resolve_is_strict_on_cpu():
     from keel.model.attention import resolve
 
     assert resolve("auto", use_gpu=False) == "sdpa_block"
-    assert resolve("flex", use_gpu=False) == "flex"
+    with pytest.raises(ValueError, match="no backward pass on CPU"):
+        resolve("flex", use_gpu=False)
     with pytest.raises(ValueError, match=r"keel-sft\[gpu\]"):
         resolve("flash_attn", use_gpu=False)
     with pytest.raises(ValueError, match="CUDA"):

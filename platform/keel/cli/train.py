@@ -31,6 +31,11 @@ def main(cfg: DictConfig) -> None:
     from keel.launch.driver import run_training
 
     try:
-        run_training(keel_cfg, run_dir)
+        summary = run_training(keel_cfg, run_dir)
     except ValueError as err:  # user errors (bad data, unavailable backend): no traceback
         sys.exit(f"keel: {err}")
+    if summary.get("preempted"):
+        from keel.launch.driver import EXIT_PREEMPTED
+
+        print(f"keel: preempted; checkpoint {summary['checkpoint_dir']}; rerun with the same run dir to resume")
+        sys.exit(EXIT_PREEMPTED)

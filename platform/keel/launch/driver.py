@@ -59,7 +59,7 @@ def prepare_data(cfg: Any, run_dir: Path, plugins: list) -> tuple[str, Any, Any]
 
 
 def _summary_table(summary: dict) -> str:
-    keys = ("world_size", "zero_stage", "steps", "restarts", "loss_first", "loss_last", "tokens_trained",
+    keys = ("world_size", "zero_stage", "steps", "restarts", "preempted", "loss_first", "loss_last", "tokens_trained",
             "tokens_per_s", "packing_efficiency", "wall_s", "hf_dir")
     lines = ["", "Keel run summary", "-" * 60]
     for k in keys:
@@ -103,6 +103,27 @@ def _start_step(cfg: Any, run_dir: Path, meta: dict) -> int:
     return saved["step"]
 
 
+# Exit status of a run stopped by preemption after checkpointing (EX_TEMPFAIL): a launcher
+# requeues the job, and the same run directory resumes from that checkpoint.
+EXIT_PREEMPTED = 75
+
+
+def _on_preemption(run_dir: Path) -> None:
+    """SIGTERM/SIGUSR1 ask every rank to finish its step, checkpoint and stop."""
+    import signal
+
+    from keel.train.loop import PREEMPT_FLAG
+
+    (run_dir / PREEMPT_FLAG).unlink(missing_ok=True)
+
+    def handler(signum: int, frame: Any) -> None:
+        print(f"keel: received {signal.Signals(signum).name}: checkpointing after the current step", flush=True)
+        (run_dir / PREEMPT_FLAG).write_text(str(signum))
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
+
+
 def run_training(cfg: Any, run_dir: Path) -> dict:
     """Everything ``keel train`` does after the config is composed and validated."""
     from omegaconf import OmegaConf
@@ -132,6 +153,8 @@ def run_training(cfg: Any, run_dir: Path) -> dict:
     bundles = [b for b in step_bundles(plan, world, t.grad_accum, t.micro_batch_size) if b["step"] >= first]
     sst = step_source_tokens(plan, world, t.grad_accum, t.micro_batch_size)
     (run_dir / STARTS).unlink(missing_ok=True)
+    ray_train.init_ray(cfg)
+    _on_preemption(run_dir)  # after ray.init, which installs its own SIGTERM handler
     result = ray_train.run(cfg, run_dir, path, attention, bundles, sst, plan.source_names, meta)
     restarts = len((run_dir / STARTS).read_text().splitlines()) - 1
     summary = {"world_size": world, "zero_stage": cfg.deepspeed.stage, **result, "restarts": restarts,

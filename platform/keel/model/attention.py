@@ -6,7 +6,7 @@ attn_implementation="sdpa_block")`` runs packed rows with no attention mask and 
 attends across examples:
 
 - ``sdpa_block``: exact block-diagonal causal mask + SDPA; the CPU path and the oracle.
-- ``flex``: FlexAttention with a document mask (compiled on GPU, eager on CPU).
+- ``flex``: FlexAttention with a document mask (compiled on GPU; on CPU eager, forward only).
 - ``torch_varlen``: PyTorch's built-in varlen flash kernel (``torch.nn.attention.varlen``, CUDA).
 - ``flash_attn``: flash-attn's ``flash_attn_varlen_func`` (CUDA, extra ``keel-sft[gpu]``).
 """
@@ -173,8 +173,11 @@ def unavailable_reason(name: str, use_gpu: bool) -> str | None:
         if importlib.util.find_spec("torch.nn.attention.varlen") is None:
             return f"torch {torch.__version__} has no torch.nn.attention.varlen (needs torch>=2.10)"
         return None if cuda else "torch_varlen needs a CUDA device (cluster.use_gpu=true)"
-    if name == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
-        return f"torch {torch.__version__} has no FlexAttention"
+    if name == "flex":
+        if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+            return f"torch {torch.__version__} has no FlexAttention"
+        # Eager flex runs forward on CPU (the tests use it) but has no CPU backward to train with.
+        return None if cuda else "flex has no backward pass on CPU; train with sdpa_block there"
     return None
 
 

@@ -26,6 +26,9 @@ from keel.train.flops import device_peak, matmul_params, step_flops
 from keel.train.loss import backward_scale, token_weights, weighted_loss_sum
 from keel.train.schedule import lr_factor
 
+# Written by the driver on SIGTERM/SIGUSR1; every rank checkpoints after the current step.
+PREEMPT_FLAG = "PREEMPT"
+
 
 @dataclass
 class WorkerInfo:
@@ -80,15 +83,20 @@ def _all_reduce(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def train_step(engine: Any, bundle: dict, cfg: Any, world: int) -> dict:
-    """Forward/backward over the bundle's micro-batches and one optimizer step."""
+def train_step(engine: Any, bundle: dict, cfg: Any, world: int, stop_requested: bool = False) -> dict:
+    """Forward/backward over the bundle's micro-batches and one optimizer step.
+
+    ``stop_requested`` (this rank saw a preemption request) rides on the step's all-reduce,
+    so every rank agrees to stop after the same step without an extra collective.
+    """
     ids = torch.tensor(bundle["input_ids"], dtype=torch.long)  # copies: Ray hands out read-only arrays
     targets = torch.tensor(bundle["targets"], dtype=torch.long)
     pos = torch.tensor(bundle["position_ids"], dtype=torch.long)
     seq_lens = np.asarray(bundle["seq_lens"], dtype=np.int64)
     weights, local_norm = token_weights(targets, pos, cfg.trainer.loss_norm)
-    norm, supervised, real_global, sum_sq = _all_reduce(
-        [local_norm, float((targets != IGNORE).sum()), float(seq_lens.sum()), float((seq_lens**2).sum())])
+    norm, supervised, real_global, sum_sq, stop = _all_reduce(
+        [local_norm, float((targets != IGNORE).sum()), float(seq_lens.sum()), float((seq_lens**2).sum()),
+         float(stop_requested)])
     scale = backward_scale(norm, world)
     lr = engine.lr_scheduler.get_last_lr()[0]
     micro = cfg.trainer.micro_batch_size
@@ -104,7 +112,8 @@ def train_step(engine: Any, bundle: dict, cfg: Any, world: int) -> dict:
     grad_norm = engine.get_global_grad_norm()
     capacity = ids.numel() * world
     return {"loss": loss_total / max(norm, 1.0), "lr": lr, "supervised_tokens": int(supervised),
-            "tokens": int(real_global), "sum_sq_lengths": sum_sq, "packing_efficiency": real_global / capacity,
+            "tokens": int(real_global), "sum_sq_lengths": sum_sq, "stop": stop > 0,
+            "packing_efficiency": real_global / capacity,
             "grad_norm": float(grad_norm) if grad_norm is not None else None}
 
 
@@ -190,34 +199,45 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
         logger = RunLogger(cfg, info.run_dir, to_plain(cfg), cfg.trainer.max_steps, start)
     flops_of = _flops_counter(engine.module, cfg)
     peak = device_peak(cfg.cluster.use_gpu, cfg.trainer.peak_tflops)
-    t_start, last_saved = time.perf_counter(), start
+    t_start, last_saved, preempted = time.perf_counter(), start, False
     for step in range(start, cfg.trainer.max_steps):
         t0 = time.perf_counter()
         bundle = _next_bundle(bundles, step)
         t_data = time.perf_counter() - t0
-        m = train_step(engine, bundle, cfg, info.world_size)
+        m = train_step(engine, bundle, cfg, info.world_size, (info.run_dir / PREEMPT_FLAG).exists())
         dt = time.perf_counter() - t0
         if step == start:
             _check_backend(info.attention)
         flops = flops_of(m["tokens"], m.pop("sum_sq_lengths"))
+        preempted = m.pop("stop")
         if logger is not None:
             src = dict(zip(info.source_names, info.step_source_tokens[step]))
             logger.log({"step": step + 1, **_step_metrics(m, dt, t_data, flops, peak, info.world_size),
                         **{f"data/tokens/{k}": v for k, v in src.items()}})
         every = cfg.trainer.checkpoint_every
-        if every and (step + 1) % every == 0 and step + 1 < cfg.trainer.max_steps:
+        if preempted or (every and (step + 1) % every == 0 and step + 1 < cfg.trainer.max_steps):
             _save(engine, cfg, info, step + 1)
             last_saved = step + 1
+        if preempted:
+            break
         _maybe_fault(cfg, info, step + 1)
-    train_s = time.perf_counter() - t_start
-    final = _save(engine, cfg, info, cfg.trainer.max_steps) if last_saved < cfg.trainer.max_steps else \
-        ckpt.complete(info.run_dir)[-1]
-    hf_dir = info.run_dir / "hf" if cfg.trainer.save_hf else None
-    if hf_dir is not None:
-        ckpt.save_hf(engine, info.model_path, hf_dir, info.rank)
+    return _finish(engine, cfg, info, logger, start, last_saved, preempted, time.perf_counter() - t_start)
+
+
+def _finish(engine: Any, cfg: Any, info: WorkerInfo, logger: Any, start: int, last_saved: int,
+            preempted: bool, train_s: float) -> dict:
+    """Final checkpoint and HF export (skipped when preempted); rank 0's run result."""
+    hf_dir = None
+    if not preempted:
+        if last_saved < cfg.trainer.max_steps:
+            _save(engine, cfg, info, cfg.trainer.max_steps)
+        if cfg.trainer.save_hf:
+            hf_dir = info.run_dir / "hf"
+            ckpt.save_hf(engine, info.model_path, hf_dir, info.rank)
     if logger is None:
         return {}
-    result = {**logger.totals(), "resumed_from_step": start, "train_s": train_s, "checkpoint_dir": str(final),
-              "hf_dir": str(hf_dir) if hf_dir else None, "attention_calls": _attention_calls()}
+    result = {**logger.totals(), "resumed_from_step": start, "train_s": train_s, "preempted": preempted,
+              "checkpoint_dir": str(ckpt.complete(info.run_dir)[-1]), "hf_dir": str(hf_dir) if hf_dir else None,
+              "attention_calls": _attention_calls()}
     logger.finish(result)
     return result
