@@ -84,6 +84,7 @@ class TextEncoder:
         self._raw.encode_special_tokens = True
         self._tok = tokenizer
         self._special: dict[str, int] = {}
+        self._markup: dict[str, tuple[int, ...]] = {}  # headers repeat every message: encode once
 
     def text(self, s: str) -> list[int]:
         if not s:
@@ -100,6 +101,11 @@ class TextEncoder:
 
     def markup(self, s: str) -> list[int]:
         """Encode template markup: special tokens by id, the text between them as text."""
+        if s not in self._markup:
+            self._markup[s] = tuple(self._encode_markup(s))
+        return list(self._markup[s])
+
+    def _encode_markup(self, s: str) -> list[int]:
         ids: list[int] = []
         rest = s
         while rest:
