@@ -99,8 +99,12 @@ class DataConfig:
     name: str = MISSING
     seed: int = 0
     sources: list[SourceConfig] = field(default_factory=list)
+    on_error: str = "reject"  # reject: count + rejects.jsonl | raise: the first bad row stops the run
+    overlength: str = "drop"  # drop | truncate | split (multi-turn chats at turn boundaries)
 
     def __post_init__(self) -> None:
+        _one_of(self.on_error, ("reject", "raise"), "data.on_error")
+        _one_of(self.overlength, ("drop", "truncate", "split"), "data.overlength")
         _require(len(self.sources) > 0, "data.sources", "must list at least one source")
         names = [s.name for s in self.sources]
         _require(len(set(names)) == len(names), "data.sources", f"names must be unique: {names}")

@@ -119,3 +119,37 @@ def test_token_counted_mixture_and_caps(tokenizer):
 def test_mixture_fields_that_would_do_nothing_are_errors(overrides, needle):
     with pytest.raises(ValueError, match=needle):
         _cfg(*overrides)
+
+
+def test_overlength_truncate_keeps_rows_within_max_len(tokenizer):
+    cfg = _cfg("trainer.max_steps=1", "packing.max_len=64", "data.overlength=truncate")
+    src = pipeline.load_source(cfg.data.sources[2], cfg, pipeline.TextEncoder(tokenizer))  # long text
+    assert src.truncated > 0 and all(len(x) <= 64 for x in src.input_ids)
+    assert all(t[-1] == IGNORE for t in src.targets)
+    assert src.truncated + len(src.rejects) + (len(src.input_ids) - src.truncated) == src.rows_read
+
+
+def test_overlength_split_cuts_chats_at_turn_boundaries(tokenizer):
+    from keel.config import SourceConfig
+
+    cfg = _cfg("trainer.max_steps=1", "packing.max_len=64", "data.overlength=split")
+    long_chat = [{"role": "system", "content": "Be brief."}]
+    for i in range(6):
+        long_chat += [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"},
+                      {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]
+    enc = pipeline.TextEncoder(tokenizer)
+    ids, targets = pipeline._encode_example({"messages": long_chat}, enc, cfg, "assistant_only")
+    assert len(ids) > 64
+    pieces, action = pipeline._fit({"messages": long_chat}, ids, targets, enc, cfg, "assistant_only")
+    assert action == "split" and len(pieces) > 1 and all(len(p[0]) <= 64 for p in pieces)
+    trained = "".join(tokenizer.decode([t for t in tg if t != IGNORE]) for _, tg in pieces)
+    assert trained == "".join(f"{i} + {i} = {2 * i}.<|eot_id|>" for i in range(6))  # every answer, once
+    assert all(tokenizer.decode(p[0]).startswith("<|begin_of_text|><|start_header_id|>system") for p in pieces)
+    src = SourceConfig(name="s", kind="demo", task="strings", num_examples=50)
+    assert pipeline.load_source(src, cfg, enc).rows_read == 50
+
+
+def test_on_error_raise_names_source_row_and_reason(tokenizer):
+    cfg = _cfg("trainer.max_steps=1", "packing.max_len=64", "data.on_error=raise")
+    with pytest.raises(ValueError, match=r"data source 'strings' \(demo:strings\) row \d+: over-length"):
+        pipeline.load_source(cfg.data.sources[1], cfg, pipeline.TextEncoder(tokenizer))

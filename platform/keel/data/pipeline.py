@@ -32,6 +32,8 @@ class SourceData:
     targets: list[np.ndarray] = field(default_factory=list)  # shifted: targets[i] = labels[i+1]
     rejects: list[dict] = field(default_factory=list)
     rows_read: int = 0
+    truncated: int = 0  # over-length examples cut to packing.max_len (data.overlength=truncate)
+    split: int = 0  # over-length examples split into several (data.overlength=split)
 
 
 @dataclass
@@ -65,6 +67,77 @@ def _encode_example(ex: dict, enc: TextEncoder, cfg: Any, masking: str) -> tuple
     return ids, targets
 
 
+class _OverLength(Exception):
+    """An example that cannot be made to fit under the overlength policy."""
+
+
+def _truncate(ids: np.ndarray, targets: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    ids, targets = ids[:max_len].copy(), targets[:max_len].copy()
+    targets[-1] = IGNORE  # its target was the first token cut off
+    return ids, targets
+
+
+def _turn_units(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
+    """Leading system message(s), and the turns grouped so each group ends with an assistant turn."""
+    head = [m for m in messages[:1] if m["role"] == "system"]
+    units, cur = [], []
+    for m in messages[len(head):]:
+        cur.append(m)
+        if m["role"] == "assistant":
+            units.append(cur)
+            cur = []
+    return head, units
+
+
+def _split_chat(ex: dict, enc: TextEncoder, cfg: Any, masking: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Split an over-length chat at turn boundaries into pieces that fit (greedy, in order)."""
+    head, units = _turn_units(ex["messages"])
+    pieces, start = [], 0
+    while start < len(units):
+        end, best = start, None
+        while end < len(units):
+            cand = _encode_example({**ex, "messages": head + sum(units[start:end + 1], [])}, enc, cfg, masking)
+            if len(cand[0]) > cfg.packing.max_len:
+                break
+            best, end = cand, end + 1
+        if best is None:
+            raise _OverLength(f"over-length after splitting at turns: turn group {start} alone exceeds "
+                              f"packing.max_len={cfg.packing.max_len}")
+        pieces.append(best)
+        start = end
+    return pieces
+
+
+def _fit(ex: dict, ids: np.ndarray, targets: np.ndarray, enc: TextEncoder, cfg: Any, masking: str) -> tuple:
+    """Apply ``data.overlength``: (pieces, action) with action kept|truncated|split."""
+    max_len, policy = cfg.packing.max_len, cfg.data.overlength
+    if len(ids) <= max_len:
+        return [(ids, targets)], "kept"
+    if policy == "truncate" or (policy == "split" and "messages" not in ex):
+        if policy == "split":  # plain text: consecutive windows
+            return [_truncate(ids[i:], targets[i:], max_len) for i in range(0, len(ids), max_len)], "split"
+        return [_truncate(ids, targets, max_len)], "truncated"
+    if policy == "split":
+        return _split_chat(ex, enc, cfg, masking), "split"
+    raise _OverLength(f"over-length: {len(ids)} tokens > packing.max_len={max_len} (data.overlength=drop)")
+
+
+def _row_pieces(row: Any, src: Any, cfg: Any, enc: TextEncoder, masking: str) -> tuple[list, str]:
+    """Encoded pieces of one row and the action taken; raises Reject or _OverLength with the reason."""
+    if isinstance(row, Reject):
+        raise row
+    reason = validate(row)
+    if reason is not None:
+        raise Reject(reason, row)
+    ids, targets = _encode_example(row, enc, cfg, masking)
+    pieces, action = _fit(row, ids, targets, enc, cfg, masking)
+    for _, t in pieces:
+        trained = int((t != IGNORE).sum())
+        if trained < cfg.masking.min_trained_tokens:
+            raise Reject(f"too few trained tokens: {trained} < masking.min_trained_tokens", row)
+    return pieces, action
+
+
 def load_source(src: Any, cfg: Any, enc: TextEncoder) -> SourceData:
     """Validate and encode one source; every row is either kept or rejected with a reason."""
     out = SourceData(src.name)
@@ -73,20 +146,20 @@ def load_source(src: Any, cfg: Any, enc: TextEncoder) -> SourceData:
         if src.cap is not None and len(out.input_ids) >= src.cap:
             break  # the cap bounds what enters the mixture; unread rows are not rejects
         out.rows_read += 1
-        reason = str(row) if isinstance(row, Reject) else validate(row)
-        if reason is None:
-            ids, targets = _encode_example(row, enc, cfg, masking)
-            trained = int((targets != IGNORE).sum())
-            if len(ids) > cfg.packing.max_len:
-                reason = f"over-length: {len(ids)} tokens > packing.max_len={cfg.packing.max_len}"
-            elif trained < cfg.masking.min_trained_tokens:
-                reason = f"too few trained tokens: {trained} < masking.min_trained_tokens"
-        if reason is not None:
-            raw = row.data if isinstance(row, Reject) else row
-            out.rejects.append({"source": src.name, "row": row_no, "reason": reason, "data": raw})
+        try:
+            pieces, action = _row_pieces(row, src, cfg, enc, masking)
+        except (Reject, _OverLength) as err:
+            where = src.path if src.kind == "file" else f"demo:{src.task}"
+            if cfg.data.on_error == "raise":
+                raise ValueError(f"data source {src.name!r} ({where}) row {row_no}: {err}") from None
+            raw = err.data if isinstance(err, Reject) else row
+            out.rejects.append({"source": src.name, "row": row_no, "reason": str(err), "data": raw})
             continue
-        out.input_ids.append(ids)
-        out.targets.append(targets)
+        out.truncated += action == "truncated"
+        out.split += action == "split"
+        for ids, targets in pieces:
+            out.input_ids.append(ids)
+            out.targets.append(targets)
     return out
 
 
@@ -169,7 +242,8 @@ def _report(sources, weights, arrays, plan, used_bins, L) -> dict:
         "rows": len(used_bins), "max_len": L, "real_tokens": real,
         "packing_efficiency": real / (len(used_bins) * L),
         "sources": {s.name: {"available": len(s.input_ids), "rows_read": s.rows_read,
-                             "rejected": len(s.rejects), "weight": weights[k],
+                             "rejected": len(s.rejects), "truncated": s.truncated, "split": s.split,
+                             "weight": weights[k],
                              "examples": examples.get(k, 0),
                              "example_share": examples.get(k, 0) / max(1, len(used_items)),
                              "epochs": examples.get(k, 0) / max(1, len(s.input_ids)),
