@@ -7,7 +7,7 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from keel.data.mixing import mixture_weights, realised_mixture, sample_plan
+from keel.data.mixing import Schedule, mixture_weights, realised_mixture, sample_plan, segment_plans
 
 
 def test_weights_match_hand_computation() -> None:
@@ -160,3 +160,113 @@ def test_zero_total_and_zero_weight_source() -> None:
     assert sample_plan([3, 4], [0.5, 0.5], 0, seed=0) == []
     plan = sample_plan([3, 0], [1.0, 0.0], 7, seed=0)
     assert realised_mixture(plan, 2) == [7, 0]
+
+
+def _sched(points, interpolation="linear") -> Schedule:
+    return Schedule(tuple((at, tuple(w)) for at, w in points), interpolation)
+
+
+def test_schedule_linear_interpolates_normalised_mixtures_and_clamps() -> None:
+    s = _sched([(0.2, [3, 1]), (0.6, [0, 2])])  # normalised: [0.75, 0.25] -> [0, 1]
+    assert s.points == ((0.2, (0.75, 0.25)), (0.6, (0.0, 1.0)))
+    assert s.mixture(0.0) == s.mixture(0.2) == [0.75, 0.25]  # before the first point: the first mixture
+    assert s.mixture(0.4) == pytest.approx([0.375, 0.625])
+    assert s.mixture(0.5) == pytest.approx([0.1875, 0.8125])
+    assert s.mixture(0.6) == s.mixture(1.0) == [0.0, 1.0]  # after the last point: the last mixture
+    assert not s.static and _sched([(0.5, [1, 1])]).static
+
+
+def test_schedule_step_holds_the_previous_point() -> None:
+    s = _sched([(0.0, [1, 0, 0]), (0.3, [0, 1, 0]), (0.7, [0, 0, 1])], "step")
+    assert s.mixture(0.29) == [1.0, 0.0, 0.0]
+    assert s.mixture(0.3) == s.mixture(0.69) == [0.0, 1.0, 0.0]
+    assert s.mixture(0.7) == s.mixture(1.0) == [0.0, 0.0, 1.0]
+
+
+@settings(derandomize=True, max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(0, 1), min_size=1, max_size=4, unique=True),
+    st.data(),
+    st.sampled_from(["linear", "step"]),
+    st.floats(0, 1),
+    st.floats(0, 1),
+)
+def test_schedule_mean_is_the_average_over_the_interval(ats, data, interpolation, a, b) -> None:
+    points = [(at, _weights(data, 3)) for at in sorted(ats)]
+    s = _sched(points, interpolation)
+    lo, hi = min(a, b), max(a, b)
+    mean = s.mean(lo, hi)
+    assert sum(mean) == pytest.approx(1.0) and all(m >= 0 for m in mean)
+    if hi - lo > 1e-3:  # midpoint rule on a fine grid; step jumps cost at most 2 cells per point
+        grid = [lo + (hi - lo) * (i + 0.5) / 4000 for i in range(4000)]
+        numeric = [sum(s.mixture(f)[k] for f in grid) / len(grid) for k in range(3)]
+        assert mean == pytest.approx(numeric, abs=2 * len(points) / 4000 + 1e-9)
+
+
+@pytest.mark.parametrize(
+    ("points", "interpolation", "needle"),
+    [
+        ([], "linear", "at least one point"),
+        ([(0.5, [1, 0]), (0.5, [0, 1])], "linear", r"points\[1\]\.at must be >"),
+        ([(0.6, [1, 0]), (0.2, [0, 1])], "linear", r"points\[1\]\.at must be >"),
+        ([(1.5, [1, 0])], "linear", r"points\[0\]\.at must be a number in \[0, 1\]"),
+        ([(-0.1, [1, 0])], "linear", r"points\[0\]\.at"),
+        ([(0.0, [1, -1])], "linear", r"points\[0\]\.weights\[1\] must be finite and >= 0"),
+        ([(0.0, [0, 0])], "linear", "not all 0"),
+        ([(0.0, [1, 0]), (1.0, [1, 0, 0])], "linear", r"points\[1\]\.weights must have 2 entries"),
+        ([(0.0, [1, 0])], "cubic", "interpolation"),
+    ],
+)
+def test_invalid_schedules_raise(points, interpolation, needle) -> None:
+    with pytest.raises(ValueError, match=needle):
+        _sched(points, interpolation)
+
+
+@settings(derandomize=True, max_examples=60, deadline=None)
+@given(plan_cases)
+def test_one_segment_is_the_fixed_mixture_plan(case: tuple) -> None:
+    sizes, data, total, seed = case
+    weights = _weights(data, len(sizes))
+    assert segment_plans(sizes, [weights], [total], seed) == [sample_plan(sizes, weights, total, seed)]
+
+
+@settings(derandomize=True, max_examples=80, deadline=None)
+@given(
+    st.lists(st.integers(1, 30), min_size=1, max_size=4),
+    st.data(),
+    st.lists(st.integers(0, 120), min_size=1, max_size=6),
+    st.integers(0, 2**32),
+)
+def test_segments_realise_their_mixture_and_continue_each_pass(sizes, data, totals, seed) -> None:
+    weights = [_weights(data, len(sizes)) for _ in totals]
+    cut = data.draw(st.lists(st.floats(0, 1), min_size=len(totals), max_size=len(totals)))
+    for keep in (None, lambda s, plan: int(cut[s] * len(plan))):  # keep: a prefix of each segment
+        plans = segment_plans(sizes, weights, totals, seed, keep)
+        assert plans == segment_plans(sizes, weights, totals, seed, keep)
+        for s, (plan, w, t) in enumerate(zip(plans, weights, totals, strict=True)):
+            assert len(plan) == (t if keep is None else int(cut[s] * t))
+            counts = realised_mixture(plan, len(sizes))
+            # The kept prefix holds the mixture within one pick per source (K - 1 as re-normalised).
+            tol = 1 if keep is None else max(1, len(sizes) - 1) + 1e-9
+            assert all(abs(c - len(plan) * wk) <= tol for c, wk in zip(counts, w, strict=True))
+        for k, n in enumerate(sizes):
+            # One permutation cursor per source across segments: every whole block of n kept
+            # picks is a full pass over the source (nothing repeats early, nothing is skipped).
+            picks = [i for plan in plans for s, i in plan if s == k]
+            assert all(0 <= i < n for i in picks)
+            for start in range(0, len(picks), n):
+                block = picks[start : start + n]
+                assert len(set(block)) == len(block) and (len(block) < n or set(block) == set(range(n)))
+
+
+def test_segment_plans_reject_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="one weight vector per segment"):
+        segment_plans([3, 4], [[0.5, 0.5]], [5, 5], 0)
+    with pytest.raises(ValueError, match=r"weights\[1\] must contain at least one positive"):
+        segment_plans([3, 4], [[0.5, 0.5], [0, 0]], [5, 5], 0)
+    with pytest.raises(ValueError, match=r"totals\[0\]"):
+        segment_plans([3, 4], [[0.5, 0.5]], [-1], 0)
+    with pytest.raises(ValueError, match="source 1 has weight"):
+        segment_plans([3, 0], [[1, 0], [0.5, 0.5]], [5, 5], 0)
+    with pytest.raises(ValueError, match=r"keep must return a prefix length in \[0, 5\]"):
+        segment_plans([3, 4], [[0.5, 0.5]], [5], 0, keep=lambda s, plan: 6)

@@ -7,13 +7,21 @@ proportion to (quality-weighted) size, T -> inf flattens towards uniform.
 picks: counts by largest-remainder apportionment, examples drawn in whole passes
 without replacement, and sources interleaved evenly so every prefix of the plan
 already has (within one example per source) the mixture proportions.
+
+A ``Schedule`` lets the mixture change over training: points ``(at, weights)`` with
+``at`` a fraction of training, held before the first and after the last point, and
+interpolated in between (``linear`` on the normalised mixtures, or ``step``).
+``segment_plans`` samples consecutive segments each at its own mixture while every
+source keeps one pass stream across segments (repeats only after a pass is used up).
 """
 
 from __future__ import annotations
 
+import bisect
 import gc
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
@@ -49,28 +57,64 @@ def sample_plan(
 ) -> list[tuple[int, int]]:
     """Return ``total`` (source_id, example_index) picks; a pure function of the arguments."""
     size_list = _source_sizes(sizes)
-    weight_arr = _finite_nonneg(weights, "weights")
-    if weight_arr.size != len(size_list):
-        raise ValueError(f"weights has {weight_arr.size} entries but sizes has {len(size_list)}")
-    if not weight_arr.any():
-        raise ValueError("weights must contain at least one positive weight")
-    for k, (n, w) in enumerate(zip(size_list, weight_arr, strict=True)):
-        if w > 0 and n == 0:
-            raise ValueError(f"source {k} has weight {w} but size 0; it cannot be sampled")
-    if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < 0:
-        raise ValueError(f"total must be an int >= 0, got {total!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    weight_arr = _check_weights(weights, size_list, "weights")
+    _check_count(total, "total")
+    _check_count(seed, "seed")
     counts = _apportion(weight_arr.tolist(), int(total))
+    draws = [_draw_passes(n, c, int(seed), k) if c else None for k, (n, c) in enumerate(zip(size_list, counts))]
+    return _interleave(counts, draws, _offsets(int(seed), len(size_list)))
+
+
+def segment_plans(
+    sizes: Sequence[int],
+    weights: Sequence[Sequence[float]],
+    totals: Sequence[int],
+    seed: int,
+    keep: Callable[[int, list[tuple[int, int]]], int] | None = None,
+) -> list[list[tuple[int, int]]]:
+    """One plan per segment: ``totals[s]`` picks at ``weights[s]``; each source's passes run on across segments.
+
+    ``keep(s, plan)`` may cut segment ``s`` to a prefix (any prefix holds the mixture, within
+    one pick per source); the next segment then continues right after the kept picks.
+    """
+    size_list = _source_sizes(sizes)
+    if len(weights) != len(totals) or not totals:
+        raise ValueError(f"need one weight vector per segment: {len(weights)} weights, {len(totals)} totals")
+    arrs = [_check_weights(w, size_list, f"weights[{s}]") for s, w in enumerate(weights)]
+    for s, t in enumerate(totals):
+        _check_count(t, f"totals[{s}]")
+    _check_count(seed, "seed")
+    counts = [_apportion(w.tolist(), int(t)) for w, t in zip(arrs, totals)]
+    # One stream per source, cut into consecutive chunks: segment s continues where s-1 stopped.
+    streams = []
+    for k, n in enumerate(size_list):
+        c = sum(seg[k] for seg in counts)
+        streams.append(_draw_passes(n, c, int(seed), k) if c else np.zeros(0, dtype=np.int64))
+    cursors, offsets, plans = [0] * len(size_list), _offsets(int(seed), len(size_list)), []
+    for s, seg in enumerate(counts):
+        draws = [streams[k][cursors[k]:cursors[k] + c] for k, c in enumerate(seg)]
+        plan = _interleave(seg, draws, offsets)
+        if keep is not None:
+            m = keep(s, plan)
+            if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not 0 <= m <= len(plan):
+                raise ValueError(f"keep must return a prefix length in [0, {len(plan)}], got {m!r}")
+            plan = plan[:m]
+        # Picks of a source keep their stream order in the plan, so the kept ones are a stream prefix.
+        cursors = [cur + c for cur, c in zip(cursors, realised_mixture(plan, len(size_list)))]
+        plans.append(plan)
+    return plans
+
+
+def _interleave(
+    counts: Sequence[int], draws: Sequence[np.ndarray | None], offsets: np.ndarray
+) -> list[tuple[int, int]]:
+    """Spread ``counts[k]`` picks of each source (indices ``draws[k]``) evenly over the plan."""
     src_parts, idx_parts, key_parts = [], [], []
-    offsets = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 2**32]))).random(
-        len(size_list)
-    )
-    for k, (n, c) in enumerate(zip(size_list, counts, strict=True)):
+    for k, c in enumerate(counts):
         if c == 0:
             continue
         src_parts.append(np.full(c, k, dtype=np.int64))
-        idx_parts.append(_draw_passes(n, c, int(seed), k))
+        idx_parts.append(draws[k])
         # Pick j of source k sits at (j + u_k) / c_k: evenly spread, so any prefix of
         # fraction x holds floor(x * c_k - u_k) + 1 picks of k, within 1 of x * c_k.
         key_parts.append((np.arange(c) + offsets[k]) / c)
@@ -104,6 +148,80 @@ def realised_mixture(plan: Sequence[tuple[int, int]], num_sources: int) -> list[
     return counts
 
 
+INTERPOLATIONS: tuple[str, ...] = ("linear", "step")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Mixtures at fractions of training: ``points`` of ``(at, weights)``, normalised on construction.
+
+    Before the first point the first mixture holds, after the last the last; in between
+    ``linear`` interpolates the normalised mixtures and ``step`` holds the previous one.
+    A single point is the static mixture.
+    """
+
+    points: tuple[tuple[float, tuple[float, ...]], ...]
+    interpolation: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {self.interpolation!r}")
+        object.__setattr__(self, "points", _normalised_points(self.points))
+
+    @property
+    def static(self) -> bool:
+        """True when the mixture never changes (one point)."""
+        return len(self.points) == 1
+
+    def mixture(self, f: float) -> list[float]:
+        """The mixture at training fraction ``f`` (clamped to the first/last point)."""
+        ats = [a for a, _ in self.points]
+        if f <= ats[0]:
+            return list(self.points[0][1])
+        if f >= ats[-1]:
+            return list(self.points[-1][1])
+        i = bisect.bisect_right(ats, f) - 1  # ats[i] <= f < ats[i + 1]
+        lo, hi = np.asarray(self.points[i][1]), np.asarray(self.points[i + 1][1])
+        if self.interpolation == "step":
+            return lo.tolist()
+        t = (f - ats[i]) / (ats[i + 1] - ats[i])
+        return ((1 - t) * lo + t * hi).tolist()
+
+    def mean(self, lo: float, hi: float) -> list[float]:
+        """The mixture averaged over fractions ``[lo, hi]`` (exact: it is piecewise linear or constant)."""
+        if not 0 <= lo <= hi:
+            raise ValueError(f"need 0 <= lo <= hi, got [{lo}, {hi}]")
+        if hi == lo or hi <= self.points[0][0] or lo >= self.points[-1][0]:
+            return self.mixture(lo)  # a single point, or all before the first / after the last point
+        cuts = [lo, *[a for a, _ in self.points if lo < a < hi], hi]
+        total = np.zeros(len(self.points[0][1]))
+        for x0, x1 in zip(cuts[:-1], cuts[1:]):
+            if self.interpolation == "step":  # constant on [x0, x1)
+                total += (x1 - x0) * np.asarray(self.mixture(x0))
+            else:  # linear on [x0, x1]: the trapezoid is exact
+                total += (x1 - x0) * (np.asarray(self.mixture(x0)) + np.asarray(self.mixture(x1))) / 2
+        return (total / total.sum()).tolist()
+
+
+def _normalised_points(points: Sequence) -> tuple[tuple[float, tuple[float, ...]], ...]:
+    """Validate schedule points (``at`` in [0, 1] strictly increasing, weights >= 0 not all 0) and normalise."""
+    if not points:
+        raise ValueError("a schedule needs at least one point")
+    out, prev, width = [], -math.inf, None
+    for i, (at, weights) in enumerate(points):
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or not 0 <= at <= 1:
+            raise ValueError(f"points[{i}].at must be a number in [0, 1], got {at!r}")
+        if at <= prev:
+            raise ValueError(f"points[{i}].at must be > points[{i - 1}].at ({prev}), got {at}")
+        arr = _finite_nonneg(weights, f"points[{i}].weights")
+        width = arr.size if width is None else width
+        if arr.size != width or not arr.any():
+            raise ValueError(f"points[{i}].weights must have {width} entries, not all 0, got {arr.tolist()}")
+        out.append((float(at), tuple((arr / arr.sum()).tolist())))
+        prev = at
+    return tuple(out)
+
+
 def _apportion(weights: Sequence[float], total: int) -> list[int]:
     """Split ``total`` by largest remainder on ``total * w / sum(w)``; ties go to the lower index."""
     # Exact rationals: float floors could sum past total when the weights' sum is not exactly 1.
@@ -133,6 +251,30 @@ def _draw_passes(size: int, count: int, seed: int, source: int) -> np.ndarray:
         # The last, partial pass subsamples without replacement (cheap even for huge sizes).
         parts.append(rng.choice(size, size=rest, replace=False).astype(np.int64))
     return np.concatenate(parts)
+
+
+def _check_weights(weights: Sequence[float], sizes: list[int], name: str) -> np.ndarray:
+    """Weights as an array: one per source, some positive, none positive on an empty source."""
+    arr = _finite_nonneg(weights, name)
+    if arr.size != len(sizes):
+        raise ValueError(f"{name} has {arr.size} entries but sizes has {len(sizes)}")
+    if not arr.any():
+        raise ValueError(f"{name} must contain at least one positive weight")
+    for k, (n, w) in enumerate(zip(sizes, arr, strict=True)):
+        if w > 0 and n == 0:
+            raise ValueError(f"source {k} has weight {w} but size 0; it cannot be sampled")
+    return arr
+
+
+def _check_count(value: int, name: str) -> None:
+    """Reject anything but an int >= 0 (bools included), naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def _offsets(seed: int, num_sources: int) -> np.ndarray:
+    """Per-source interleave phases u_k in [0, 1), from the seed's own stream."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 2**32]))).random(num_sources)
 
 
 def _finite_nonneg(values: Sequence[float], name: str) -> np.ndarray:

@@ -3,6 +3,11 @@
 The result is a pure function of (config, tokenizer): the same seed gives the same rows
 in the same order, whatever the world size (rows are laid out step-major, and each
 data-parallel rank takes a fixed slice of its step).
+
+A mixture that changes over training (``mix=schedule``, or a plugin's ``schedule`` hook)
+splits the steps into ``mix.segments`` consecutive segments; each is sampled at the
+schedule's mean mixture over its steps, packed on its own and shuffled only within
+itself, so every row belongs to one segment and lands in that segment's steps.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 from keel.data import tokenizer_eos
 from keel.data.formats import validate
 from keel.data.masking import IGNORE, apply_mask
-from keel.data.mixing import mixture_weights, sample_plan
+from keel.data.mixing import Schedule, mixture_weights, sample_plan, segment_plans
 from keel.data.packing import pack
 from keel.data.sources import Reject, iter_source
 from keel.data.template import TextEncoder, get_template, render_chat, render_text
@@ -181,6 +186,80 @@ def _plan_bins(sources: list[SourceData], weights: list[float], cfg: Any, needed
         total = math.ceil(total * 1.25)
 
 
+def segment_steps(cfg: Any) -> list[tuple[int, int]]:
+    """Step ranges ``[lo, hi)`` of the schedule segments: ``mix.segments`` near-equal parts (each >= 1 step)."""
+    steps = cfg.trainer.max_steps
+    n = min(cfg.mix.segments, steps)
+    return [(s * steps // n, (s + 1) * steps // n) for s in range(n)]
+
+
+def _fit_prefix(lengths: list[int], rows: int, cfg: Any) -> tuple[int, list[list[int]]]:
+    """The longest prefix of a segment's picks that packs into at most ``rows`` bins, and its bins."""
+    def packed(m: int) -> list[list[int]]:
+        return pack(lengths[:m], cfg.packing.max_len, strategy=cfg.packing.strategy, window=cfg.packing.window)
+
+    bins = packed(len(lengths))
+    if len(bins) <= rows:
+        return len(lengths), bins  # all of it fits: the caller grows the segment if it is short
+    lo, hi = 0, len(lengths)  # packed(lo) fits, packed(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if len(packed(mid)) <= rows else (lo, mid)
+    bins = packed(lo)
+    if len(bins) < rows:  # one more pick re-packed into more than one extra bin (rare): drop its last bins
+        return hi, packed(hi)[:rows]
+    return lo, bins
+
+
+def _plan_segments(sources: list[SourceData], seg_weights: list[list[float]], rows: list[int], cfg: Any):
+    """Per segment, the kept picks and exactly ``rows[s]`` bins packed within the segment.
+
+    Each segment keeps the longest prefix of its (evenly interleaved) picks that fills its
+    rows, so it realises its mixture within a pick per source; the next segment's draws
+    continue right after the kept picks.
+    """
+    sizes = [len(s.input_ids) for s in sources]
+    means = [float(np.mean([len(x) for x in s.input_ids])) if s.input_ids else 0.0 for s in sources]
+    L = cfg.packing.max_len
+    totals = [math.ceil(r * L / sum(w * m for w, m in zip(ws, means)) * 1.1) + 8 for ws, r in zip(seg_weights, rows)]
+    bins: dict[int, list[list[int]]] = {}
+
+    def keep(s: int, plan: list) -> int:
+        m, bins[s] = _fit_prefix([len(sources[k].input_ids[i]) for k, i in plan], rows[s], cfg)
+        return m
+
+    while True:
+        plans = segment_plans(sizes, seg_weights, totals, cfg.data.seed, keep)
+        short = [len(bins[s]) < r for s, r in enumerate(rows)]
+        if not any(short):
+            return plans, [bins[s] for s in range(len(rows))]
+        totals = [math.ceil(t * 1.25) if sh else t for t, sh in zip(totals, short)]
+
+
+def _static_rows(sources: list[SourceData], weights: list[float], cfg: Any, needed: int):
+    """Plan, the ``needed`` bins used (in row order) and the widest bin, for a fixed mixture."""
+    plan, _, bins = _plan_bins(sources, weights, cfg, needed)
+    # Rows keep time order by window, shuffled (seeded) so a step is not all-long or all-short.
+    order = np.random.default_rng(cfg.data.seed).permutation(len(bins))[:needed]
+    return plan, [bins[b] for b in order], max(len(b) for b in bins)
+
+
+def _scheduled_rows(sources: list[SourceData], schedule: Schedule, cfg: Any):
+    """Like ``_static_rows`` per segment: segment s fills exactly the rows of its steps."""
+    steps, per_step = cfg.trainer.max_steps, rows_per_step(cfg)
+    segs = segment_steps(cfg)
+    seg_weights = [schedule.mean(lo / steps, hi / steps) for lo, hi in segs]
+    rows = [(hi - lo) * per_step for lo, hi in segs]
+    plans, bins = _plan_segments(sources, seg_weights, rows, cfg)
+    rng = np.random.default_rng(cfg.data.seed)
+    plan, used = [], []
+    for seg_plan, seg_bins in zip(plans, bins):
+        # Shuffled within the segment only: its rows stay in its own steps.
+        used += [[len(plan) + i for i in seg_bins[b]] for b in rng.permutation(len(seg_bins))]
+        plan += seg_plan
+    return plan, used, max(len(b) for seg_bins in bins for b in seg_bins), seg_weights
+
+
 def _fill_row(r: int, bin_items: list[int], plan, sources, arrays: dict, pad_id: int) -> None:
     pos = 0
     for d, item in enumerate(bin_items):
@@ -212,23 +291,58 @@ def source_weights(sources: list[SourceData], cfg: Any) -> list[float]:
     return mixture_weights(sizes, T=cfg.mix.T, quality=quality)
 
 
-def build_rows(sources: list[SourceData], cfg: Any, pad_id: int, weights: list[float]) -> RowPlan:
-    """Mix, pack and lay out exactly the rows ``trainer.max_steps`` steps will consume."""
+def build_rows(sources: list[SourceData], cfg: Any, pad_id: int, weights: list[float] | None,
+               schedule: Schedule | None = None) -> RowPlan:
+    """Mix, pack and lay out exactly the rows ``trainer.max_steps`` steps will consume.
+
+    ``weights`` is the fixed mixture; a non-static ``schedule`` replaces it (``weights`` unused).
+    """
     usable = [s for s in sources if s.input_ids]
     if not usable:
         raise ValueError("no usable examples in any data source (see rejects.jsonl)")
     needed = cfg.trainer.max_steps * rows_per_step(cfg)
-    plan, lengths, bins = _plan_bins(sources, weights, cfg, needed)
-    # Rows keep time order by window, shuffled (seeded) so a step is not all-long or all-short.
-    order = np.random.default_rng(cfg.data.seed).permutation(len(bins))[:needed]
-    L, D = cfg.packing.max_len, max(len(b) for b in bins)
+    if schedule is None:
+        plan, used, D = _static_rows(sources, weights, cfg, needed)
+    else:
+        plan, used, D, seg_weights = _scheduled_rows(sources, schedule, cfg)
+    L = cfg.packing.max_len
     arrays = {"input_ids": np.zeros((needed, L), np.int32), "targets": np.full((needed, L), IGNORE, np.int32),
               "position_ids": np.zeros((needed, L), np.int32), "seq_lens": np.zeros((needed, D), np.int32),
               "source_ids": np.full((needed, L), -1, np.int16)}
-    for r, b in enumerate(order):
-        _fill_row(r, bins[b], plan, sources, arrays, pad_id)
-    report = _report(sources, weights, arrays, plan, [bins[b] for b in order], L)
+    for r, bin_items in enumerate(used):
+        _fill_row(r, bin_items, plan, sources, arrays, pad_id)
+    if schedule is None:
+        report = _report(sources, weights, arrays, plan, used, L)
+    else:
+        sched = _schedule_report(sources, schedule, seg_weights, arrays, plan, used, cfg)
+        report = _report(sources, sched.pop("expected"), arrays, plan, used, L)
+        report["schedule"] = sched
     return RowPlan(source_names=[s.name for s in sources], report=report, **arrays)
+
+
+def _schedule_report(sources, schedule: Schedule, seg_weights, arrays, plan, used, cfg) -> dict:
+    """Mixture at start/end, and per segment its expected weights and realised example/token shares.
+
+    ``expected`` is the mean of the segment mixtures weighted by the examples each segment
+    contributes to the rows: what the overall example shares should match.
+    """
+    names = [s.name for s in sources]
+    per_step = rows_per_step(cfg)
+    segments, expected, n_items = [], np.zeros(len(sources)), 0
+    for (lo, hi), w in zip(segment_steps(cfg), seg_weights):
+        items = [i for b in used[lo * per_step:hi * per_step] for i in b]
+        ex = np.bincount([plan[i][0] for i in items], minlength=len(sources))
+        ids = arrays["source_ids"][lo * per_step:hi * per_step]
+        tok = np.bincount(ids[ids >= 0].astype(np.int64), minlength=len(sources))
+        segments.append({"steps": [lo, hi], "examples": len(items), "weights": dict(zip(names, w)),
+                         "example_share": dict(zip(names, (ex / max(1, ex.sum())).tolist())),
+                         "token_share": dict(zip(names, (tok / max(1, tok.sum())).tolist()))})
+        expected += len(items) * np.asarray(w)
+        n_items += len(items)
+    return {"interpolation": schedule.interpolation,
+            "points": [{"at": at, "weights": dict(zip(names, w))} for at, w in schedule.points],
+            "start": dict(zip(names, schedule.mixture(0.0))), "end": dict(zip(names, schedule.mixture(1.0))),
+            "segments": segments, "expected": (expected / max(1, n_items)).tolist()}
 
 
 def _report(sources, weights, arrays, plan, used_bins, L) -> dict:
@@ -252,18 +366,55 @@ def _report(sources, weights, arrays, plan, used_bins, L) -> dict:
     }
 
 
-def build(cfg: Any, tokenizer: Any, extra_sources: tuple = (), adjust: Any = None) -> tuple[RowPlan, list[dict]]:
-    """Run the data path for ``cfg``; returns the row plan and every rejected row.
+def config_schedule(cfg: Any) -> Schedule:
+    """``mix.schedule`` as a Schedule over ``data.sources`` (unnamed sources weigh 0 at a point)."""
+    names = [src.name for src in cfg.data.sources]
+    points = []
+    for i, point in enumerate(cfg.mix.schedule):
+        unknown = sorted(set(point.weights) - set(names))
+        if unknown:
+            raise ValueError(f"config error: mix.schedule[{i}].weights names unknown source {unknown[0]!r}; "
+                             f"the data sources are {names}")
+        points.append((point.at, tuple(float(point.weights.get(n, 0.0)) for n in names)))
+    return Schedule(tuple(points), cfg.mix.interpolation)
 
-    ``extra_sources`` (e.g. replay) join the mixture after the configured ones, and
-    ``adjust(weights, sources)`` turns the configured sources' weights into weights for all.
-    """
-    enc = TextEncoder(tokenizer)
-    sources = [load_source(src, cfg, enc) for src in [*cfg.data.sources, *extra_sources]]
+
+def _mixture(cfg: Any, sources: list[SourceData], adjust: Any, schedule: Any) -> tuple:
+    """(weights, None) for a fixed mixture, or (None, schedule) when it changes over training."""
+    if cfg.mix.name == "schedule":
+        sched = config_schedule(cfg)
+        if adjust is not None:  # plugins adjust every point (replay keeps its share throughout)
+            sched = Schedule(tuple((at, tuple(adjust(list(w), sources))) for at, w in sched.points),
+                             sched.interpolation)
+        return None, sched if schedule is None else schedule(sched, sources)
     weights = source_weights(sources[: len(cfg.data.sources)], cfg)
     if adjust is not None:
         weights = adjust(weights, sources)
-    assert len(weights) == len(sources)
+    if schedule is None:
+        return weights, None
+    fixed = Schedule(((0.0, tuple(weights)),))
+    sched = schedule(fixed, sources)
+    if sched is fixed:
+        return weights, None  # no plugin changed it: exactly the fixed-mixture path
+    return (list(sched.points[0][1]), None) if sched.static else (None, sched)
+
+
+def build(cfg: Any, tokenizer: Any, extra_sources: tuple = (), adjust: Any = None,
+          schedule: Any = None) -> tuple[RowPlan, list[dict]]:
+    """Run the data path for ``cfg``; returns the row plan and every rejected row.
+
+    ``extra_sources`` (e.g. replay) join the mixture after the configured ones,
+    ``adjust(weights, sources)`` turns the configured sources' weights into weights for all
+    (applied to every point of ``mix.schedule``), and ``schedule(schedule, sources)`` may
+    turn the resulting Schedule (one point for a fixed mixture) into a changing one.
+    """
+    enc = TextEncoder(tokenizer)
+    sources = [load_source(src, cfg, enc) for src in [*cfg.data.sources, *extra_sources]]
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"config error: data source names must be unique, with the mitigation sources: {names}")
+    weights, sched = _mixture(cfg, sources, adjust, schedule)
+    assert weights is None or len(weights) == len(sources)
     rejects = [r for s in sources for r in s.rejects]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return build_rows(sources, cfg, pad_id, weights), rejects
+    return build_rows(sources, cfg, pad_id, weights, sched), rejects

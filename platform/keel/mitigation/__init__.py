@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from keel.mitigation.base import Mitigation
-from keel.mitigation.conservative_lr import ConservativeLR, lr_warnings
+from keel.mitigation.conservative_lr import MAX_EPOCHS, ConservativeLR, epoch_warnings, lr_warnings
+from keel.mitigation.lora import Lora
+from keel.mitigation.progressive import Progressive
 from keel.mitigation.replay import Replay
 
-PLUGINS: dict[str, type[Mitigation]] = {"replay": Replay, "conservative_lr": ConservativeLR}
+PLUGINS: dict[str, type[Mitigation]] = {"replay": Replay, "conservative_lr": ConservativeLR, "lora": Lora,
+                                         "progressive": Progressive}
 
 
 def build(cfg: Any) -> list[Mitigation]:
@@ -17,8 +20,9 @@ def build(cfg: Any) -> list[Mitigation]:
 
 
 def warnings_for(cfg: Any, plugins: list[Mitigation], report: dict) -> list[str]:
-    """Plugin checks, plus the general full-fine-tune warnings when no LR plugin is active."""
-    out = [w for p in plugins for w in p.check_data(report)]
-    if not any(p.name == "conservative_lr" for p in plugins):
-        out += lr_warnings(cfg, report)
+    """Plugin checks, plus the general warnings when no LR plugin is active (LoRA: no full-fine-tune LR one)."""
+    out = [w for p in plugins for w in (*p.check_config(cfg), *p.check_data(report))]
+    names = {p.name for p in plugins}
+    if "conservative_lr" not in names:
+        out += epoch_warnings(report, MAX_EPOCHS) if "lora" in names else lr_warnings(cfg, report)
     return out

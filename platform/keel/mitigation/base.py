@@ -6,10 +6,24 @@ Hooks wired so far (called by ``keel.launch.driver``):
 - ``extra_sources()``: data sources the plugin adds to the mixture (replay);
 - ``adjust_weights(weights, sources)``: change the mixture weights, given every source's
   encoded examples (replay sets its share of trained tokens);
-- ``check_data(report)``: warnings about the realised data plan (epochs per source).
+- ``schedule(schedule, sources) -> Schedule``: let the mixture change over training; gets
+  the ``keel.data.mixing.Schedule`` after ``adjust_weights`` (one point for a fixed mixture,
+  several with ``mix=schedule``) over every source, and returns it (unchanged: the fixed-mixture
+  path, bit-for-bit) or a new one (progressive ramps a text source from its start share);
+- ``check_data(report)``: warnings about the realised data plan (epochs per source);
+- ``check_config(cfg)``: warnings about the final config, after every plugin's ``configure``
+  (LoRA at a full-fine-tune learning rate).
 
-Model-wrapping (LoRA), loss (EWC) and schedule (progressive mixing) hooks arrive with those
-plugins; a plugin only overrides what it uses.
+Called on every worker by ``keel.train.loop``:
+
+- ``wrap_model(model, cfg) -> model``: replace the loaded model (ZeRO-3: its parameters are
+  already partitioned) before the optimizer is built over the parameters left trainable
+  (LoRA wraps it in PEFT adapters and freezes the base);
+- ``export(engine, cfg, info) -> dict | None``: write the final model artefacts in place of the
+  default full-model HF export (a collective: every rank calls it); returns entries for the
+  run result, ``hf_dir`` included, or None to keep the default export.
+
+The loss (EWC) hook arrives with that plugin; a plugin only overrides what it uses.
 """
 
 from __future__ import annotations
@@ -34,5 +48,17 @@ class Mitigation:
     def adjust_weights(self, weights: list[float], sources: list[Any]) -> list[float]:
         return weights
 
+    def schedule(self, schedule: Any, sources: list[Any]) -> Any:
+        return schedule
+
     def check_data(self, report: dict) -> list[str]:
         return []
+
+    def check_config(self, cfg: Any) -> list[str]:
+        return []
+
+    def wrap_model(self, model: Any, cfg: Any) -> Any:
+        return model
+
+    def export(self, engine: Any, cfg: Any, info: Any) -> dict | None:
+        return None

@@ -41,5 +41,9 @@ class Replay(Mitigation):
         src = report["sources"][self.options.source.name]
         share = src["tokens"] / max(1, sum(s["tokens"] for s in report["sources"].values()))
         report["replay_token_share"] = share
-        print(f"replay: {share:.2%} of the tokens in the planned rows (target {self.options.ratio:.2%})")
+        msg = f"replay: {share:.2%} of the tokens in the planned rows (target {self.options.ratio:.2%})"
+        if "schedule" in report:  # the overall share then averages a changing mixture
+            last = report["schedule"]["segments"][-1]["token_share"][self.options.source.name]
+            msg += f", {last:.2%} in the last segment of the mixture schedule"
+        print(msg)
         return []

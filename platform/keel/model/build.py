@@ -41,5 +41,15 @@ def load_model(path: str, cfg: Any, attention: str) -> Any:
     return model
 
 
+def param_counts(model: Any) -> tuple[int, int]:
+    """Trainable and total parameters (ZeRO-3 partitioned ones counted in full)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
 def is_local(path: str) -> bool:
     return Path(path).is_dir()

@@ -52,8 +52,9 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_engine(cfg: Any, info: WorkerInfo) -> tuple[Any, Any]:
-    """Model, AdamW and LR schedule wrapped in a DeepSpeed engine."""
+def build_engine(cfg: Any, info: WorkerInfo, plugins: list) -> tuple[Any, Any]:
+    """Model (as the plugins wrap it), AdamW over its trainable parameters and the LR schedule
+    in a DeepSpeed engine."""
     import deepspeed
 
     from keel.model.build import load_model
@@ -68,8 +69,11 @@ def build_engine(cfg: Any, info: WorkerInfo) -> tuple[Any, Any]:
 
         hf_ds = HfDeepSpeedConfig(ds)
     model = load_model(info.model_path, cfg, info.attention)
+    for plugin in plugins:
+        model = plugin.wrap_model(model, cfg)
     t = cfg.trainer
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
@@ -188,8 +192,11 @@ def _next_bundle(bundles: Iterator[dict], step: int) -> dict:
 
 def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
     """Run (or resume) ``trainer.max_steps`` optimizer steps; returns rank 0's results."""
+    from keel.mitigation import build as build_mitigations
+
     _seed_all(cfg.trainer.seed)
-    engine, _hf_ds = build_engine(cfg, info)
+    plugins = build_mitigations(cfg)
+    engine, _hf_ds = build_engine(cfg, info, plugins)
     engine.train()
     start = _resume(engine, cfg, info)
     logger = None
@@ -221,23 +228,37 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
         if preempted:
             break
         _maybe_fault(cfg, info, step + 1)
-    return _finish(engine, cfg, info, logger, start, last_saved, preempted, time.perf_counter() - t_start)
+    return _finish(engine, cfg, info, logger, plugins, start, last_saved, preempted, time.perf_counter() - t_start)
 
 
-def _finish(engine: Any, cfg: Any, info: WorkerInfo, logger: Any, start: int, last_saved: int,
+def _export(engine: Any, cfg: Any, info: WorkerInfo, plugins: list) -> dict:
+    """Final model artefacts: a plugin's own export (LoRA adapters) or the full HF model."""
+    for plugin in plugins:
+        out = plugin.export(engine, cfg, info)
+        if out is not None:
+            return out
+    if not cfg.trainer.save_hf:
+        return {"hf_dir": None}
+    hf_dir = info.run_dir / "hf"
+    ckpt.save_hf(engine, info.model_path, hf_dir, info.rank)
+    return {"hf_dir": str(hf_dir)}
+
+
+def _finish(engine: Any, cfg: Any, info: WorkerInfo, logger: Any, plugins: list, start: int, last_saved: int,
             preempted: bool, train_s: float) -> dict:
-    """Final checkpoint and HF export (skipped when preempted); rank 0's run result."""
-    hf_dir = None
+    """Final checkpoint and model export (skipped when preempted); rank 0's run result."""
+    from keel.model.build import param_counts
+
+    exported = {"hf_dir": None}
     if not preempted:
         if last_saved < cfg.trainer.max_steps:
             _save(engine, cfg, info, cfg.trainer.max_steps)
-        if cfg.trainer.save_hf:
-            hf_dir = info.run_dir / "hf"
-            ckpt.save_hf(engine, info.model_path, hf_dir, info.rank)
+        exported = _export(engine, cfg, info, plugins)
     if logger is None:
         return {}
+    trainable, total = param_counts(engine.module)
     result = {**logger.totals(), "resumed_from_step": start, "train_s": train_s, "preempted": preempted,
-              "checkpoint_dir": str(ckpt.complete(info.run_dir)[-1]), "hf_dir": str(hf_dir) if hf_dir else None,
-              "attention_calls": _attention_calls()}
+              "checkpoint_dir": str(ckpt.complete(info.run_dir)[-1]), **exported,
+              "trainable_params": trainable, "total_params": total, "attention_calls": _attention_calls()}
     logger.finish(result)
     return result
