@@ -133,32 +133,68 @@ class MaskingConfig:
                  f"must be >= 1 (an empty mask is never trained), got {self.min_trained_tokens}")
 
 
-MIXES = ("temperature", "proportional", "quality", "explicit")
+MIXES = ("temperature", "proportional", "quality", "explicit", "schedule")
+
+
+@dataclass
+class SchedulePoint:
+    """One point of ``mix.schedule``: the mixture (source name -> weight, unnamed = 0) at fraction ``at``."""
+
+    at: float = MISSING
+    weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class MixConfig:
-    """p_k ∝ (N_k · q_k)^(1/T); ``explicit`` uses each source's ``weight`` as p_k instead."""
+    """p_k ∝ (N_k · q_k)^(1/T); ``explicit`` uses ``mix.weights`` as p_k, ``schedule`` the ``mix.schedule`` mixtures."""
 
     name: str = MISSING
     T: float = 1.0
     count: str = "examples"  # N_k in examples or tokens
     weights: Optional[dict[str, float]] = None  # mix=explicit: source name -> weight
+    schedule: Optional[list[SchedulePoint]] = None  # mix=schedule: mixtures at fractions of training
+    interpolation: str = "linear"  # mix=schedule: linear | step between schedule points
+    segments: int = 20  # a changing mixture (mix=schedule, mitigation=progressive) is sampled per segment
 
     def __post_init__(self) -> None:
         _one_of(self.name, MIXES, "mix.name")
         _one_of(self.count, ("examples", "tokens"), "mix.count")
         _require(self.T > 0 and not math.isnan(self.T), "mix.T", f"must be > 0, got {self.T}")
+        _require(self.segments >= 1, "mix.segments", f"must be >= 1, got {self.segments}")
         if self.name == "proportional":
             _require(self.T == 1.0, "mix.T", "has no effect with mix=proportional (use mix=temperature)")
-        if self.name == "explicit":
+        if self.name in ("explicit", "schedule"):
+            what = "mix.weights" if self.name == "explicit" else "mix.schedule"
             _require(self.T == 1.0 and self.count == "examples", "mix.T/mix.count",
-                     "have no effect with mix=explicit (mix.weights is the mixture)")
+                     f"have no effect with mix={self.name} ({what} is the mixture)")
+        if self.name == "explicit":
             _require(bool(self.weights), "mix.weights", "is required with mix=explicit")
             _require(all(w >= 0 for w in self.weights.values()) and sum(self.weights.values()) > 0,
                      "mix.weights", "must be >= 0 and not all 0")
         else:
             _require(self.weights is None, "mix.weights", f"has no effect with mix={self.name}")
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        """``mix.schedule`` only with mix=schedule: points in strictly increasing ``at``, valid weights."""
+        from keel.data.mixing import INTERPOLATIONS
+
+        _one_of(self.interpolation, INTERPOLATIONS, "mix.interpolation")
+        if self.name != "schedule":
+            _require(self.schedule is None, "mix.schedule", f"needs mix=schedule (mix={self.name} is static)")
+            _require(self.interpolation == "linear", "mix.interpolation", "has no effect without mix=schedule")
+            return
+        _require(bool(self.schedule), "mix.schedule", "is required with mix=schedule")
+        for i, point in enumerate(self.schedule):
+            key = f"mix.schedule[{i}]"
+            _require(0 <= point.at <= 1, f"{key}.at", f"must be a fraction of training in [0, 1], got {point.at}")
+            if i:
+                prev = self.schedule[i - 1].at
+                _require(point.at > prev, f"{key}.at",
+                         f"must be > mix.schedule[{i - 1}].at={prev} (strictly increasing)")
+            _require(bool(point.weights), f"{key}.weights", "must name at least one source")
+            _require(all(w >= 0 for w in point.weights.values()) and sum(point.weights.values()) > 0,
+                     f"{key}.weights", "must be >= 0 and not all 0")
 
 
 @dataclass
@@ -204,12 +240,59 @@ class ConservativeLRConfig:
 
 
 @dataclass
+class LoraConfig:
+    """PEFT LoRA: train rank-``r`` adapters on ``target_modules``; the base weights stay frozen."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Optional[list[str]] = None  # None: the model family's defaults (keel.mitigation.lora)
+    bias: str = "none"
+    merge_export: bool = True  # also write the merged full model as the HF export
+
+    def check(self) -> None:
+        _require(self.r >= 1, "mitigation.lora.r", f"must be >= 1, got {self.r}")
+        _require(self.alpha > 0, "mitigation.lora.alpha", f"must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, "mitigation.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _one_of(self.bias, ("none", "all", "lora_only"), "mitigation.lora.bias")
+        if self.target_modules is not None:
+            _require(len(self.target_modules) > 0 and all(self.target_modules), "mitigation.lora.target_modules",
+                     "must list module names (leave it unset for the model's defaults)")
+
+
+@dataclass
+class ProgressiveConfig:
+    """Start with ``start_share`` of the tokens from pretraining-style text, reach the target mix at ``ramp``.
+
+    With ``replay`` also enabled, replay's source is ramped (from ``start_share`` down to
+    ``replay.ratio``) and ``source`` here is not used.
+    """
+
+    source: SourceConfig = field(default_factory=lambda: SourceConfig(
+        name="progressive", kind="demo", task="text", num_examples=2000, masking="all_tokens"))
+    start_share: float = 0.5  # token share of the text source at the start of training
+    ramp: float = 0.3  # fraction of training over which the mixture moves to the target
+    interpolation: str = "linear"  # linear | step (hold the start mixture until ``ramp``)
+
+    def check(self) -> None:
+        from keel.data.mixing import INTERPOLATIONS
+
+        _require(0 < self.start_share < 1, "mitigation.progressive.start_share",
+                 f"must be in (0, 1), got {self.start_share}")
+        _require(0 < self.ramp <= 1, "mitigation.progressive.ramp", f"must be in (0, 1], got {self.ramp}")
+        _one_of(self.interpolation, INTERPOLATIONS, "mitigation.progressive.interpolation")
+        self.source.check("mitigation.progressive.source")
+
+
+@dataclass
 class MitigationConfig:
     """Forgetting-mitigation plugins; each is enabled by selecting its option
     (``mitigation=[replay,conservative_lr]``), which fills its sub-config."""
 
     replay: Optional[ReplayConfig] = None
     conservative_lr: Optional[ConservativeLRConfig] = None
+    lora: Optional[LoraConfig] = None
+    progressive: Optional[ProgressiveConfig] = None
 
     @property
     def enabled(self) -> list[str]:
@@ -218,9 +301,13 @@ class MitigationConfig:
     def __post_init__(self) -> None:
         for name in self.enabled:
             getattr(self, name).check()
+        if self.progressive is not None and self.replay is not None:
+            _require(self.progressive.start_share > self.replay.ratio, "mitigation.progressive.start_share",
+                     f"must be > mitigation.replay.ratio={self.replay.ratio} (progressive ramps replay's share "
+                     f"down to it), got {self.progressive.start_share}")
 
 
-MITIGATIONS = ("replay", "conservative_lr")
+MITIGATIONS = ("replay", "conservative_lr", "lora", "progressive")
 
 
 @dataclass
@@ -239,18 +326,47 @@ class DeepSpeedConfig:
 
 @dataclass
 class ClusterConfig:
+    """Where the Ray Train workers run: ``local`` (this host) or ``slurm`` (nodes of a Slurm job).
+
+    ``num_workers: null`` derives the worker count from the nodes: one worker per GPU, or one
+    per node without GPUs (``cluster=slurm`` reads both from the job's environment).
+    """
+
     name: str = MISSING
-    num_workers: int = 2
-    use_gpu: bool = False
+    num_workers: Optional[int] = 2
+    use_gpu: Optional[bool] = False  # None: true when gpus_per_node > 0
     cpus_per_worker: int = 1
     address: Optional[str] = None  # None: start (or join via RAY_ADDRESS) a local Ray instance
     max_failures: int = 0
     object_store_memory_mb: int = 1024
+    num_nodes: int = 1  # Ray nodes the run waits for before it starts
+    gpus_per_node: int = 0
+    placement: str = "auto"  # Ray Train placement; auto: STRICT_SPREAD for one worker per node, else PACK
+    join_timeout_s: int = 300  # how long to wait for num_nodes Ray nodes to be alive
 
     def __post_init__(self) -> None:
+        _require(self.num_nodes >= 1, "cluster.num_nodes", f"must be >= 1, got {self.num_nodes}")
+        _require(self.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0")
+        if self.use_gpu is None:
+            self.use_gpu = self.gpus_per_node > 0
+        if self.num_workers is None:
+            self.num_workers = self.num_nodes * (self.gpus_per_node if self.use_gpu else 1)
         _require(self.num_workers >= 1, "cluster.num_workers", f"must be >= 1, got {self.num_workers}")
         _require(self.cpus_per_worker >= 1, "cluster.cpus_per_worker", "must be >= 1")
         _require(self.max_failures >= 0, "cluster.max_failures", "must be >= 0")
+        _require(self.join_timeout_s >= 0, "cluster.join_timeout_s", "must be >= 0")
+        _one_of(self.placement, ("auto", "PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"), "cluster.placement")
+        if self.use_gpu and self.gpus_per_node:
+            _require(self.num_workers <= self.num_nodes * self.gpus_per_node, "cluster.num_workers",
+                     f"{self.num_workers} exceeds the {self.num_nodes * self.gpus_per_node} GPUs of the nodes")
+
+    @property
+    def ray_placement(self) -> str:
+        """The Ray Train placement strategy this config asks for."""
+        if self.placement != "auto":
+            return self.placement
+        one_per_node = self.num_nodes > 1 and self.num_workers == self.num_nodes
+        return "STRICT_SPREAD" if one_per_node else "PACK"
 
 
 @dataclass

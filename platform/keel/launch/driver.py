@@ -26,6 +26,26 @@ def _print_mixture(report: dict) -> None:
     for name, s in report["sources"].items():
         print(f"  {name:<14}{s['weight']:>8.3f}{s['example_share']:>8.3f}{s['examples']:>10}"
               f"{s['tokens']:>10}{s['trained_tokens']:>10}{s['rejected']:>10}")
+    if "schedule" in report:
+        _print_schedule(report["schedule"])
+
+
+def _print_schedule(sched: dict) -> None:
+    """The mixture at start and end, then per segment each source's example share, expected weight, token share."""
+    def fmt(mix: dict) -> str:
+        return ", ".join(f"{k} {v:.3f}" for k, v in mix.items())
+    print(f"  mixture schedule ({sched['interpolation']}, {len(sched['segments'])} segments; "
+          "weight above = its mean over the planned examples)")
+    print(f"    start: {fmt(sched['start'])}")
+    print(f"    end:   {fmt(sched['end'])}")
+    names = list(sched["start"])
+    print(f"    {'steps':<10}" + "".join(f"{n[:15]:>16}" for n in names)
+          + "   (per source: example share / expected weight / token share)")
+    for seg in sched["segments"]:
+        lo, hi = seg["steps"]
+        cells = "".join(f"{seg['example_share'][n]:>6.2f}/{seg['weights'][n]:.2f}/{seg['token_share'][n]:.2f}"
+                        for n in names)
+        print(f"    {f'{lo}-{hi}':<10}{cells}")
 
 
 def _adjust(plugins: list) -> Any:
@@ -39,6 +59,14 @@ def _adjust(plugins: list) -> Any:
     return adjust
 
 
+def _schedule(plugins: list) -> Any:
+    def schedule(sched: Any, sources: list) -> Any:
+        for p in plugins:  # each sees the schedule the previous ones returned
+            sched = p.schedule(sched, sources)
+        return sched
+    return schedule
+
+
 def prepare_data(cfg: Any, run_dir: Path, plugins: list) -> tuple[str, Any, Any]:
     """Model path, tokenizer and the packed row plan; writes rejects.jsonl."""
     from keel.data import pipeline
@@ -48,7 +76,7 @@ def prepare_data(cfg: Any, run_dir: Path, plugins: list) -> tuple[str, Any, Any]
     path = model_path(cfg)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     extra = tuple(src for p in plugins for src in p.extra_sources())
-    plan, rejects = pipeline.build(cfg, tokenizer, extra, _adjust(plugins))
+    plan, rejects = pipeline.build(cfg, tokenizer, extra, _adjust(plugins), _schedule(plugins))
     for warning in warnings_for(cfg, plugins, plan.report):
         print(f"warning: {warning}")
     _write_rejects(run_dir, rejects)
@@ -59,8 +87,9 @@ def prepare_data(cfg: Any, run_dir: Path, plugins: list) -> tuple[str, Any, Any]
 
 
 def _summary_table(summary: dict) -> str:
-    keys = ("world_size", "zero_stage", "steps", "restarts", "preempted", "loss_first", "loss_last", "tokens_trained",
-            "tokens_per_s", "packing_efficiency", "wall_s", "hf_dir")
+    keys = ("world_size", "nodes", "zero_stage", "steps", "restarts", "preempted", "loss_first", "loss_last",
+            "tokens_trained", "tokens_per_s", "packing_efficiency", "trainable_params", "total_params", "wall_s",
+            "hf_dir")
     lines = ["", "Keel run summary", "-" * 60]
     for k in keys:
         v = summary.get(k)
@@ -124,6 +153,14 @@ def _on_preemption(run_dir: Path) -> None:
         signal.signal(sig, handler)
 
 
+def _slurm_job() -> dict:
+    """The Slurm job and how often it was requeued, when the driver runs inside one."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return {}
+    return {"slurm_job_id": os.environ["SLURM_JOB_ID"],
+            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0"))}
+
+
 def run_training(cfg: Any, run_dir: Path) -> dict:
     """Everything ``keel train`` does after the config is composed and validated."""
     from omegaconf import OmegaConf
@@ -160,8 +197,9 @@ def run_training(cfg: Any, run_dir: Path) -> dict:
     summary = {"world_size": world, "zero_stage": cfg.deepspeed.stage, **result, "restarts": restarts,
                "packing_efficiency": plan.report["packing_efficiency"],
                "tokens_per_source": {k: v["tokens"] for k, v in plan.report["sources"].items()},
-               "mixture": plan.report["sources"], "attention": attention, "model_path": path,
-               "wall_s": time.perf_counter() - t0, "pid": os.getpid()}
+               "mixture": plan.report["sources"], "mixture_schedule": plan.report.get("schedule"),
+               "attention": attention, "model_path": path,
+               "wall_s": time.perf_counter() - t0, "pid": os.getpid(), **_slurm_job()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(_summary_table(summary))
     return summary

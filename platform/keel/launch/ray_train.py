@@ -1,14 +1,17 @@
 """Ray Train + Ray Data engine: packed step bundles streamed to DeepSpeed workers.
 
 ``cluster=local`` starts a Ray instance on this host (or joins one named by
-``cluster.address`` / ``RAY_ADDRESS``) and runs a ``TorchTrainer`` with
-``cluster.num_workers`` workers; Ray Data's ``streaming_split`` feeds each worker.
+``cluster.address`` / ``RAY_ADDRESS``); ``cluster=slurm`` joins the one ``slurm/sft.sh``
+started on the job's nodes and waits until all of them are alive. Either runs a
+``TorchTrainer`` with ``cluster.num_workers`` workers; Ray Data's ``streaming_split`` feeds each.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +43,45 @@ def init_ray(cfg: Any) -> None:
                               "configure_logging": False}
     if address:
         ray.init(address=address, **kwargs)
+        wait_for_nodes(cfg.cluster.num_nodes, cfg.cluster.join_timeout_s)
         return
+    if cfg.cluster.name == "slurm":
+        raise ValueError("cluster=slurm joins the Ray cluster that slurm/sft.sh starts on the job's nodes, "
+                         "but neither RAY_ADDRESS nor cluster.address is set")
     # Logical CPUs: one per worker plus headroom for Ray Data's coordinator tasks.
     ray.init(num_cpus=cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 2,
              object_store_memory=cfg.cluster.object_store_memory_mb * 2**20,
              include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
+
+
+def wait_for_nodes(expected: int, timeout_s: float) -> int:
+    """Block until ``expected`` Ray nodes are alive; a clear error after ``timeout_s``."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = sum(1 for n in ray.nodes() if n["Alive"])
+        if alive >= expected:
+            print(f"ray: {alive} node(s) alive")
+            return alive
+        if time.monotonic() > deadline:
+            raise ValueError(f"only {alive} of cluster.num_nodes={expected} Ray nodes joined within "
+                             f"{timeout_s}s (cluster.join_timeout_s); see the Ray node logs")
+        time.sleep(2)
+
+
+def node_name() -> str:
+    """The Slurm node this process runs on (set by slurmd for every step), else the hostname."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def _gather_nodes(world_size: int) -> list[str]:
+    """Every rank's node name, in rank order (a collective: all ranks call it)."""
+    import torch.distributed as dist
+
+    names: list[Any] = [None] * world_size
+    dist.all_gather_object(names, node_name())
+    return [str(n) for n in names]
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -62,8 +99,11 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     batches = shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1)
     bundles = ({k: v[0] for k, v in b.items()} for b in batches)
+    nodes = _gather_nodes(info.world_size)
     result = train(cfg, info, bundles)
     if info.rank == 0:
+        result["rank_to_node"] = {str(r): n for r, n in enumerate(nodes)}
+        result["nodes"] = sorted(set(nodes))
         (info.run_dir / WORKER_RESULT).write_text(json.dumps(result))
 
 
@@ -89,7 +129,8 @@ def run(cfg: Any, run_dir: Path, model_path: str, attention: str, bundles: list[
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+                                     placement_strategy=cfg.cluster.ray_placement),
         run_config=RunConfig(name="keel", storage_path=str(run_dir.resolve() / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
         datasets={"train": _dataset(bundles)},
