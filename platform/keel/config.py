@@ -285,6 +285,25 @@ class ProgressiveConfig:
 
 
 @dataclass
+class EwcConfig:
+    """Elastic weight consolidation: (lam/2)·Σ F_i (θ_i − θ*_i)² with F the base model's diagonal empirical
+    Fisher on ``samples`` sequences of ``data`` (see keel.mitigation.ewc)."""
+
+    data: SourceConfig = field(default_factory=lambda: SourceConfig(
+        name="ewc_reference", kind="demo", task="text", num_examples=128, masking="all_tokens"))
+    samples: int = 64  # reference sequences the Fisher averages over
+    lam: float = 1.0  # λ: 1 weighs the quadratic estimate of the reference-loss rise like the SFT loss
+
+    def check(self) -> None:
+        _require(self.samples >= 1, "mitigation.ewc.samples", f"must be >= 1, got {self.samples}")
+        _require(self.lam > 0 and math.isfinite(self.lam), "mitigation.ewc.lam", f"must be > 0, got {self.lam}")
+        self.data.check("mitigation.ewc.data")
+        n = self.data.num_examples
+        _require(n == -1 or n >= self.samples, "mitigation.ewc.data.num_examples",
+                 f"must be >= mitigation.ewc.samples={self.samples} (or -1), got {n}")
+
+
+@dataclass
 class MitigationConfig:
     """Forgetting-mitigation plugins; each is enabled by selecting its option
     (``mitigation=[replay,conservative_lr]``), which fills its sub-config."""
@@ -293,6 +312,7 @@ class MitigationConfig:
     conservative_lr: Optional[ConservativeLRConfig] = None
     lora: Optional[LoraConfig] = None
     progressive: Optional[ProgressiveConfig] = None
+    ewc: Optional[EwcConfig] = None
 
     @property
     def enabled(self) -> list[str]:
@@ -307,7 +327,7 @@ class MitigationConfig:
                      f"down to it), got {self.progressive.start_share}")
 
 
-MITIGATIONS = ("replay", "conservative_lr", "lora", "progressive")
+MITIGATIONS = ("replay", "conservative_lr", "lora", "progressive", "ewc")
 
 
 @dataclass

@@ -6,12 +6,13 @@ from typing import Any
 
 from keel.mitigation.base import Mitigation
 from keel.mitigation.conservative_lr import MAX_EPOCHS, ConservativeLR, epoch_warnings, lr_warnings
+from keel.mitigation.ewc import Ewc
 from keel.mitigation.lora import Lora
 from keel.mitigation.progressive import Progressive
 from keel.mitigation.replay import Replay
 
 PLUGINS: dict[str, type[Mitigation]] = {"replay": Replay, "conservative_lr": ConservativeLR, "lora": Lora,
-                                         "progressive": Progressive}
+                                         "progressive": Progressive, "ewc": Ewc}
 
 
 def build(cfg: Any) -> list[Mitigation]:

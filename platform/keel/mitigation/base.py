@@ -21,9 +21,16 @@ Called on every worker by ``keel.train.loop``:
   (LoRA wraps it in PEFT adapters and freezes the base);
 - ``export(engine, cfg, info) -> dict | None``: write the final model artefacts in place of the
   default full-model HF export (a collective: every rank calls it); returns entries for the
-  run result, ``hf_dir`` included, or None to keep the default export.
+  run result, ``hf_dir`` included, or None to keep the default export;
+- ``setup_engine(engine, cfg, info) -> dict``: once the DeepSpeed engine is built and before a
+  checkpoint is resumed, so the engine still holds the base weights (a collective: every rank
+  calls it); returns run-level facts for the run result (EWC estimates or reloads its Fisher);
+- ``after_backward(engine) -> dict``: after the last backward of an optimizer step and before
+  ``engine.step()``, while the step's gradients (ZeRO-3: reduced into each rank's local fp32
+  partitions) can still be changed; it may add a loss term's gradient there (EWC's penalty)
+  and returns metrics for the step's log (a collective: every rank calls it).
 
-The loss (EWC) hook arrives with that plugin; a plugin only overrides what it uses.
+A plugin only overrides what it uses.
 """
 
 from __future__ import annotations
@@ -62,3 +69,9 @@ class Mitigation:
 
     def export(self, engine: Any, cfg: Any, info: Any) -> dict | None:
         return None
+
+    def setup_engine(self, engine: Any, cfg: Any, info: Any) -> dict:
+        return {}
+
+    def after_backward(self, engine: Any) -> dict:
+        return {}

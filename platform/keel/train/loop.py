@@ -81,17 +81,23 @@ def build_engine(cfg: Any, info: WorkerInfo, plugins: list) -> tuple[Any, Any]:
 
 
 def _all_reduce(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
+    """Sum ``values`` over ranks (NCCL only reduces CUDA tensors, gloo takes CPU ones)."""
+    if not dist.is_initialized():
+        return list(values)
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.cpu().tolist()
 
 
-def train_step(engine: Any, bundle: dict, cfg: Any, world: int, stop_requested: bool = False) -> dict:
+def train_step(engine: Any, bundle: dict, cfg: Any, world: int, stop_requested: bool = False,
+               plugins: list | tuple = ()) -> dict:
     """Forward/backward over the bundle's micro-batches and one optimizer step.
 
     ``stop_requested`` (this rank saw a preemption request) rides on the step's all-reduce,
-    so every rank agrees to stop after the same step without an extra collective.
+    so every rank agrees to stop after the same step without an extra collective. The
+    plugins' ``after_backward`` runs between the last backward and the optimizer step.
     """
     ids = torch.tensor(bundle["input_ids"], dtype=torch.long)  # copies: Ray hands out read-only arrays
     targets = torch.tensor(bundle["targets"], dtype=torch.long)
@@ -104,12 +110,14 @@ def train_step(engine: Any, bundle: dict, cfg: Any, world: int, stop_requested: 
     scale = backward_scale(norm, world)
     lr = engine.lr_scheduler.get_last_lr()[0]
     micro = cfg.trainer.micro_batch_size
-    loss_sum = 0.0
+    loss_sum, extra = 0.0, {}
     for a in range(cfg.trainer.grad_accum):
         sl = slice(a * micro, (a + 1) * micro)
         logits = engine(input_ids=ids[sl], position_ids=pos[sl]).logits
         part = weighted_loss_sum(logits, targets[sl], weights[sl])
         engine.backward(part * scale, scale_wrt_gas=False)
+        if a == cfg.trainer.grad_accum - 1:
+            extra = {k: v for p in plugins for k, v in p.after_backward(engine).items()}
         engine.step()
         loss_sum += float(part.detach())
     (loss_total,) = _all_reduce([loss_sum])
@@ -118,13 +126,15 @@ def train_step(engine: Any, bundle: dict, cfg: Any, world: int, stop_requested: 
     return {"loss": loss_total / max(norm, 1.0), "lr": lr, "supervised_tokens": int(supervised),
             "tokens": int(real_global), "sum_sq_lengths": sum_sq, "stop": stop > 0,
             "packing_efficiency": real_global / capacity,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None}
+            "grad_norm": float(grad_norm) if grad_norm is not None else None, **extra}
 
 
-def _check_bundle(bundle: dict, step: int) -> None:
+def _check_bundle(bundle: dict, step: int, rank: int) -> None:
     got = int(np.asarray(bundle["step"]).reshape(-1)[0])
-    if got != step:
-        raise RuntimeError(f"data order broken: rank expected rows of step {step}, got step {got}")
+    slot = int(np.asarray(bundle["slot"]).reshape(-1)[0])
+    if (got, slot) != (step, rank):
+        raise RuntimeError(f"data order broken: rank {rank} expected its rows of step {step}, "
+                           f"got rank {slot}'s rows of step {got}")
 
 
 def _flops_counter(model: Any, cfg: Any) -> Any:
@@ -181,12 +191,12 @@ def _save(engine: Any, cfg: Any, info: WorkerInfo, step: int) -> Path:
     return ckpt.save(engine, info.run_dir, step, info.rank, cfg.trainer.keep_checkpoints, meta)
 
 
-def _next_bundle(bundles: Iterator[dict], step: int) -> dict:
+def _next_bundle(bundles: Iterator[dict], step: int, rank: int) -> dict:
     """The bundle of ``step``; after an in-place restart the stream may begin earlier."""
     while True:
         bundle = next(bundles)
         if int(np.asarray(bundle["step"]).reshape(-1)[0]) >= step:
-            _check_bundle(bundle, step)
+            _check_bundle(bundle, step, rank)
             return bundle
 
 
@@ -197,6 +207,7 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
     _seed_all(cfg.trainer.seed)
     plugins = build_mitigations(cfg)
     engine, _hf_ds = build_engine(cfg, info, plugins)
+    plugin_info = {k: v for p in plugins for k, v in p.setup_engine(engine, cfg, info).items()}  # base weights
     engine.train()
     start = _resume(engine, cfg, info)
     logger = None
@@ -209,9 +220,9 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
     t_start, last_saved, preempted = time.perf_counter(), start, False
     for step in range(start, cfg.trainer.max_steps):
         t0 = time.perf_counter()
-        bundle = _next_bundle(bundles, step)
+        bundle = _next_bundle(bundles, step, info.rank)
         t_data = time.perf_counter() - t0
-        m = train_step(engine, bundle, cfg, info.world_size, (info.run_dir / PREEMPT_FLAG).exists())
+        m = train_step(engine, bundle, cfg, info.world_size, (info.run_dir / PREEMPT_FLAG).exists(), plugins)
         dt = time.perf_counter() - t0
         if step == start:
             _check_backend(info.attention)
@@ -228,7 +239,8 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
         if preempted:
             break
         _maybe_fault(cfg, info, step + 1)
-    return _finish(engine, cfg, info, logger, plugins, start, last_saved, preempted, time.perf_counter() - t_start)
+    return _finish(engine, cfg, info, logger, plugins, start, last_saved, preempted, time.perf_counter() - t_start,
+                   plugin_info)
 
 
 def _export(engine: Any, cfg: Any, info: WorkerInfo, plugins: list) -> dict:
@@ -245,7 +257,7 @@ def _export(engine: Any, cfg: Any, info: WorkerInfo, plugins: list) -> dict:
 
 
 def _finish(engine: Any, cfg: Any, info: WorkerInfo, logger: Any, plugins: list, start: int, last_saved: int,
-            preempted: bool, train_s: float) -> dict:
+            preempted: bool, train_s: float, plugin_info: dict | None = None) -> dict:
     """Final checkpoint and model export (skipped when preempted); rank 0's run result."""
     from keel.model.build import param_counts
 
@@ -259,6 +271,7 @@ def _finish(engine: Any, cfg: Any, info: WorkerInfo, logger: Any, plugins: list,
     trainable, total = param_counts(engine.module)
     result = {**logger.totals(), "resumed_from_step": start, "train_s": train_s, "preempted": preempted,
               "checkpoint_dir": str(ckpt.complete(info.run_dir)[-1]), **exported,
-              "trainable_params": trainable, "total_params": total, "attention_calls": _attention_calls()}
+              "trainable_params": trainable, "total_params": total, "attention_calls": _attention_calls(),
+              **(plugin_info or {})}
     logger.finish(result)
     return result
