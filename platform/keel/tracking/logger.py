@@ -5,12 +5,28 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
+from keel.tracking.context import (
+    MIX_COLUMNS,
+    SCHEDULE_COLUMNS,
+    mixture_rows,
+    read_group,
+    read_report,
+    run_tags,
+    schedule_rows,
+    step_weights,
+)
+from keel.tracking.namespace import STEP, TOKENS_SEEN, define_metrics, wandb_row
+
 STARTS = "starts.jsonl"
+GENERATIONS = "generations.jsonl"
+GENERATION_COLUMNS = ("step", "prompt", "completion", "score")
 SECRET_KEY = re.compile(r"(_KEY|_TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
+SOURCE_TOKENS = "data/tokens/"
 
 
 def redact(obj: Any) -> Any:
@@ -34,17 +50,56 @@ def wandb_mode(mode: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def _rows_up_to(path: Path, start_step: int) -> list[dict]:
+    """Rows of a JSONL file with ``step <= start_step``; later ones (work lost since the checkpoint) are dropped."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r["step"] <= start_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def mix_row(metrics: dict, report: dict) -> dict:
+    """``mix/share/<source>``: its share of the step's tokens; ``mix/weight/<source>``: its scheduled weight."""
+    tokens = {k[len(SOURCE_TOKENS):]: v for k, v in metrics.items() if k.startswith(SOURCE_TOKENS)}
+    total = sum(tokens.values())
+    row = {f"mix/share/{k}": v / total for k, v in tokens.items()} if total else {}
+    row.update({f"mix/weight/{k}": w for k, w in step_weights(report, metrics["step"] - 1).items()})
+    return row
+
+
+def system_row() -> dict:
+    """Peak host memory of this process and, once CUDA is in use, the device memory (GiB)."""
+    import resource
+
+    row = {"system/max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    torch = sys.modules.get("torch")  # imported by the training loop; never imported here
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        row["system/gpu_mem_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
+        row["system/gpu_max_mem_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        row["system/gpu_mem_reserved_gib"] = torch.cuda.memory_reserved() / 2**30
+    return row
+
+
 class RunLogger:
     """Writes one JSON object per optimizer step and mirrors it to W&B and the console."""
 
     def __init__(self, cfg: Any, run_dir: Path, plain_cfg: dict, total_steps: int, start_step: int = 0) -> None:
+        self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.history = self._history(start_step)
+        self.tokens_seen = sum(r["tokens"] for r in self.history)
+        _rows_up_to(run_dir / GENERATIONS, start_step)
         with (run_dir / STARTS).open("a") as fh:  # one line per worker-group start (restarts)
             fh.write(json.dumps({"start_step": start_step}) + "\n")
+        self.report = read_report(run_dir)
+        self.log_every = cfg.logger.log_every
         self.run = None
         if cfg.logger.name == "wandb":
-            self.run = self._init_wandb(cfg, run_dir, plain_cfg)
+            self.run, fresh = self._init_wandb(cfg, run_dir, plain_cfg)
+            if fresh:
+                self._log_mixture(start_step)
         self.bar = None
         if cfg.trainer.progress:
             from tqdm import tqdm
@@ -53,12 +108,7 @@ class RunLogger:
 
     def _history(self, start_step: int) -> list[dict]:
         """Metrics of steps <= start_step; later lines (work lost since the checkpoint) are dropped."""
-        if not self.path.is_file():
-            return []
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if r["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        return kept
+        return _rows_up_to(self.path, start_step)
 
     def totals(self) -> dict:
         """Run-level figures over every step of the run, resumed ones included."""
@@ -68,28 +118,61 @@ class RunLogger:
                 "tokens_per_s": sum(r["tokens"] for r in h) / max(sum(r["step_s"] for r in h), 1e-9)}
 
     @staticmethod
-    def _init_wandb(cfg: Any, run_dir: Path, plain_cfg: dict) -> Any:
+    def _init_wandb(cfg: Any, run_dir: Path, plain_cfg: dict) -> tuple[Any, bool]:
+        """The W&B run and whether this start created it (one W&B run per Keel run, across restarts)."""
         import wandb
 
-        id_file = run_dir / "wandb_id.txt"  # one W&B run per Keel run, across restarts
-        if not id_file.is_file():
+        id_file = run_dir / "wandb_id.txt"
+        fresh = not id_file.is_file()
+        if fresh:
             id_file.write_text(uuid.uuid4().hex[:12])
         run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, dir=str(run_dir),
                          mode=wandb_mode(cfg.logger.mode), config=redact(plain_cfg), id=id_file.read_text(),
-                         resume="allow", name=run_dir.name, reinit="finish_previous")
-        run.define_metric("train/step")
-        run.define_metric("*", step_metric="train/step")
-        return run
+                         resume="allow", name=run_dir.name, group=read_group(run_dir), job_type="sft",
+                         tags=run_tags(cfg), reinit="finish_previous")
+        define_metrics(run)
+        return run, fresh
+
+    def _log_mixture(self, step: int) -> None:
+        """The realised mixture (and the schedule's segments) as W&B tables, once per W&B run."""
+        import wandb
+
+        row: dict[str, Any] = {STEP: step}
+        if self.report.get("sources"):
+            row["mix/realised"] = wandb.Table(columns=list(MIX_COLUMNS), data=mixture_rows(self.report))
+        if schedule_rows(self.report):
+            row["mix/schedule"] = wandb.Table(columns=list(SCHEDULE_COLUMNS), data=schedule_rows(self.report))
+        if len(row) > 1:
+            self.run.log(row)
+
+    def wandb_row(self, metrics: dict) -> dict:
+        """A step's W&B row: the namespaced metrics, tokens seen so far, the mixture and memory."""
+        return {**wandb_row(metrics), TOKENS_SEEN: self.tokens_seen, **mix_row(metrics, self.report),
+                **system_row()}
 
     def log(self, metrics: dict) -> None:
         self.history.append(metrics)
+        self.tokens_seen += metrics["tokens"]
         with self.path.open("a") as fh:
             fh.write(json.dumps(metrics) + "\n")
-        if self.run is not None:
-            self.run.log({("train/" + k if "/" not in k else k): v for k, v in metrics.items()})
+        if self.run is not None and metrics["step"] % self.log_every == 0:
+            self.run.log(self.wandb_row(metrics))
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+
+    def log_generations(self, step: int, rows: list[dict]) -> None:
+        """Sample generations at an eval point: appended to ``generations.jsonl``, and ``eval/generations`` in W&B."""
+        clean = [{"step": step, "prompt": r["prompt"], "completion": r["completion"], "score": r.get("score")}
+                 for r in rows]
+        with (self.run_dir / GENERATIONS).open("a") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in clean))
+        if self.run is not None:
+            import wandb
+
+            table = wandb.Table(columns=list(GENERATION_COLUMNS), data=[[r[c] for c in GENERATION_COLUMNS]
+                                                                        for r in clean])
+            self.run.log({STEP: step, "eval/generations": table})
 
     def finish(self, summary: dict) -> None:
         if self.bar is not None:
