@@ -59,7 +59,7 @@ write_conf() {
         echo "SelectTypeParameters=CR_CPU"
         echo "ReturnToService=2"
         echo "MinJobAge=900"
-        echo "KillWait=30"
+        echo "KillWait=5"  # seconds from SIGTERM to SIGKILL at job end; short for tests
         echo "StateSaveLocation=/var/spool/slurmctld"
         echo "SlurmdSpoolDir=/var/spool/slurmd/%n"
         echo "SlurmctldPidFile=/run/slurmctld.pid"

@@ -12,10 +12,13 @@ commands:
             `keel train --cfg job` prints the composed config; `keel train --help` lists groups
   inspect   show rendered examples with trained tokens coloured, and write an HTML report
   eval      evaluation: `keel eval passk --help`
+  diagnose  forgetting vs alignment tax vs healthy, base vs tuned: `keel diagnose --help`
+  submit    run `keel train` as a Ray job on a running cluster: `keel submit --help`
 """
 
 # command -> module with a main(argv) (Hydra-based commands read sys.argv themselves)
-COMMANDS = {"train": "keel.cli.train", "inspect": "keel.cli.inspect", "eval": "keel.cli.eval"}
+COMMANDS = {"train": "keel.cli.train", "inspect": "keel.cli.inspect", "eval": "keel.cli.eval",
+            "submit": "keel.cli.submit", "diagnose": "keel.cli.diagnose"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.config import to_plain
+from keel.tracking.context import write_run_context
 from keel.tracking.logger import STARTS, redact
 
 
@@ -191,6 +192,7 @@ def run_training(cfg: Any, run_dir: Path) -> dict:
     sst = step_source_tokens(plan, world, t.grad_accum, t.micro_batch_size)
     (run_dir / STARTS).unlink(missing_ok=True)
     ray_train.init_ray(cfg)
+    write_run_context(run_dir, cfg, plan.report)  # W&B group and data report for the rank-0 logger
     _on_preemption(run_dir)  # after ray.init, which installs its own SIGTERM handler
     result = ray_train.run(cfg, run_dir, path, attention, bundles, sst, plan.source_names, meta)
     restarts = len((run_dir / STARTS).read_text().splitlines()) - 1

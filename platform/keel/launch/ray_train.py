@@ -3,7 +3,8 @@
 ``cluster=local`` starts a Ray instance on this host (or joins one named by
 ``cluster.address`` / ``RAY_ADDRESS``); ``cluster=slurm`` joins the one ``slurm/sft.sh``
 started on the job's nodes and waits until all of them are alive. Either runs a
-``TorchTrainer`` with ``cluster.num_workers`` workers; Ray Data's ``streaming_split`` feeds each.
+``TorchTrainer`` with ``cluster.num_workers`` workers, each streaming its own Ray dataset of
+step bundles.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
                       run_dir=Path(config["run_dir"]), model_path=config["model_path"],
                       attention=config["attention"], step_source_tokens=config["step_source_tokens"],
                       source_names=config["source_names"], run_meta=config["run_meta"])
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(_shard_name(info.rank))
     batches = shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1)
     bundles = ({k: v[0] for k, v in b.items()} for b in batches)
     nodes = _gather_nodes(info.world_size)
@@ -107,11 +108,25 @@ def train_loop_per_worker(config: dict) -> None:
         (info.run_dir / WORKER_RESULT).write_text(json.dumps(result))
 
 
-def _dataset(bundles: list[dict]) -> Any:
+def _shard_name(rank: int) -> str:
+    return f"train_{rank}"
+
+
+def _datasets(bundles: list[dict], world: int) -> dict[str, Any]:
+    """One Ray dataset per rank holding that rank's bundles in step order.
+
+    ``streaming_split`` balances blocks across consumers but hands each block to whichever
+    consumer asks first, so a rank could get another rank's bundle or a later step first
+    (seen across nodes). Routing by slot keeps the layout exact on any cluster.
+    """
     import ray.data
 
-    # One block per bundle: streaming_split then hands bundles out one by one in order.
-    return ray.data.from_items(bundles, override_num_blocks=len(bundles))
+    out = {}
+    for rank in range(world):
+        mine = [b for b in bundles if b["slot"] == rank]
+        # One block per bundle, so the worker's prefetch streams bundles one by one.
+        out[_shard_name(rank)] = ray.data.from_items(mine, override_num_blocks=max(len(mine), 1))
+    return out
 
 
 def run(cfg: Any, run_dir: Path, model_path: str, attention: str, bundles: list[dict],
@@ -133,8 +148,8 @@ def run(cfg: Any, run_dir: Path, model_path: str, attention: str, bundles: list[
                                      placement_strategy=cfg.cluster.ray_placement),
         run_config=RunConfig(name="keel", storage_path=str(run_dir.resolve() / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
-        datasets={"train": _dataset(bundles)},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets=_datasets(bundles, cfg.cluster.num_workers),
+        dataset_config=DataConfig(datasets_to_split=[]),  # each rank reads only its own dataset
     )
     trainer.fit()
     return json.loads((run_dir / WORKER_RESULT).read_text())
