@@ -492,7 +492,7 @@ class KeelConfig:
                 _require(src.quality is None, f"{key}.quality", f"has no effect with mix={self.mix.name}")
 
 
-TEMPLATES = ("llama3", "chatml")
+TEMPLATES = ("llama3", "chatml", "mistral", "gemma", "phi3")
 
 
 def to_plain(cfg: Any) -> dict:

@@ -13,7 +13,9 @@ CONV = [
     {"role": "user", "content": "And times 3?"},
     {"role": "assistant", "content": "4 * 3 = 12."},
 ]
-EOT = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
+EOT = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "mistral": "</s>", "gemma": "<end_of_turn>",
+       "phi3": "<|end|>"}
+ALL = sorted(EOT)
 
 
 def _trained_runs(enc) -> list[list[int]]:
@@ -29,14 +31,14 @@ def _trained_runs(enc) -> list[list[int]]:
     return runs + ([cur] if cur else [])
 
 
-@pytest.mark.parametrize("template", ["llama3", "chatml"])
+@pytest.mark.parametrize("template", ALL)
 def test_assistant_only_trains_contents_and_eot(tokenizer, template):
     enc = encode(CONV, tokenizer, template=template)
     runs = [tokenizer.decode(r) for r in _trained_runs(enc)]
     assert runs == ["2 + 2 = 4." + EOT[template], "4 * 3 = 12." + EOT[template]]
 
 
-@pytest.mark.parametrize("template", ["llama3", "chatml"])
+@pytest.mark.parametrize("template", ALL)
 def test_last_turn_and_no_eot(tokenizer, template):
     enc = encode(CONV, tokenizer, template=template, masking="last_turn", train_eot=False)
     assert [tokenizer.decode(r) for r in _trained_runs(enc)] == ["4 * 3 = 12."]
@@ -78,7 +80,7 @@ TOOL_CONV = [
 TOOLS = [{"name": "weather", "parameters": {"city": "string"}}]
 
 
-@pytest.mark.parametrize("template", ["llama3", "chatml"])
+@pytest.mark.parametrize("template", ALL)
 def test_tool_calls_are_trained_and_tool_results_are_not(tokenizer, template):
     enc = encode(TOOL_CONV, tokenizer, template=template, tools=TOOLS)
     runs = [tokenizer.decode(r) for r in _trained_runs(enc)]

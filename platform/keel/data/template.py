@@ -31,20 +31,38 @@ class Segment:
 
 @dataclass(frozen=True)
 class ChatTemplate:
+    """A chat format as markup around each message (special tokens are written by name)."""
+
     name: str
     bos: str | None
     header: str  # with {role}
-    eot: str
+    eot: str  # closes a message (trained after assistant content)
     sep: str  # text after the end-of-turn token (not trained)
     strip_content: bool
     tool_role: str  # header role of tool results
     call_key: str  # key of the arguments in a rendered tool call
-    call_open: str  # text around each rendered tool call
+    call_open: str  # markup around each rendered tool call
     call_close: str
-    result_open: str  # text around a tool result
+    result_open: str  # markup around a tool result
     result_close: str
     tools_intro: str  # system-prompt text that introduces the available tools
+    role_names: tuple[tuple[str, str], ...] = ()  # header names differing from Keel's roles
+    headers: tuple[tuple[str, str], ...] = ()  # per-role header markup replacing ``header``
+    eots: tuple[tuple[str, str], ...] = ()  # per-role closing markup replacing ``eot``
+    system_in_first_user: bool = False  # no system role: the system prompt opens the first user turn
+    tools_block: tuple[str, str] | None = None  # markup around the tool list, before the first user turn
 
+    def header_for(self, role: str) -> str:
+        if role in dict(self.headers):
+            return dict(self.headers)[role]
+        name = self.tool_role if role == "tool" else dict(self.role_names).get(role, role)
+        return self.header.format(role=name)
+
+    def eot_for(self, role: str) -> str:
+        return dict(self.eots).get(role, self.eot)
+
+
+_CALLS_JSON = "Call tools by replying with JSON of the form {\"name\": ..., \"arguments\": {...}}.\n"
 
 TEMPLATES: dict[str, ChatTemplate] = {
     # Llama 3.1 JSON tool calling: calls are bare JSON, results come back as role "ipython".
@@ -60,10 +78,33 @@ TEMPLATES: dict[str, ChatTemplate] = {
                            call_close="\n</tool_call>", result_open="<tool_response>\n",
                            result_close="\n</tool_response>",
                            tools_intro="# Tools\n\nYou may call one or more functions. Function signatures:\n"),
+    # Mistral Instruct (v0.1/v0.2 layout: [INST] user [/INST] answer</s>, the system prompt opening
+    # the first user turn) with v0.3's tool markup: calls after [TOOL_CALLS], results in
+    # [TOOL_RESULTS] ... [/TOOL_RESULTS], the tool list in [AVAILABLE_TOOLS] ... [/AVAILABLE_TOOLS].
+    "mistral": ChatTemplate("mistral", "<s>", "", "</s>", "", strip_content=True, tool_role="tool",
+                            call_key="arguments", call_open="[TOOL_CALLS] ", call_close="",
+                            result_open="", result_close="", tools_intro="",
+                            headers=(("user", "[INST] "), ("assistant", ""), ("tool", "[TOOL_RESULTS] ")),
+                            eots=(("user", " [/INST]"), ("tool", " [/TOOL_RESULTS]")),
+                            system_in_first_user=True, tools_block=("[AVAILABLE_TOOLS] ", " [/AVAILABLE_TOOLS]")),
+    # Gemma 2/3: <start_of_turn>user|model ... <end_of_turn>; no system role (it opens the first
+    # user turn) and no native tool syntax (calls as JSON, results as a user turn).
+    "gemma": ChatTemplate("gemma", "<bos>", "<start_of_turn>{role}\n", "<end_of_turn>", "\n",
+                          strip_content=True, tool_role="user", call_key="arguments", call_open="",
+                          call_close="", result_open="Tool result:\n", result_close="", tools_intro=_CALLS_JSON,
+                          role_names=(("assistant", "model"),), system_in_first_user=True),
+    # Phi-3 / Phi-3.5: <|system|>, <|user|>, <|assistant|> headers, <|end|> closes each message.
+    "phi3": ChatTemplate("phi3", None, "<|{role}|>\n", "<|end|>", "\n", strip_content=False, tool_role="user",
+                         call_key="arguments", call_open="", call_close="", result_open="Tool result:\n",
+                         result_close="", tools_intro=_CALLS_JSON),
 }
 
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                  "<|eot_id|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
+                  "<|eot_id|>", "<|im_start|>", "<|im_end|>", "<|pad|>",
+                  "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]",
+                  "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                  "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>",
+                  "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>")
 
 
 def get_template(name: str) -> ChatTemplate:
@@ -119,23 +160,27 @@ class TextEncoder:
         return ids
 
 
-def _content(msg: dict, template: ChatTemplate) -> str:
-    """Message text with tool calls and tool results in the template's own syntax."""
-    content = msg["content"]
-    calls = [template.call_open + json.dumps({"name": c["function"]["name"],
-                                              template.call_key: c["function"].get("arguments", {})},
-                                             ensure_ascii=False) + template.call_close
-             for c in msg.get("tool_calls") or []]
-    if calls:
-        content = "\n".join(([content] if content else []) + calls)
+def _content(msg: dict, template: ChatTemplate, enc: TextEncoder) -> list[int]:
+    """Message ids with tool calls and tool results in the template's own syntax.
+
+    User-controlled strings (content, call arguments) are encoded as text; only the
+    template's own markup may produce special tokens.
+    """
+    content = msg["content"].strip() if template.strip_content else msg["content"]
+    ids = enc.text(content)
+    for i, c in enumerate(msg.get("tool_calls") or []):
+        call = json.dumps({"name": c["function"]["name"], template.call_key: c["function"].get("arguments", {})},
+                          ensure_ascii=False)
+        lead = "\n" if (ids or i) else ""
+        ids += enc.text(lead) + enc.markup(template.call_open) + enc.text(call) + enc.markup(template.call_close)
     if msg["role"] == "tool":
-        content = template.result_open + content + template.result_close
-    return content.strip() if template.strip_content else content
+        ids = enc.markup(template.result_open) + ids + enc.markup(template.result_close)
+    return ids
 
 
 def _with_tools(messages: list[dict], tools: list | None, template: ChatTemplate) -> list[dict]:
     """Put the tool definitions into the system prompt (one is added if there is none)."""
-    if not tools:
+    if not tools or template.tools_block:
         return messages
     listing = template.tools_intro + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
     if messages and messages[0]["role"] == "system":
@@ -144,18 +189,38 @@ def _with_tools(messages: list[dict], tools: list | None, template: ChatTemplate
     return [{"role": "system", "content": listing}, *messages]
 
 
+def _fold_system(messages: list[dict], template: ChatTemplate) -> list[dict]:
+    """Templates without a system role open the first user turn with the system prompt."""
+    if not template.system_in_first_user or not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], list(messages[1:])
+    for i, m in enumerate(rest):
+        if m["role"] == "user":
+            rest[i] = {**m, "content": system + "\n\n" + m["content"]}
+            return rest
+    raise ValueError(f"template {template.name} has no system role and the conversation has no user turn")
+
+
+def _tools_segment(tools: list | None, template: ChatTemplate, enc: TextEncoder) -> list[Segment]:
+    if not tools or not template.tools_block:
+        return []
+    opening, closing = template.tools_block
+    ids = enc.markup(opening) + enc.text(json.dumps(tools, ensure_ascii=False)) + enc.markup(closing)
+    return [Segment(ids, "system", "header", -1)]
+
+
 def render_chat(messages: list[dict], enc: TextEncoder, template: ChatTemplate,
                 tools: list | None = None) -> list[Segment]:
     """Render a validated conversation into segments with exact message spans."""
     segs: list[Segment] = []
     if template.bos:
         segs.append(Segment([enc.special(template.bos)], "system", "bos", -1))
-    for i, msg in enumerate(_with_tools(messages, tools, template)):
+    segs += _tools_segment(tools, template, enc)
+    for i, msg in enumerate(_fold_system(_with_tools(messages, tools, template), template)):
         role = msg["role"]
-        header_role = template.tool_role if role == "tool" else role
-        segs.append(Segment(enc.markup(template.header.format(role=header_role)), role, "header", i))
-        segs.append(Segment(enc.text(_content(msg, template)), role, "content", i))
-        segs.append(Segment([enc.special(template.eot)], role, "eot", i))
+        segs.append(Segment(enc.markup(template.header_for(role)), role, "header", i))
+        segs.append(Segment(_content(msg, template, enc), role, "content", i))
+        segs.append(Segment(enc.markup(template.eot_for(role)), role, "eot", i))
         if template.sep:
             segs.append(Segment(enc.text(template.sep), role, "sep", i))
     return segs

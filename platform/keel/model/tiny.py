@@ -37,7 +37,7 @@ def cache_root() -> Path:
 
 
 def _key(spec: Any) -> str:
-    blob = json.dumps({"spec": asdict(spec), "corpus": CORPUS_VERSION}, sort_keys=True)
+    blob = json.dumps({"spec": asdict(spec), "corpus": CORPUS_VERSION, "specials": SPECIAL_TOKENS}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
