@@ -492,7 +492,7 @@ class KeelConfig:
                 _require(src.quality is None, f"{key}.quality", f"has no effect with mix={self.mix.name}")
 
 
-TEMPLATES = ("llama3", "chatml", "mistral", "gemma", "phi3")
+TEMPLATES = ("llama3", "chatml", "mistral", "gemma", "phi3", "tokenizer")
 
 
 def to_plain(cfg: Any) -> dict:

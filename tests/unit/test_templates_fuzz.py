@@ -68,3 +68,22 @@ def test_random_conversations_train_exactly_the_answers(tokenizer, name):
                                                                   special_ids)
 
     check()
+
+
+def test_tokenizer_template_equals_the_built_in_or_refuses(tokenizer):
+    """template=tokenizer on the tiny tokenizer (a Llama-3 chat_template) == template=llama3,
+    except that content holding special-token text is refused rather than encoded."""
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(conversations())
+    def check(conv: list[dict]) -> None:
+        try:
+            theirs = encode(conv, tokenizer, template="tokenizer")
+        except ValueError as err:
+            assert "special-token text" in str(err)
+            assert any(t in m["content"] for m in conv for t in SPECIAL_TOKENS)
+            return
+        ours = encode(conv, tokenizer, template="llama3")
+        assert (theirs.input_ids, theirs.labels) == (ours.input_ids, ours.labels)
+
+    check()

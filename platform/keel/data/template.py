@@ -107,9 +107,16 @@ SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                   "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>")
 
 
+# template=tokenizer: the tokenizer's own Jinja chat_template (keel.data.hf_template).
+TOKENIZER = ChatTemplate("tokenizer", None, "", "", "", strip_content=False, tool_role="tool", call_key="arguments",
+                         call_open="", call_close="", result_open="", result_close="", tools_intro="")
+
+
 def get_template(name: str) -> ChatTemplate:
+    if name == "tokenizer":
+        return TOKENIZER
     if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}; built-in templates: {sorted(TEMPLATES)}")
+        raise ValueError(f"unknown template {name!r}; built-in templates: {sorted(TEMPLATES)}, or tokenizer")
     return TEMPLATES[name]
 
 
@@ -126,6 +133,10 @@ class TextEncoder:
         self._tok = tokenizer
         self._special: dict[str, int] = {}
         self._markup: dict[str, tuple[int, ...]] = {}  # headers repeat every message: encode once
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tok
 
     def text(self, s: str) -> list[int]:
         if not s:
@@ -212,6 +223,10 @@ def _tools_segment(tools: list | None, template: ChatTemplate, enc: TextEncoder)
 def render_chat(messages: list[dict], enc: TextEncoder, template: ChatTemplate,
                 tools: list | None = None) -> list[Segment]:
     """Render a validated conversation into segments with exact message spans."""
+    if template is TOKENIZER:
+        from keel.data.hf_template import render_with_tokenizer
+
+        return render_with_tokenizer(messages, enc.tokenizer, tools)
     segs: list[Segment] = []
     if template.bos:
         segs.append(Segment([enc.special(template.bos)], "system", "bos", -1))
@@ -229,8 +244,9 @@ def render_chat(messages: list[dict], enc: TextEncoder, template: ChatTemplate,
 def render_text(text: str, enc: TextEncoder, template: ChatTemplate, eos_token: str) -> list[Segment]:
     """Render a plain-text (pretraining-style) example: [bos] text eos."""
     segs: list[Segment] = []
-    if template.bos:
-        segs.append(Segment([enc.special(template.bos)], "text", "bos", -1))
+    bos = enc.tokenizer.bos_token if template is TOKENIZER else template.bos
+    if bos:
+        segs.append(Segment([enc.special(bos)], "text", "bos", -1))
     segs.append(Segment(enc.text(text), "text", "content", 0))
     segs.append(Segment([enc.special(eos_token)], "text", "eos", 0))
     return segs
