@@ -425,6 +425,10 @@ class TrainerConfig:
     resume: str = "auto"  # auto: continue from the run dir's newest complete checkpoint | none
     resume_fallback: str = "none"  # previous: a corrupt newest checkpoint falls back to the one before
     resume_allow_changes: list[str] = field(default_factory=list)  # fingerprint fields allowed to differ
+    checkpoint_every_s: float = 0  # also checkpoint when this many seconds passed since the last one (0: off)
+    max_bad_steps: int = 5  # consecutive non-finite (skipped) steps before the run stops (0: never)
+    spike_window: int = 50  # losses a step's loss is z-scored against (0: no spike detection)
+    spike_z: float = 6.0  # z-score above which a loss is a spike (warned, counted as loss_spikes)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum"):
@@ -442,6 +446,10 @@ class TrainerConfig:
         _one_of(self.resume_fallback, ("none", "previous"), "trainer.resume_fallback")
         for f in self.resume_allow_changes:
             _one_of(f, RESUME_FIELDS, "trainer.resume_allow_changes")
+        _require(self.checkpoint_every_s >= 0, "trainer.checkpoint_every_s", "must be >= 0 (0 disables it)")
+        _require(self.max_bad_steps >= 0, "trainer.max_bad_steps", "must be >= 0 (0: never stop)")
+        _require(self.spike_window >= 0, "trainer.spike_window", "must be >= 0 (0 disables spike detection)")
+        _require(self.spike_z > 0, "trainer.spike_z", f"must be > 0, got {self.spike_z}")
 
 
 # What a checkpoint records about its run; resuming with any of these changed is refused.
@@ -450,10 +458,12 @@ RESUME_FIELDS = ("data_fingerprint", "tokenizer", "template", "grad_accum", "mic
 
 @dataclass
 class FaultConfig:
-    """Test-only fault injector: rank ``kill_rank`` dies after optimizer step ``at_step``, once per run."""
+    """Test-only fault injector: rank ``kill_rank`` dies after optimizer step ``at_step``, once per run;
+    ``nan_at_steps`` (1-based, as ``step`` in metrics.jsonl) poisons rank 0's loss with NaN at those steps."""
 
     kill_rank: Optional[int] = None
     at_step: Optional[int] = None
+    nan_at_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _require((self.kill_rank is None) == (self.at_step is None), "fault",

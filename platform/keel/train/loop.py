@@ -7,6 +7,7 @@ tokens in the step (all-reduced over ranks and micro-steps).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from keel.data.masking import IGNORE
 from keel.train import checkpoint as ckpt
 from keel.train.deepspeed import ds_config
 from keel.train.flops import device_peak, matmul_params, step_flops
+from keel.train.guards import BadStepGuard, SpikeDetector, checkpoint_due, is_bad
 from keel.train.loss import backward_scale, token_weights, weighted_loss_sum
 from keel.train.schedule import lr_factor
 
@@ -92,41 +94,62 @@ def _all_reduce(values: list[float]) -> list[float]:
 
 
 def train_step(engine: Any, bundle: dict, cfg: Any, world: int, stop_requested: bool = False,
-               plugins: list | tuple = ()) -> dict:
+               plugins: list | tuple = (), save_requested: bool = False, poison: bool = False) -> dict:
     """Forward/backward over the bundle's micro-batches and one optimizer step.
 
-    ``stop_requested`` (this rank saw a preemption request) rides on the step's all-reduce,
-    so every rank agrees to stop after the same step without an extra collective. The
+    ``stop_requested`` (this rank saw a preemption request) and ``save_requested`` (rank 0's
+    clock says a time-based checkpoint is due) ride on the step's all-reduce, so every rank
+    agrees to stop or checkpoint after the same step without an extra collective. The
     plugins' ``after_backward`` runs between the last backward and the optimizer step.
+
+    Non-finite steps are skipped on every rank: the step's loss is all-reduced before the last
+    backward; when it is not finite, every rank's last backward is scaled by NaN, so the global
+    gradient norm (all-reduced by DeepSpeed) is non-finite everywhere and DeepSpeed's ZeRO
+    optimizer drops the update and zeroes the gradients (as it does for any non-finite gradient
+    norm). The LR scheduler, which DeepSpeed does not advance then, is stepped here so the LR
+    stays a function of the data position. ``poison`` (fault.nan_at_steps) NaNs this rank's loss.
     """
     ids = torch.tensor(bundle["input_ids"], dtype=torch.long)  # copies: Ray hands out read-only arrays
     targets = torch.tensor(bundle["targets"], dtype=torch.long)
     pos = torch.tensor(bundle["position_ids"], dtype=torch.long)
     seq_lens = np.asarray(bundle["seq_lens"], dtype=np.int64)
     weights, local_norm = token_weights(targets, pos, cfg.trainer.loss_norm)
-    norm, supervised, real_global, sum_sq, stop = _all_reduce(
+    norm, supervised, real_global, sum_sq, stop, save = _all_reduce(
         [local_norm, float((targets != IGNORE).sum()), float(seq_lens.sum()), float((seq_lens**2).sum()),
-         float(stop_requested)])
+         float(stop_requested), float(save_requested)])
     scale = backward_scale(norm, world)
     lr = engine.lr_scheduler.get_last_lr()[0]
     micro = cfg.trainer.micro_batch_size
-    loss_sum, extra = 0.0, {}
+    last = cfg.trainer.grad_accum - 1
+    loss_sum, loss_total, extra = 0.0, 0.0, {}
     for a in range(cfg.trainer.grad_accum):
         sl = slice(a * micro, (a + 1) * micro)
         logits = engine(input_ids=ids[sl], position_ids=pos[sl]).logits
         part = weighted_loss_sum(logits, targets[sl], weights[sl])
+        if poison and a == 0:
+            part = part * float("nan")
+        loss_sum += float(part.detach())
+        if a == last:
+            (loss_total,) = _all_reduce([loss_sum])
+            if not math.isfinite(loss_total):  # every rank: non-finite gradients, DeepSpeed skips the update
+                part = part * float("nan")
         engine.backward(part * scale, scale_wrt_gas=False)
-        if a == cfg.trainer.grad_accum - 1:
+        if a == last:
             extra = {k: v for p in plugins for k, v in p.after_backward(engine).items()}
         engine.step()
-        loss_sum += float(part.detach())
-    (loss_total,) = _all_reduce([loss_sum])
     grad_norm = engine.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else None
+    applied = getattr(engine, "was_step_applied", lambda: True)()  # DeepSpeed: False when it skipped the update
+    bad = is_bad(loss_total, grad_norm, applied)
+    if bad and applied:
+        raise RuntimeError(f"a non-finite step was applied to the weights: deepspeed.stage={cfg.deepspeed.stage} "
+                           "does not skip non-finite gradients; use deepspeed.stage 1, 2 or 3")
+    if bad and engine.lr_scheduler is not None:
+        engine.lr_scheduler.step()
     capacity = ids.numel() * world
     return {"loss": loss_total / max(norm, 1.0), "lr": lr, "supervised_tokens": int(supervised),
-            "tokens": int(real_global), "sum_sq_lengths": sum_sq, "stop": stop > 0,
-            "packing_efficiency": real_global / capacity,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None, **extra}
+            "tokens": int(real_global), "sum_sq_lengths": sum_sq, "stop": stop > 0, "save": save > 0,
+            "bad": bad, "packing_efficiency": real_global / capacity, "grad_norm": grad_norm, **extra}
 
 
 def _check_bundle(bundle: dict, step: int, rank: int) -> None:
@@ -218,29 +241,66 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
     flops_of = _flops_counter(engine.module, cfg)
     peak = device_peak(cfg.cluster.use_gpu, cfg.trainer.peak_tflops)
     t_start, last_saved, preempted = time.perf_counter(), start, False
+    guard, spikes = _guards(cfg, logger)
+    last_ckpt_t, nan_steps = time.monotonic(), set(cfg.fault.nan_at_steps)
     for step in range(start, cfg.trainer.max_steps):
         t0 = time.perf_counter()
         bundle = _next_bundle(bundles, step, info.rank)
         t_data = time.perf_counter() - t0
-        m = train_step(engine, bundle, cfg, info.world_size, (info.run_dir / PREEMPT_FLAG).exists(), plugins)
+        due = info.rank == 0 and checkpoint_due(time.monotonic(), last_ckpt_t, cfg.trainer.checkpoint_every_s)
+        m = train_step(engine, bundle, cfg, info.world_size, (info.run_dir / PREEMPT_FLAG).exists(), plugins,
+                       save_requested=due, poison=info.rank == 0 and step + 1 in nan_steps)
         dt = time.perf_counter() - t0
         if step == start:
             _check_backend(info.attention)
         flops = flops_of(m["tokens"], m.pop("sum_sq_lengths"))
-        preempted = m.pop("stop")
+        preempted, timed, bad = m.pop("stop"), m.pop("save"), m.pop("bad")
+        guard.update(bad)
         if logger is not None:
+            _warn(step + 1, m, bad, guard, spikes)
             src = dict(zip(info.source_names, info.step_source_tokens[step]))
             logger.log({"step": step + 1, **_step_metrics(m, dt, t_data, flops, peak, info.world_size),
+                        "bad_step": bad, "bad_steps": guard.total, "loss_spikes": spikes.total,
                         **{f"data/tokens/{k}": v for k, v in src.items()}})
+        guard.check(step + 1)  # same decision on every rank: it rests on all-reduced values
         every = cfg.trainer.checkpoint_every
-        if preempted or (every and (step + 1) % every == 0 and step + 1 < cfg.trainer.max_steps):
+        periodic = bool(every) and (step + 1) % every == 0
+        if preempted or ((periodic or timed) and step + 1 < cfg.trainer.max_steps):
             _save(engine, cfg, info, step + 1)
-            last_saved = step + 1
+            last_saved, last_ckpt_t = step + 1, time.monotonic()
         if preempted:
             break
         _maybe_fault(cfg, info, step + 1)
+    counts = {"bad_steps": guard.total, "loss_spikes": spikes.total if spikes else 0}
     return _finish(engine, cfg, info, logger, plugins, start, last_saved, preempted, time.perf_counter() - t_start,
-                   plugin_info)
+                   {**plugin_info, **counts})
+
+
+def _guards(cfg: Any, logger: Any) -> tuple[BadStepGuard, SpikeDetector | None]:
+    """The bad-step guard (every rank) and, on rank 0, the loss-spike detector, both carried on from
+    the metrics of the steps before a resume."""
+    t = cfg.trainer
+    history = logger.history if logger is not None else []
+    last = history[-1] if history else {}
+    guard = BadStepGuard(t.max_bad_steps, last.get("bad_steps", 0))
+    if logger is None:
+        return guard, None
+    losses = [r["loss"] for r in history if not r.get("bad_step")]
+    return guard, SpikeDetector(t.spike_window, t.spike_z, losses[-max(t.spike_window, 1):], last.get("loss_spikes", 0))
+
+
+def _warn(step: int, m: dict, bad: bool, guard: BadStepGuard, spikes: SpikeDetector) -> None:
+    """Rank 0's warnings about a skipped non-finite step or a loss spike."""
+    if bad:
+        print(f"warning: step {step}: non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}); the optimizer "
+              f"step was skipped on every rank ({guard.consecutive} in a row, {guard.total} in the run; "
+              f"trainer.max_bad_steps={guard.max_bad})", flush=True)
+        return
+    z = spikes.observe(m["loss"])
+    if z is not None:
+        print(f"warning: step {step}: loss spike: loss {m['loss']:.4f} is {z:.1f} standard deviations above the "
+              f"mean of the previous losses (trainer.spike_window={spikes.window}, trainer.spike_z={spikes.z}); "
+              f"{spikes.total} spikes in the run", flush=True)
 
 
 def _export(engine: Any, cfg: Any, info: WorkerInfo, plugins: list) -> dict:
