@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +13,35 @@ from .conftest import keel_train
 
 pytestmark = pytest.mark.integration
 
+# Fake, distinctive secrets set for the run: any occurrence in an output is a leak.
+SECRETS = {"WANDB_API_KEY": "keelfakewandbkey" + "0123456789abcdef0123456789abcdef",
+           "HF_TOKEN": "hf_keelFakeToken0123456789abcdefXYZ"}
+
+
+def leaks(run_dir: Path) -> list[str]:
+    """Every file under the run directory (W&B offline files included) that holds a secret, binary-safe."""
+    needles = [s.encode() for s in SECRETS.values()]
+    found = []
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file() and not p.is_symlink()):
+        data = path.read_bytes()
+        found += [f"{path.relative_to(run_dir)}: {n.decode()[:8]}..." for n in needles if n in data]
+    return found
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    summary = keel_train(run_dir, "mix.T=2", "trainer.max_steps=12", "logger=wandb")
+    # Fake secrets in the environment: none may reach the run dir or the console (test_no_secret_leaks).
+    summary = keel_train(run_dir, "mix.T=2", "trainer.max_steps=12", "logger=wandb", env=SECRETS)
     return run_dir, summary
+
+
+def test_no_secret_leaks(run):
+    run_dir, _ = run
+    assert list((run_dir / "wandb").glob("offline-run-*")), "the W&B offline run was not written"
+    assert leaks(run_dir) == []
+    console = run_dir.with_name(run_dir.name + ".console").read_text()
+    assert not [name for name, value in SECRETS.items() if value in console], "a secret was printed"
 
 
 def test_summary(run):
