@@ -8,13 +8,8 @@ import pytest
 from keel.data import encode
 from keel.data.masking import IGNORE
 
-CONV = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "What is 2 + 2?"},
-    {"role": "assistant", "content": "2 + 2 = 4."},
-    {"role": "user", "content": "And times 3?"},
-    {"role": "assistant", "content": "4 * 3 = 12."},
-]
+from .test_masking import CONV  # the same multi-turn conversation the built-in templates are tested on
+
 # The tiny tokenizer's Llama-3 template, with the assistant body marked for generation.
 MARKED = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
           "'<|end_header_id|>\n\n' }}{% if message['role'] == 'assistant' %}{% generation %}"
