@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from keel.cli.main import run_cli
 from keel.data.masking import MASKINGS
 from keel.data.template import get_template
 from keel.eval import checkers
@@ -184,8 +185,4 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point (``keel diagnose ...``): parse, run, turn user errors into a one-line exit."""
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run(args)
-    except ValueError as err:
-        sys.exit(f"keel diagnose: {err}")
+    run_cli(parser(), run, argv)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from keel.cli.main import run_cli
 from keel.eval import checkers
 
 
@@ -94,8 +95,4 @@ def run_passk(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point (``keel eval ...``): parse, run, turn user errors into a one-line exit."""
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        run_passk(args)
-    except ValueError as err:
-        sys.exit(f"keel eval: {err}")
+    run_cli(parser(), run_passk, argv)

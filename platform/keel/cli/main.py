@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+from collections.abc import Callable
+from typing import Any
 
 USAGE = """usage: keel <command> [options | hydra overrides]
 
@@ -19,6 +22,16 @@ commands:
 # command -> module with a main(argv) (Hydra-based commands read sys.argv themselves)
 COMMANDS = {"train": "keel.cli.train", "inspect": "keel.cli.inspect", "eval": "keel.cli.eval",
             "submit": "keel.cli.submit", "diagnose": "keel.cli.diagnose"}
+
+
+def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any],
+            argv: list[str] | None = None) -> Any:
+    """Parse ``argv`` and run; a user error (ValueError) exits with one ``<prog>: <message>`` line."""
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except ValueError as err:
+        sys.exit(f"{parser.prog}: {err}")
 
 
 def main(argv: list[str] | None = None) -> None:

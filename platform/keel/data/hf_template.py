@@ -10,6 +10,7 @@ says so and suggests a built-in template.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -23,9 +24,18 @@ def _render(tok: Any, messages: list[dict], tools: list | None, generation_promp
     return tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+@functools.lru_cache(maxsize=16)
+def _special_tokens(tok: Any) -> tuple[tuple[str, ...], frozenset[int]]:
+    """The tokenizer's special and added tokens, as text and as ids (computed once per tokenizer,
+    not per example: ``get_added_vocab`` builds a new dict on every call)."""
+    added = tok.get_added_vocab()
+    texts = tuple(t for t in set(tok.all_special_tokens) | set(added) if t)
+    return texts, frozenset(tok.all_special_ids) | frozenset(added.values())
+
+
 def _refuse_lookalikes(messages: list[dict], tok: Any) -> None:
     """The rendered text is tokenised whole, so special-token text in content would become real."""
-    specials = [t for t in set(tok.all_special_tokens) | set(tok.get_added_vocab()) if t]
+    specials = _special_tokens(tok)[0]
     for i, m in enumerate(messages):
         hit = next((t for t in specials if t in m.get("content", "")), None)
         if hit:
@@ -112,7 +122,7 @@ def _from_generation_mask(messages: list[dict], tok: Any, tools: list | None) ->
 
 def _finish(segs: list[Segment], tok: Any) -> list[Segment]:
     """Mark a leading bos (never trained) and each assistant body's end-of-turn token."""
-    specials = set(tok.all_special_ids) | set(tok.get_added_vocab().values())
+    specials = _special_tokens(tok)[1]
     first = segs[0] if segs else None
     if first is not None and tok.bos_token_id is not None and first.ids[0] == tok.bos_token_id:
         rest = [Segment(first.ids[1:], first.role, first.kind, first.message)] if len(first.ids) > 1 else []

@@ -168,6 +168,11 @@ def load_source(src: Any, cfg: Any, enc: TextEncoder) -> SourceData:
     return out
 
 
+def mean_lengths(sources: list[SourceData]) -> list[float]:
+    """Mean encoded length of each source's examples (0 for an empty source)."""
+    return [float(np.mean([len(x) for x in s.input_ids])) if s.input_ids else 0.0 for s in sources]
+
+
 def rows_per_step(cfg: Any) -> int:
     """Packed rows in one optimizer step across all data-parallel ranks."""
     return cfg.cluster.num_workers * cfg.trainer.grad_accum * cfg.trainer.micro_batch_size
@@ -195,8 +200,13 @@ def segment_steps(cfg: Any) -> list[tuple[int, int]]:
 
 def _fit_prefix(lengths: list[int], rows: int, cfg: Any) -> tuple[int, list[list[int]]]:
     """The longest prefix of a segment's picks that packs into at most ``rows`` bins, and its bins."""
+    memo: dict[int, list[list[int]]] = {}  # the search and the result read the same prefixes
+
     def packed(m: int) -> list[list[int]]:
-        return pack(lengths[:m], cfg.packing.max_len, strategy=cfg.packing.strategy, window=cfg.packing.window)
+        if m not in memo:
+            memo[m] = pack(lengths[:m], cfg.packing.max_len, strategy=cfg.packing.strategy,
+                           window=cfg.packing.window)
+        return memo[m]
 
     bins = packed(len(lengths))
     if len(bins) <= rows:
@@ -219,7 +229,7 @@ def _plan_segments(sources: list[SourceData], seg_weights: list[list[float]], ro
     continue right after the kept picks.
     """
     sizes = [len(s.input_ids) for s in sources]
-    means = [float(np.mean([len(x) for x in s.input_ids])) if s.input_ids else 0.0 for s in sources]
+    means = mean_lengths(sources)
     L = cfg.packing.max_len
     totals = [math.ceil(r * L / sum(w * m for w, m in zip(ws, means)) * 1.1) + 8 for ws, r in zip(seg_weights, rows)]
     bins: dict[int, list[list[int]]] = {}

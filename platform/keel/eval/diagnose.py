@@ -25,7 +25,6 @@ A value counts as past a threshold only when strictly above it (1e-9 slack for f
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ from typing import Any
 
 from keel.data import demo
 from keel.data.sources import load_conversations
-from keel.eval.report import json_safe
+from keel.eval.report import write_report
 
 # Demo examples for diagnosis come from a seed that no Keel config trains on (data.seed defaults to 0).
 HELDOUT_SEED = 1_000_003
@@ -456,9 +455,7 @@ def format_verdict(v: dict) -> str:
 
 def write_outputs(d: dict, out_dir: str | Path) -> tuple[Path, Path]:
     """Write diagnosis.json (strict JSON) and diagnosis.md into ``out_dir``; return their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    js, md = out / "diagnosis.json", out / "diagnosis.md"
-    js.write_text(json.dumps(json_safe(d), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    js = write_report(d, Path(out_dir) / "diagnosis.json")  # creates out_dir
+    md = js.with_name("diagnosis.md")
     md.write_text(format_markdown(d), encoding="utf-8")
     return md, js

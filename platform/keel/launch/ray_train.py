@@ -121,12 +121,12 @@ def _datasets(bundles: list[dict], world: int) -> dict[str, Any]:
     """
     import ray.data
 
-    out = {}
-    for rank in range(world):
-        mine = [b for b in bundles if b["slot"] == rank]
-        # One block per bundle, so the worker's prefetch streams bundles one by one.
-        out[_shard_name(rank)] = ray.data.from_items(mine, override_num_blocks=max(len(mine), 1))
-    return out
+    by_rank: dict[int, list[dict]] = {rank: [] for rank in range(world)}
+    for b in bundles:  # one pass; the bundles come step-major, so each list is in step order
+        by_rank[b["slot"]].append(b)
+    # One block per bundle, so the worker's prefetch streams bundles one by one.
+    return {_shard_name(rank): ray.data.from_items(mine, override_num_blocks=max(len(mine), 1))
+            for rank, mine in by_rank.items()}
 
 
 def run(cfg: Any, run_dir: Path, model_path: str, attention: str, bundles: list[dict],

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from keel.data.mixing import Schedule
+from keel.data.pipeline import mean_lengths
 from keel.mitigation.base import Mitigation
 from keel.mitigation.replay import replay_weight
 
@@ -68,7 +67,7 @@ class Progressive(Mitigation):
         if not sources[r].input_ids:
             raise ValueError(f"mitigation.progressive: source {self.ramped!r} has no usable examples "
                              "(see rejects.jsonl)")
-        means = [float(np.mean([len(x) for x in s.input_ids])) if s.input_ids else 0.0 for s in sources]
+        means = mean_lengths(sources)
         target = list(schedule.points[0][1])
         start = start_mixture(target, means, r, self.options.start_share)
         return Schedule(((0.0, tuple(start)), (self.options.ramp, tuple(target))), self.options.interpolation)

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
+from keel.data.pipeline import mean_lengths
 from keel.mitigation.base import Mitigation
 
 
@@ -31,7 +30,7 @@ class Replay(Mitigation):
 
     def adjust_weights(self, weights: list[float], sources: list[Any]) -> list[float]:
         """``weights`` cover the SFT sources; the replay source is the last of ``sources``."""
-        means = [float(np.mean([len(x) for x in s.input_ids])) if s.input_ids else 0.0 for s in sources]
+        means = mean_lengths(sources)
         if not sources[-1].input_ids:
             raise ValueError("mitigation.replay.source has no usable examples (see rejects.jsonl)")
         p_r = replay_weight(weights, means[:-1], means[-1], self.options.ratio)

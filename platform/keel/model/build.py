@@ -41,11 +41,16 @@ def load_model(path: str, cfg: Any, attention: str) -> Any:
     return model
 
 
+def full_numel(p: Any) -> int:
+    """A parameter's size, in full also when ZeRO-3 has partitioned it."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 def param_counts(model: Any) -> tuple[int, int]:
     """Trainable and total parameters (ZeRO-3 partitioned ones counted in full)."""
     trainable = total = 0
     for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
+        n = full_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -88,7 +88,7 @@ class RunLogger:
     def __init__(self, cfg: Any, run_dir: Path, plain_cfg: dict, total_steps: int, start_step: int = 0) -> None:
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
-        self.history = self._history(start_step)
+        self.history = _rows_up_to(self.path, start_step)  # later lines: work lost since the checkpoint
         self.tokens_seen = sum(r["tokens"] for r in self.history)
         _rows_up_to(run_dir / GENERATIONS, start_step)
         with (run_dir / STARTS).open("a") as fh:  # one line per worker-group start (restarts)
@@ -106,16 +106,12 @@ class RunLogger:
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
-    def _history(self, start_step: int) -> list[dict]:
-        """Metrics of steps <= start_step; later lines (work lost since the checkpoint) are dropped."""
-        return _rows_up_to(self.path, start_step)
-
     def totals(self) -> dict:
         """Run-level figures over every step of the run, resumed ones included."""
         h = self.history
         return {"steps": len(h), "loss_first": h[0]["loss"], "loss_last": h[-1]["loss"],
-                "tokens_trained": sum(r["tokens"] for r in h),
-                "tokens_per_s": sum(r["tokens"] for r in h) / max(sum(r["step_s"] for r in h), 1e-9)}
+                "tokens_trained": self.tokens_seen,
+                "tokens_per_s": self.tokens_seen / max(sum(r["step_s"] for r in h), 1e-9)}
 
     @staticmethod
     def _init_wandb(cfg: Any, run_dir: Path, plain_cfg: dict) -> tuple[Any, bool]:

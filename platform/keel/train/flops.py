@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from keel.model.build import full_numel
+
 # Dense bf16 peak FLOP/s per device (no sparsity).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
@@ -26,7 +28,7 @@ def matmul_params(model: Any) -> int:
     total = 0
     for p in model.parameters():
         if p is not embed:
-            total += getattr(p, "ds_numel", p.numel())
+            total += full_numel(p)
     return total
 
 
