@@ -91,6 +91,7 @@ def _worker(rank: int, world: int, run_dir: str, port: int) -> None:
     if rank == 0:
         names = [n for n, _ in trainable(engine)]
         torch.save({"names": names, "records": records}, Path(run_dir) / "record.pt")
+    dist.barrier()  # no rank tears the group down while another still uses it (a C++ abort at exit otherwise)
     dist.destroy_process_group()
 
 
