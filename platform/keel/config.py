@@ -404,6 +404,61 @@ class LoggerConfig:
 
 
 @dataclass
+class ForgettingEvalConfig:
+    """Perplexity on pretraining-style text during training (``forgetting/`` in W&B)."""
+
+    source: SourceConfig = field(default_factory=lambda: SourceConfig(
+        name="forgetting", kind="demo", task="text", num_examples=32, masking="all_tokens"))
+    spike: float = 0.10  # relative rise over the first evaluation's perplexity that warns
+
+
+@dataclass
+class PasskEvalConfig:
+    """A small pass@k during training: n sampled completions per prompt, scored by ``checker``."""
+
+    data: Optional[str] = None  # prompts with references (file/glob/hf:); None: held-out demo arithmetic
+    format: str = "auto"
+    prompts: int = 8
+    checker: str = "math"
+    n: int = 4
+    k: list[int] = field(default_factory=lambda: [1, 4])
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 32
+
+
+@dataclass
+class EvalConfig:
+    """In-training evaluation (keel.eval.hook): forgetting perplexity, pass@k, diversity, sample generations."""
+
+    name: str = MISSING
+    every_n_steps: int = 0  # 0: off; else at step 0 (the baseline), every n steps and the last step
+    forgetting: ForgettingEvalConfig = field(default_factory=ForgettingEvalConfig)
+    passk: PasskEvalConfig = field(default_factory=PasskEvalConfig)
+    collapse_drop: float = 0.30  # relative fall of distinct-2 or entropy below the baseline that warns
+    generations: int = 4  # sample generations logged per evaluation (the W&B table)
+    batch_size: int = 8  # prompts per generate call
+
+    def __post_init__(self) -> None:
+        _require(self.every_n_steps >= 0, "eval.every_n_steps", f"must be >= 0 (0: off), got {self.every_n_steps}")
+        self.forgetting.source.check("eval.forgetting.source")
+        _require(self.forgetting.spike > 0, "eval.forgetting.spike", f"must be > 0, got {self.forgetting.spike}")
+        p = self.passk
+        for key in ("prompts", "n", "max_new_tokens"):
+            _require(getattr(p, key) >= 1, f"eval.passk.{key}", f"must be >= 1, got {getattr(p, key)}")
+        _require(bool(p.k) and all(1 <= k <= p.n for k in p.k), "eval.passk.k",
+                 f"must be a non-empty list of values in [1, eval.passk.n={p.n}], got {p.k}")
+        _require(p.temperature > 0, "eval.passk.temperature", f"must be > 0, got {p.temperature}")
+        _require(0 < p.top_p <= 1, "eval.passk.top_p", f"must be in (0, 1], got {p.top_p}")
+        from keel.eval import checkers
+
+        _one_of(p.checker, tuple(checkers.names()), "eval.passk.checker")
+        _require(0 < self.collapse_drop < 1, "eval.collapse_drop", f"must be in (0, 1), got {self.collapse_drop}")
+        _require(self.generations >= 0, "eval.generations", f"must be >= 0, got {self.generations}")
+        _require(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class TrainerConfig:
     name: str = MISSING
     max_steps: int = 60
@@ -483,6 +538,7 @@ class KeelConfig:
     cluster: ClusterConfig = MISSING
     logger: LoggerConfig = MISSING
     trainer: TrainerConfig = MISSING
+    eval: EvalConfig = MISSING
     fault: FaultConfig = field(default_factory=FaultConfig)
     run_dir: str = "."
 

@@ -1,6 +1,9 @@
-"""Same global batch, different split: 2 workers x 1 micro-batch == 1 worker x 2 accumulation."""
+"""Same global batch, different split: 2 workers x 1 micro-batch == 1 worker x 2 accumulation
+(the 2-worker run also evaluates in training, which must not change what it trains)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from safetensors.torch import load_file
@@ -14,9 +17,11 @@ COMMON = ("trainer.max_steps=1", "trainer.micro_batch_size=1", "logger=none", "t
 
 
 def test_data_parallel_equals_accumulation(tmp_path):
-    two = keel_train(tmp_path / "dp2", *COMMON, "cluster.num_workers=2", "trainer.grad_accum=1")
+    two = keel_train(tmp_path / "dp2", *COMMON, "cluster.num_workers=2", "trainer.grad_accum=1",
+                     "eval.every_n_steps=1", "eval.passk.prompts=3", "eval.passk.n=2", "eval.passk.k=[1]")
     one = keel_train(tmp_path / "dp1", *COMMON, "cluster.num_workers=1", "trainer.grad_accum=2")
     assert two["world_size"] == 2 and one["world_size"] == 1
+    assert [e["step"] for e in map(json.loads, (tmp_path / "dp2" / "eval.jsonl").read_text().splitlines())] == [0, 1]
     assert abs(two["loss_first"] - one["loss_first"]) < 1e-4
     w2 = load_file(f"{two['hf_dir']}/model.safetensors")
     w1 = load_file(f"{one['hf_dir']}/model.safetensors")

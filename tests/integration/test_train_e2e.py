@@ -32,7 +32,9 @@ def leaks(run_dir: Path) -> list[str]:
 def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
     # Fake secrets in the environment: none may reach the run dir or the console (test_no_secret_leaks).
-    summary = keel_train(run_dir, "mix.T=2", "trainer.max_steps=12", "logger=wandb", env=SECRETS)
+    summary = keel_train(run_dir, "mix.T=2", "trainer.max_steps=12", "logger=wandb", "eval.every_n_steps=5",
+                         "eval.passk.n=2", "eval.passk.k=[1,2]", "eval.passk.prompts=4", "eval.generations=2",
+                         env=SECRETS)
     return run_dir, summary
 
 
@@ -62,6 +64,21 @@ def test_metrics_jsonl(run):
         assert {"loss", "lr", "tokens", "tokens_per_s", "grad_norm"} <= set(r)
     assert (run_dir / "config.yaml").is_file() and (run_dir / "rejects.jsonl").is_file()
     assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_in_training_eval(run):
+    """eval.every_n_steps=5 on 2 ZeRO-3 workers: evaluations at 0, 5, 10 and the last step, in W&B too."""
+    run_dir, s = run
+    rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 5, 10, 12] and s["eval"] == rows[-1]
+    for r in rows:
+        assert 0 <= r["eval/pass@1"] <= r["eval/pass@2"] <= 1 and 0 <= r["eval/diversity/distinct_2"] <= 1
+        assert r["forgetting/tokens"] == rows[0]["forgetting/tokens"] > 1000  # 32 held-out paragraphs, all ranks
+    assert rows[0]["forgetting/ppl_rise"] == 0 and rows[-1]["forgetting/ppl"] < rows[0]["forgetting/ppl"]
+    gens = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in gens] == [0, 0, 5, 5, 10, 10, 12, 12]
+    wandb_file = next((run_dir / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert b"forgetting/ppl_rise" in wandb_file and b"eval/generations" in wandb_file
 
 
 def test_hf_dir_loads_and_generates(run):

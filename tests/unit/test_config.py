@@ -26,7 +26,7 @@ def _compose(overrides: list[str]) -> KeelConfig:
 
 def test_groups_are_the_documented_ones():
     assert GROUPS == sorted(["model", "data", "template", "masking", "mix", "packing", "mitigation",
-                             "deepspeed", "cluster", "logger", "trainer"])
+                             "deepspeed", "cluster", "logger", "trainer", "eval"])
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS)

@@ -246,6 +246,22 @@ def test_log_generations(tmp_path, runs):
     assert [json.loads(line)["step"] for line in (tmp_path / GENERATIONS).read_text().splitlines()] == [4, 4]
 
 
+EVAL_ROW = {"step": 2, "forgetting/ppl": 3.5, "forgetting/ppl_rise": 0.1, "eval/pass@1": 0.25,
+            "eval/diversity/distinct_2": 0.9, "eval/seconds": 1.0}
+
+
+def test_log_eval(tmp_path, runs):
+    logger = RunLogger(cfg(), tmp_path, {}, 8)
+    logger.log_eval({**EVAL_ROW, "step": 0}, [])
+    logger.log_eval(EVAL_ROW, [{"prompt": "p", "completion": "c", "score": True}])
+    rows = runs[0].rows
+    assert rows[1] == {STEP: 2, **{k: v for k, v in EVAL_ROW.items() if k != "step"}}
+    assert rows[2]["eval/generations"].data == [[2, "p", "c", True]]
+    assert [json.loads(line)["step"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()] == [0, 2]
+    resumed = RunLogger(cfg(), tmp_path, {}, 8, start_step=1)  # evaluations after the checkpoint are dropped
+    assert [r["step"] for r in resumed.eval_history] == [0]
+
+
 def test_logger_none_writes_files_only(tmp_path, runs):
     logger = RunLogger(cfg(logger="none"), tmp_path, {}, 1)
     logger.log(loop_row(1))
@@ -262,6 +278,7 @@ def emitted_keys(tmp_path: Path, runs: list[FakeRun]) -> set[str]:
     row["mfu"] = 0.4  # set on GPU
     logger.log(row)
     logger.log_generations(1, [{"prompt": "p", "completion": "c", "score": 1.0}])
+    logger.log_eval(EVAL_ROW, [])
     return {k for r in runs[0].rows for k in r} | set(NAMESPACE.values())
 
 

@@ -250,3 +250,23 @@ def render_text(text: str, enc: TextEncoder, template: ChatTemplate, eos_token: 
     segs.append(Segment(enc.text(text), "text", "content", 0))
     segs.append(Segment([enc.special(eos_token)], "text", "eos", 0))
     return segs
+
+
+def generation_prompt(messages: list[dict], enc: TextEncoder, template: ChatTemplate,
+                      tools: list | None = None) -> list[int]:
+    """Ids of a conversation rendered as in training, followed by the assistant header: what a model
+    continues to answer it (in-training evaluation generates from exactly the trained layout)."""
+    if template is TOKENIZER:
+        tok = enc.tokenizer
+        text = tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    ids = [i for seg in render_chat(messages, enc, template, tools) for i in seg.ids]
+    return ids + enc.markup(template.header_for("assistant"))
+
+
+def end_of_turn_ids(enc: TextEncoder, template: ChatTemplate) -> list[int]:
+    """The token that closes an assistant turn when the template's end-of-turn is a single token."""
+    if template is TOKENIZER:
+        return []
+    ids = enc.markup(template.eot_for("assistant"))
+    return ids if len(ids) == 1 else []

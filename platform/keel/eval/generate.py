@@ -172,8 +172,9 @@ class SamplingConfig:
 
 
 def sample_batch(model: Any, tokenizer: Any, batch: Sequence[list[int]], cfg: SamplingConfig,
-                 stops: list[int]) -> list[list[Sample]]:
-    """n samples for each prompt (token ids) of one batch."""
+                 stops: list[int], synced_gpus: bool = False) -> list[list[Sample]]:
+    """n samples for each prompt (token ids) of one batch; ``synced_gpus``: ZeRO-3 ranks keep stepping
+    until every rank is done (each forward gathers parameter shards from all of them)."""
     import torch
     from transformers import LogitsProcessorList
 
@@ -184,7 +185,8 @@ def sample_batch(model: Any, tokenizer: Any, batch: Sequence[list[int]], cfg: Sa
         out = model.generate(
             input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
             num_return_sequences=cfg.n, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id,
-            eos_token_id=stops, logits_processor=LogitsProcessorList([recorder]), return_dict_in_generate=True)
+            eos_token_id=stops, logits_processor=LogitsProcessorList([recorder]), return_dict_in_generate=True,
+            synced_gpus=synced_gpus)
     new_tokens = out.sequences[:, ids.shape[1] :].cpu()
     entropy = torch.stack(recorder.steps, dim=1) if recorder.steps else torch.zeros((len(new_tokens), 0))
     flat = _samples(tokenizer, new_tokens, entropy, stops)

@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from keel.data.masking import IGNORE
 from keel.mitigation.base import Mitigation
+from keel.train.collectives import all_reduce_sum
 from keel.train.loss import token_loss_sum
 
 EWC_DIR = "ewc"
@@ -77,14 +77,6 @@ def penalty_terms(fisher: list[torch.Tensor], theta: list[torch.Tensor], anchor:
         total += dot64(weighted, diff)
         grads.append(lam * weighted)
     return total, grads
-
-
-def _all_reduce_sum(value: float, device: Any = "cpu") -> float:
-    """``value`` summed over ranks, reduced on ``device`` (the partitions' device: NCCL needs CUDA)."""
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return float(t[0])
 
 
 def trainable(engine: Any) -> list[tuple[str, Any]]:
@@ -222,9 +214,9 @@ def saved_seconds(run_dir: Path) -> float | None:
     return json.loads(meta.read_text())["fisher_s"] if meta.is_file() else None
 
 
-def _all_ranks(flag: bool, device: Any) -> bool:
+def _all_ranks(flag: bool) -> bool:
     """True when ``flag`` holds on every rank."""
-    return _all_reduce_sum(float(not flag), device) == 0
+    return all_reduce_sum([float(not flag)])[0] == 0
 
 
 class Ewc(Mitigation):
@@ -256,8 +248,7 @@ class Ewc(Mitigation):
         path = rank_file(info.run_dir, info.rank)
         base = [local_param(p) for p in self.params]
         loaded = load_state(path, fp, base)
-        device = base[0].device if base else "cpu"
-        reused = _all_ranks(loaded is not None, device)  # estimating is a collective: all ranks or none
+        reused = _all_ranks(loaded is not None)  # estimating is a collective: all ranks or none
         if reused:
             self.fisher, self.anchor = loaded
             seconds = saved_seconds(info.run_dir)
@@ -281,5 +272,4 @@ class Ewc(Mitigation):
         local, grads = penalty_terms(self.fisher, theta, self.anchor, lam)
         for p, g in zip(self.params, grads):
             set_local_grad(p, local_grad(p) + g)
-        device = self.anchor[0].device if self.anchor else "cpu"
-        return {"ewc_penalty": lam / 2 * _all_reduce_sum(local, device)}
+        return {"ewc_penalty": lam / 2 * all_reduce_sum([local])[0]}

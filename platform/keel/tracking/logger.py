@@ -24,6 +24,7 @@ from keel.tracking.namespace import STEP, TOKENS_SEEN, define_metrics, wandb_row
 
 STARTS = "starts.jsonl"
 GENERATIONS = "generations.jsonl"
+EVALS = "eval.jsonl"
 GENERATION_COLUMNS = ("step", "prompt", "completion", "score")
 SECRET_KEY = re.compile(r"(_KEY|_TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
 SOURCE_TOKENS = "data/tokens/"
@@ -91,6 +92,7 @@ class RunLogger:
         self.history = _rows_up_to(self.path, start_step)  # later lines: work lost since the checkpoint
         self.tokens_seen = sum(r["tokens"] for r in self.history)
         _rows_up_to(run_dir / GENERATIONS, start_step)
+        self.eval_history = _rows_up_to(run_dir / EVALS, start_step)  # in-training evaluations (eval.every_n_steps)
         with (run_dir / STARTS).open("a") as fh:  # one line per worker-group start (restarts)
             fh.write(json.dumps({"start_step": start_step}) + "\n")
         self.report = read_report(run_dir)
@@ -156,6 +158,17 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+
+    def log_eval(self, row: dict, generations: list[dict]) -> None:
+        """One in-training evaluation: appended to ``eval.jsonl``, and its ``eval/`` and ``forgetting/`` keys
+        plus the generations table to W&B."""
+        self.eval_history.append(row)
+        with (self.run_dir / EVALS).open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.run is not None:
+            self.run.log(wandb_row(row))
+        if generations:
+            self.log_generations(row["step"], generations)
 
     def log_generations(self, step: int, rows: list[dict]) -> None:
         """Sample generations at an eval point: appended to ``generations.jsonl``, and ``eval/generations`` in W&B."""

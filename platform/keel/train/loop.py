@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from keel.config import to_plain
 from keel.data.masking import IGNORE
+from keel.eval.hook import due
 from keel.train import checkpoint as ckpt
+from keel.train.collectives import all_reduce_sum
 from keel.train.deepspeed import ds_config
 from keel.train.flops import device_peak, matmul_params, step_flops
 from keel.train.guards import BadStepGuard, SpikeDetector, checkpoint_due, is_bad
@@ -82,17 +83,6 @@ def build_engine(cfg: Any, info: WorkerInfo, plugins: list) -> tuple[Any, Any]:
     return engine, hf_ds
 
 
-def _all_reduce(values: list[float]) -> list[float]:
-    """Sum ``values`` over ranks (NCCL only reduces CUDA tensors, gloo takes CPU ones)."""
-    if not dist.is_initialized():
-        return list(values)
-    nccl = dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.cpu().tolist()
-
-
 def train_step(engine: Any, bundle: dict, cfg: Any, world: int, stop_requested: bool = False,
                plugins: list | tuple = (), save_requested: bool = False, poison: bool = False) -> dict:
     """Forward/backward over the bundle's micro-batches and one optimizer step.
@@ -114,7 +104,7 @@ def train_step(engine: Any, bundle: dict, cfg: Any, world: int, stop_requested: 
     pos = torch.tensor(bundle["position_ids"], dtype=torch.long)
     seq_lens = np.asarray(bundle["seq_lens"], dtype=np.int64)
     weights, local_norm = token_weights(targets, pos, cfg.trainer.loss_norm)
-    norm, supervised, real_global, sum_sq, stop, save = _all_reduce(
+    norm, supervised, real_global, sum_sq, stop, save = all_reduce_sum(
         [local_norm, float((targets != IGNORE).sum()), float(seq_lens.sum()), float((seq_lens**2).sum()),
          float(stop_requested), float(save_requested)])
     scale = backward_scale(norm, world)
@@ -130,7 +120,7 @@ def train_step(engine: Any, bundle: dict, cfg: Any, world: int, stop_requested: 
             part = part * float("nan")
         loss_sum += float(part.detach())
         if a == last:
-            (loss_total,) = _all_reduce([loss_sum])
+            (loss_total,) = all_reduce_sum([loss_sum])
             if not math.isfinite(loss_total):  # every rank: non-finite gradients, DeepSpeed skips the update
                 part = part * float("nan")
         engine.backward(part * scale, scale_wrt_gas=False)
@@ -243,13 +233,16 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
     t_start, last_saved, preempted = time.perf_counter(), start, False
     guard, spikes = _guards(cfg, logger)
     last_ckpt_t, nan_steps = time.monotonic(), set(cfg.fault.nan_at_steps)
+    evaluator = _evaluator(cfg, info, logger)
+    if evaluator and start == 0:
+        evaluator(engine, 0)  # the baseline: the model before any update
     for step in range(start, cfg.trainer.max_steps):
         t0 = time.perf_counter()
         bundle = _next_bundle(bundles, step, info.rank)
         t_data = time.perf_counter() - t0
-        due = info.rank == 0 and checkpoint_due(time.monotonic(), last_ckpt_t, cfg.trainer.checkpoint_every_s)
+        time_due = info.rank == 0 and checkpoint_due(time.monotonic(), last_ckpt_t, cfg.trainer.checkpoint_every_s)
         m = train_step(engine, bundle, cfg, info.world_size, (info.run_dir / PREEMPT_FLAG).exists(), plugins,
-                       save_requested=due, poison=info.rank == 0 and step + 1 in nan_steps)
+                       save_requested=time_due, poison=info.rank == 0 and step + 1 in nan_steps)
         dt = time.perf_counter() - t0
         if step == start:
             _check_backend(info.attention)
@@ -263,6 +256,8 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
                         "bad_step": bad, "bad_steps": guard.total, "loss_spikes": spikes.total,
                         **{f"data/tokens/{k}": v for k, v in src.items()}})
         guard.check(step + 1)  # same decision on every rank: it rests on all-reduced values
+        if evaluator and not preempted and due(step + 1, cfg.eval.every_n_steps, cfg.trainer.max_steps):
+            evaluator(engine, step + 1)  # before the checkpoint: a resume from it keeps this evaluation
         every = cfg.trainer.checkpoint_every
         periodic = bool(every) and (step + 1) % every == 0
         if preempted or ((periodic or timed) and step + 1 < cfg.trainer.max_steps):
@@ -274,6 +269,34 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
     counts = {"bad_steps": guard.total, "loss_spikes": spikes.total if spikes else 0}
     return _finish(engine, cfg, info, logger, plugins, start, last_saved, preempted, time.perf_counter() - t_start,
                    {**plugin_info, **counts})
+
+
+def _evaluator(cfg: Any, info: WorkerInfo, logger: Any) -> Any:
+    """``evaluator(engine, step)`` for ``eval.every_n_steps`` (None when off): every rank measures, rank 0
+    warns and logs (keel.eval.hook)."""
+    if cfg.eval.every_n_steps == 0:
+        return None
+    from keel.eval import hook
+    from keel.model.build import load_tokenizer
+
+    tokenizer = load_tokenizer(info.model_path, cfg.model.trust_remote_code)
+    sets = hook.load_sets(cfg, tokenizer)
+    if sets.rejected and info.rank == 0:
+        reasons = sorted({r["reason"] for r in sets.rejected})
+        print(f"warning: eval.forgetting.source: {len(sets.rejected)} rows not evaluated ({'; '.join(reasons)[:300]}); "
+              f"perplexity uses the {len(sets.sequences)} others", flush=True)
+
+    def run(engine: Any, step: int) -> None:
+        out = hook.evaluate(engine.module, tokenizer, sets, cfg, step, info.rank, info.world_size)
+        if out is None or logger is None:
+            return
+        baseline = logger.eval_history[0] if logger.eval_history else None
+        row = hook.with_rise(out[0], baseline)
+        for warning in hook.warnings(row, baseline, cfg):
+            print(f"warning: step {step}: {warning}", flush=True)
+        logger.log_eval(row, out[1])
+
+    return run
 
 
 def _guards(cfg: Any, logger: Any) -> tuple[BadStepGuard, SpikeDetector | None]:
@@ -333,5 +356,7 @@ def _finish(engine: Any, cfg: Any, info: WorkerInfo, logger: Any, plugins: list,
               "checkpoint_dir": str(ckpt.complete(info.run_dir)[-1]), **exported,
               "trainable_params": trainable, "total_params": total, "attention_calls": _attention_calls(),
               **(plugin_info or {})}
+    if logger.eval_history:
+        result["eval"] = logger.eval_history[-1]  # the last in-training evaluation
     logger.finish(result)
     return result
