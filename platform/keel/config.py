@@ -270,8 +270,8 @@ class ProgressiveConfig:
 
     source: SourceConfig = field(default_factory=lambda: SourceConfig(
         name="progressive", kind="demo", task="text", num_examples=2000, masking="all_tokens"))
-    start_share: float = 0.5  # token share of the text source at the start of training
-    ramp: float = 0.3  # fraction of training over which the mixture moves to the target
+    start_share: float = 0.8  # token share of the text source at the start of training (tuned: docs/forgetting.md)
+    ramp: float = 1.0  # fraction of training over which the mixture moves to the target
     interpolation: str = "linear"  # linear | step (hold the start mixture until ``ramp``)
 
     def check(self) -> None:
@@ -292,7 +292,7 @@ class EwcConfig:
     data: SourceConfig = field(default_factory=lambda: SourceConfig(
         name="ewc_reference", kind="demo", task="text", num_examples=128, masking="all_tokens"))
     samples: int = 64  # reference sequences the Fisher averages over
-    lam: float = 1.0  # λ: 1 weighs the quadratic estimate of the reference-loss rise like the SFT loss
+    lam: float = 1e8  # λ, tuned on the tiny model (docs/forgetting.md); scale it to your model's penalty
 
     def check(self) -> None:
         _require(self.samples >= 1, "mitigation.ewc.samples", f"must be >= 1, got {self.samples}")

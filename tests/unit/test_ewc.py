@@ -200,7 +200,7 @@ def test_composes_with_replay_and_has_documented_defaults():
     cfg = _cfg("mitigation=[replay,ewc]")
     assert cfg.mitigation.enabled == ["replay", "ewc"] and [p.name for p in build(cfg)] == ["replay", "ewc"]
     o = cfg.mitigation.ewc
-    assert (o.lam, o.samples, o.data.task, o.data.masking) == (1.0, 64, "text", "all_tokens")
+    assert (o.lam, o.samples, o.data.task, o.data.masking) == (1e8, 64, "text", "all_tokens")
     assert o == EwcConfig()  # the YAML and the dataclass agree
 
 

@@ -46,10 +46,14 @@ def test_start_mixture_solves_the_token_share():
     assert [w / sum(start[:3]) for w in start[:3]] == pytest.approx(target[:3])  # the rest keeps its proportions
 
 
+ALONE = ("mitigation=progressive", "mitigation.progressive.interpolation=step",
+         "mitigation.progressive.start_share=0.5",
+         "mitigation.progressive.ramp=0.3", "trainer.max_steps=400", "mix.segments=10")
+
+
 @pytest.fixture(scope="module")
 def alone(tokenizer):
-    return _run(tokenizer, "mitigation=progressive", "mitigation.progressive.interpolation=step",
-                "trainer.max_steps=400", "mix.segments=10")
+    return _run(tokenizer, *ALONE)
 
 
 def test_alone_starts_at_start_share_and_ends_without_the_text(alone):
@@ -71,6 +75,7 @@ def test_alone_starts_at_start_share_and_ends_without_the_text(alone):
 
 def test_with_replay_ramps_replay_down_to_its_ratio(tokenizer):
     cfg, rows = _run(tokenizer, "mitigation=[replay,progressive]", "mitigation.progressive.ramp=0.5",
+                     "mitigation.progressive.start_share=0.5",
                      "trainer.max_steps=400", "mix.segments=20")
     assert rows.source_names == ["arithmetic", "strings", "text", "replay"]  # no source of its own
     segments = rows.report["schedule"]["segments"]
@@ -112,6 +117,5 @@ def test_with_replay_the_start_share_must_exceed_the_ratio():
 
 def test_plan_is_deterministic(tokenizer, alone):
     cfg, rows = alone
-    _, again = _run(tokenizer, "mitigation=progressive", "mitigation.progressive.interpolation=step",
-                    "trainer.max_steps=400", "mix.segments=10")
+    _, again = _run(tokenizer, *ALONE)
     assert np.array_equal(rows.input_ids, again.input_ids) and np.array_equal(rows.source_ids, again.source_ids)

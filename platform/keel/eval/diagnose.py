@@ -243,7 +243,7 @@ MITIGATION_WHY = {
             "drift, so re-run keel diagnose)",
     "conservative_lr": "lr 2e-6 with warmup, warns past 3 epochs (seed: 1-5e-6, 1-3 epochs; larger rates accelerate "
                        "forgetting)",
-    "progressive": "start with half pretraining-style text and ramp to the SFT mixture over the first 30% of steps "
+    "progressive": "start with 80% pretraining-style text and ramp to the SFT mixture over the whole run "
                    "instead of switching abruptly",
     "replay_skill": "replay examples of the lost skill (its training data, never the probe set itself) in the SFT "
                     "mixture",
