@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from keel.data import tokenizer_eos
+from keel.data import selfcheck, tokenizer_eos
 from keel.data.formats import validate
 from keel.data.masking import IGNORE, apply_mask
 from keel.data.mixing import Schedule, mixture_weights, sample_plan, segment_plans
@@ -39,6 +39,7 @@ class SourceData:
     rows_read: int = 0
     truncated: int = 0  # over-length examples cut to packing.max_len (data.overlength=truncate)
     split: int = 0  # over-length examples split into several (data.overlength=split)
+    samples: list = field(default_factory=list)  # (row, example, ids, targets) of the first kept chats: self-checks
 
 
 @dataclass
@@ -54,15 +55,20 @@ class RowPlan:
     report: dict
 
 
+def chat_messages(ex: dict, cfg: Any) -> list[dict]:
+    """The messages a chat example is rendered from (``template.default_system`` added when it has none)."""
+    messages = ex["messages"]
+    if cfg.template.default_system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": cfg.template.default_system}] + messages
+    return messages
+
+
 def _encode_example(ex: dict, enc: TextEncoder, cfg: Any, masking: str) -> tuple[np.ndarray, np.ndarray]:
     tpl = get_template(cfg.template.name)
     if "text" in ex and "messages" not in ex:
         segs = render_text(ex["text"], enc, tpl, tokenizer_eos(enc._tok))
     else:
-        messages = ex["messages"]
-        if cfg.template.default_system and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": cfg.template.default_system}] + messages
-        segs = render_chat(messages, enc, tpl, ex.get("tools"))
+        segs = render_chat(chat_messages(ex, cfg), enc, tpl, ex.get("tools"))
     encoded = apply_mask(segs, masking, cfg.masking.train_eot)
     ids = np.asarray(encoded.input_ids, dtype=np.int32)
     labels = np.asarray(encoded.labels, dtype=np.int32)
@@ -162,6 +168,8 @@ def load_source(src: Any, cfg: Any, enc: TextEncoder) -> SourceData:
             continue
         out.truncated += action == "truncated"
         out.split += action == "split"
+        if action == "kept" and "messages" in row and len(out.samples) < selfcheck.SAMPLE:
+            out.samples.append((row_no, {**row, "messages": chat_messages(row, cfg)}, *pieces[0]))
         for ids, targets in pieces:
             out.input_ids.append(ids)
             out.targets.append(targets)
@@ -420,6 +428,7 @@ def build(cfg: Any, tokenizer: Any, extra_sources: tuple = (), adjust: Any = Non
     """
     enc = TextEncoder(tokenizer)
     sources = [load_source(src, cfg, enc) for src in [*cfg.data.sources, *extra_sources]]
+    notes = _self_check(sources, [*cfg.data.sources, *extra_sources], enc, cfg)
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ValueError(f"config error: data source names must be unique, with the mitigation sources: {names}")
@@ -427,4 +436,23 @@ def build(cfg: Any, tokenizer: Any, extra_sources: tuple = (), adjust: Any = Non
     assert weights is None or len(weights) == len(sources)
     rejects = [r for s in sources for r in s.rejects]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return build_rows(sources, cfg, pad_id, weights, sched), rejects
+    plan = build_rows(sources, cfg, pad_id, weights, sched)
+    plan.report["self_check"] = {"samples": {s.name: len(s.samples) for s in sources}, "notes": notes}
+    return plan, rejects
+
+
+def _self_check(sources: list[SourceData], configs: list, enc: TextEncoder, cfg: Any) -> list[str]:
+    """keel.data.selfcheck on each source's sampled chats (ValueError on a mismatch); the notes to print."""
+    template = get_template(cfg.template.name)
+    compare, why = selfcheck.same_template(enc, template)
+    for data, src in zip(sources, configs):
+        samples = [(row, ex, *_unshift(ids, targets)) for row, ex, ids, targets in data.samples]
+        selfcheck.check_source(data.name, samples, enc, template, src.masking or cfg.masking.name,
+                               cfg.masking.train_eot, compare)
+    return [selfcheck.not_same_note(cfg.template.name, why)] if why else []
+
+
+def _unshift(ids: np.ndarray, targets: np.ndarray) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) back from the shifted targets the rows carry (labels[i + 1] = targets[i])."""
+    labels = [IGNORE] + [int(t) for t in targets[:-1]]
+    return [int(i) for i in ids], labels

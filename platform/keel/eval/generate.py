@@ -1,7 +1,8 @@
 """Sampling for pass@k: prompts from a data file, n completions each, with per-token entropy.
 
-Generation runs on one process from a consolidated Hugging Face model directory (e.g. a Keel
-run's ``outputs/.../hf``), not on ZeRO-3 shards; a multi-worker sharded variant is future work.
+``keel eval passk`` and ``keel diagnose`` generate on one process from a consolidated Hugging Face
+model directory (e.g. a Keel run's ``outputs/.../hf``); during training, ``keel.eval.hook`` samples
+from the multi-worker ZeRO-3 model itself with the same :func:`sample_batch` (``synced_gpus``).
 Prompts are rendered with the tokenizer's own chat template (``add_generation_prompt=True``),
 left-padded into batches, and sampled with ``model.generate``. Per-token predictive entropy is
 recorded on the fly by a logits processor (which in transformers runs before the temperature

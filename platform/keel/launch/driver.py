@@ -80,6 +80,8 @@ def prepare_data(cfg: Any, run_dir: Path, plugins: list) -> tuple[str, Any, Any]
     plan, rejects = pipeline.build(cfg, tokenizer, extra, _adjust(plugins), _schedule(plugins))
     for warning in warnings_for(cfg, plugins, plan.report):
         print(f"warning: {warning}")
+    for note in plan.report["self_check"]["notes"]:
+        print(f"note: {note}")
     _write_rejects(run_dir, rejects)
     _print_mixture(plan.report)
     if rejects:
