@@ -43,22 +43,35 @@ ROOT = Path(__file__).resolve().parents[1]
 KEEL = str(Path(sys.executable).with_name("keel"))
 MITIGATIONS = ["none", "replay", "ewc", "lora", "conservative_lr", "progressive"]
 # tuning round: (label, mitigation, extra overrides)
-TUNING = [  # one seed each, chosen after the defaults' seed-0 results (see docs/forgetting.md)
+TUNING = [  # one seed each (--tune-seeds), chosen after the defaults' seed-0 results (see docs/forgetting.md)
+    # the defaults before tuning, with the defaults' seeds (--seeds)
+    ("ewc lam=1 (old default)", "ewc", ["mitigation.ewc.lam=1"], "all"),
+    ("progressive start_share=0.5 ramp=0.3 (old default)", "progressive",
+     ["mitigation.progressive.start_share=0.5", "mitigation.progressive.ramp=0.3"], "all"),
     ("replay ratio=0.2", "replay", ["mitigation.replay.ratio=0.2"]),
     ("ewc lam=100", "ewc", ["mitigation.ewc.lam=100"]),
     ("ewc lam=1e4", "ewc", ["mitigation.ewc.lam=1e4"]),
     ("ewc lam=1e5", "ewc", ["mitigation.ewc.lam=1e5"]),
     ("ewc lam=1e6", "ewc", ["mitigation.ewc.lam=1e6"]),
+    ("ewc lam=1e7", "ewc", ["mitigation.ewc.lam=1e7"]),
+    ("ewc lam=1e8", "ewc", ["mitigation.ewc.lam=1e8"]),
     ("conservative_lr lr=5e-6", "conservative_lr", ["mitigation.conservative_lr.lr=5e-6"]),
     ("none lr=1e-4", "none", ["trainer.lr=1e-4"]),  # conservative_lr's plugin caps lr at 5e-6
     ("progressive start_share=0.8 ramp=1", "progressive",
      ["mitigation.progressive.start_share=0.8", "mitigation.progressive.ramp=1.0"]),
     ("replay+progressive", "[replay,progressive]", []),
     ("lora lr=3e-3", "lora", ["trainer.lr=3e-3"]),
+    ("lora r=64 alpha=128", "lora", ["mitigation.lora.r=64", "mitigation.lora.alpha=128"]),
 ]
 COMMON = ["cluster.num_workers=1", "logger=none", "trainer.progress=false", "trainer.checkpoint_every=0"]
 PRETRAIN_DATA = "data.sources=[{name:text,kind:demo,task:text,num_examples:3000,masking:all_tokens}]"
 SFT_DATA = "data.sources=[{name:arithmetic,kind:demo,task:arithmetic,num_examples:3000}]"
+
+
+def run_name(label: str, seed: int) -> str:
+    """The run directory's name under <workdir>/sft_<steps>/."""
+    clean = label.replace(" (old default)", "").replace(" ", "_").replace("=", "").replace("+", "_")
+    return f"{clean}_s{seed}"
 
 
 def keel_train(run_dir: Path, overrides: list[str]) -> dict:
@@ -155,18 +168,23 @@ def plot(rows: list[dict], base: dict, path: Path) -> bool:
     except ImportError:
         print("matplotlib not installed: no plot", flush=True)
         return False
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for r in rows:
-        if not r["n"]:
-            continue
-        tuned = r["label"] not in MITIGATIONS
-        ax.errorbar(r["sft_gain"][0], r["nll_rise"][0], xerr=r["sft_gain"][1], yerr=r["nll_rise"][1],
-                    fmt="s" if tuned else "o", mfc="none" if tuned else None, capsize=3)
-        left = r["label"].startswith("ewc")  # ewc sits on top of none: label it on the left
-        ax.annotate(r["label"], (r["sft_gain"][0], r["nll_rise"][0]), textcoords="offset points",
-                    xytext=(-6, 4) if left else (6, 4), ha="right" if left else "left", fontsize=8)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("SFT gain: base − tuned held-out SFT loss (nats/token, higher is better)")
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(14, 6))
+    best = max((r["sft_gain"][0] for r in rows if r["n"]), default=0.0)
+    for panel, keep in ((ax, lambda r: True), (zoom, lambda r: r["sft_gain"][0] >= 0.9 * best)):
+        for r in rows:
+            if not r["n"] or not keep(r):
+                continue
+            tuned = r["label"] not in MITIGATIONS
+            panel.errorbar(r["sft_gain"][0], r["nll_rise"][0], xerr=r["sft_gain"][1], yerr=r["nll_rise"][1],
+                           fmt="s" if tuned else "o", mfc="none" if tuned else None, capsize=3)
+            left = r["label"].startswith("ewc")  # ewc sits on top of none: label it on the left
+            panel.annotate(r["label"], (r["sft_gain"][0], r["nll_rise"][0]), textcoords="offset points",
+                           xytext=(-6, 4) if left else (6, 4), ha="right" if left else "left", fontsize=7)
+        panel.axhline(0, color="grey", lw=0.8)
+        panel.set_xlabel("SFT gain: base − tuned held-out SFT loss (nats/token, higher is better)")
+    zoom.set_yscale("symlog", linthresh=0.05)  # the mitigated runs sit within 0.3 nats of no forgetting
+    zoom.set_ylim(bottom=-0.005)
+    zoom.set_title("zoom: runs keeping ≥ 90% of the best gain (symlog y)", fontsize=9)
     ax.set_ylabel("forgetting: held-out text NLL rise (nats/token = log ppl ratio)")
     ax.set_title(f"Tiny model, SFT on demo arithmetic (base text ppl {base['text_ppl']:.2f}); "
                  "filled: defaults, open: tuned", fontsize=9)
@@ -242,7 +260,9 @@ def main() -> None:
     # 2-4. SFT with each mitigation (and the tuning settings), per seed; evaluate each
     plan = [(m, m, [f"mitigation={m}"], args.seeds) for m in args.mitigations.split(",")]
     if args.tune:
-        plan += [(label, m, [f"mitigation={m}", *extra], args.tune_seeds or args.seeds) for label, m, extra in TUNING]
+        for label, m, extra, *all_seeds in TUNING:
+            seeds = args.seeds if all_seeds else args.tune_seeds or args.seeds
+            plan.append((label, m, [f"mitigation={m}", *extra], seeds))
     # the defaults over all seeds first, then the tuning settings
     jobs = [(label, m, ov, seed) for label, m, ov, n in plan for seed in range(n)]
     jobs.sort(key=lambda job: (job[0] not in MITIGATIONS, job[3]))
@@ -250,7 +270,7 @@ def main() -> None:
         if (label, seed) in previous:
             result["runs"].append(previous[(label, seed)])
             continue
-        name = label.replace(" ", "_").replace("=", "").replace("+", "_") + f"_s{seed}"
+        name = run_name(label, seed)
         run = keel_train(work / f"sft_{args.steps_sft}" / name,
                          [f"model.path={base_hf}", SFT_DATA, f"trainer.max_steps={args.steps_sft}",
                           f"trainer.seed={seed}", f"data.seed={seed}", *overrides])
@@ -267,7 +287,7 @@ def main() -> None:
         result["table"] = aggregate(result["runs"], result["base"])
         save()
 
-    rows = result["table"]
+    rows = result["table"] = aggregate(result["runs"], result["base"])  # reused runs come after the last new one
     md = table(rows, result["base"])
     result["table_markdown"] = md
     save()
