@@ -1,4 +1,5 @@
-"""Faults: a killed worker restarts from the last checkpoint; a failed driver resumes."""
+"""Faults: a killed worker restarts from the last checkpoint; a failed driver resumes; a resume on another
+world size (2 -> 1 -> 2 workers) continues exactly."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from .conftest import KEEL, keel_train
 
 pytestmark = pytest.mark.integration
 
-COMMON = ("trainer.max_steps=4", "trainer.checkpoint_every=2", "logger=none")
+COMMON = ("trainer.max_steps=4", "trainer.checkpoint_every=1", "logger=none")
 
 
 def _losses(run_dir) -> list[float]:
@@ -48,8 +49,40 @@ def test_failed_driver_resumes_from_newest_checkpoint(tmp_path, reference):
            "fault.kill_rank=0", "fault.at_step=3"]
     failed = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert failed.returncode != 0
-    assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_000002"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_000002", "step_000003"]
     s = keel_train(run_dir, *COMMON, "fault.kill_rank=0", "fault.at_step=3")  # fires once per run dir
-    assert s["resumed_from_step"] == 2 and s["restarts"] == 0
+    assert s["resumed_from_step"] == 3 and s["restarts"] == 0
     assert _losses(run_dir) == pytest.approx(_losses(reference), abs=1e-6)
     assert _rows_seen(run_dir) == _rows_seen(reference)
+
+
+def _killed_at(run_dir, step: int, *overrides: str) -> str:
+    """Run until rank 0 is killed right after ``step`` (its checkpoint written); the console output."""
+    (run_dir / "fault_fired").unlink(missing_ok=True)  # the injector fires once per run dir: re-arm it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [KEEL, "train", f"hydra.run.dir={run_dir}", "trainer.progress=false", *COMMON, *overrides,
+           "fault.kill_rank=0", f"fault.at_step={step}"]
+    out = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0, out.stdout[-2000:]
+    return out.stdout + out.stderr
+
+
+def test_elastic_resume_two_one_two_workers(tmp_path, reference):
+    """Same global batch on a changing world: 2 workers (step 1), then 1 worker with accumulation 2 (step 2),
+    then 2 workers again (steps 3-4), each resuming the other's checkpoint through DeepSpeed's universal
+    checkpoint; losses and final weights match the uninterrupted 2-worker run."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    allow = "trainer.resume_allow_changes=[grad_accum]"
+    _killed_at(run_dir, 1)
+    console = _killed_at(run_dir, 2, "cluster.num_workers=1", "trainer.grad_accum=2", allow)
+    assert "resume: elastic: the checkpoint was written by 2 workers, this run has 1" in console
+    s = keel_train(run_dir, *COMMON, allow)
+    assert s["resumed_from_step"] == 2 and s["world_size"] == 2
+    assert (run_dir / "checkpoints" / "universal" / "step_000002" / "zero").is_dir()  # written by 1 worker
+    assert _losses(run_dir) == pytest.approx(_losses(reference), abs=1e-5)
+    assert _rows_seen(run_dir) == _rows_seen(reference)
+    ours, ref = load_file(f"{s['hf_dir']}/model.safetensors"), load_file(f"{reference / 'hf'}/model.safetensors")
+    assert max((ours[k] - ref[k]).abs().max().item() for k in ref) < 1e-5

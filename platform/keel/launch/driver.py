@@ -133,6 +133,14 @@ def _start_step(cfg: Any, run_dir: Path, meta: dict) -> int:
     saved = ckpt.state(chosen)
     check_resumable(saved, meta, cfg.trainer.resume_allow_changes)
     print(f"resume: continuing from {chosen} (step {saved['step']})")
+    world = cfg.cluster.num_workers
+    if saved.get("world_size") not in (None, world):
+        if cfg.deepspeed.stage not in (1, 2, 3):
+            raise ValueError(f"cannot resume on {world} workers a checkpoint written by {saved['world_size']}: "
+                             "deepspeed.stage 0 has no universal checkpoint")
+        out = ckpt.to_universal(chosen)
+        print(f"resume: elastic: the checkpoint was written by {saved['world_size']} workers, this run has {world}; "
+              f"loading DeepSpeed's universal checkpoint {out} (per-parameter fp32 weights and Adam moments)")
     return saved["step"]
 
 

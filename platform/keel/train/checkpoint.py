@@ -25,6 +25,7 @@ import torch.distributed as dist
 PREFIX = "step_"
 MANIFEST = "manifest.json"
 STATE = "keel_state.json"
+UNIVERSAL = "universal"  # checkpoints converted for a resume on another world size
 
 
 class CheckpointCorruption(RuntimeError):
@@ -144,6 +145,39 @@ def load(engine: Any, ckpt: Path, rank: int) -> int:
     if rng.is_file():  # absent when resuming on more ranks than were saved
         _set_rng_state(torch.load(rng, weights_only=True))
     return json.loads((ckpt / STATE).read_text())["step"]
+
+
+def universal_dir(ckpt: Path) -> Path:
+    """Where ``ckpt`` converted to DeepSpeed's universal format lives (beside the checkpoints, not inside:
+    the manifest covers exactly what the ranks wrote)."""
+    return ckpt.parent / UNIVERSAL / ckpt.name
+
+
+def saved_world(ckpt: Path) -> int | None:
+    """Data-parallel world size that wrote ``ckpt`` (None for a checkpoint from before it was recorded)."""
+    return state(ckpt).get("world_size")
+
+
+def to_universal(ckpt: Path) -> Path:
+    """Convert ``ckpt`` to DeepSpeed's universal checkpoint (per-parameter fp32 weights and Adam moments,
+    independent of the world size) once; returns its directory. Runs on the driver, before the workers."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = universal_dir(ckpt)
+    if (out / "zero" / "optimizer_state.pt").is_file():
+        return out
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds_to_universal(argparse.Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1,
+                                       num_merge_workers=1, keep_temp_folder=False, no_strict=False,
+                                       inject_missing_state=False))
+    for rng in ckpt.glob("rng_rank*.pt"):
+        shutil.copy2(rng, tmp / rng.name)
+    (tmp / STATE).write_text((ckpt / STATE).read_text())
+    os.replace(tmp, out)
+    return out
 
 
 def consolidated_state_dict(engine: Any) -> dict | None:

@@ -55,7 +55,7 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_engine(cfg: Any, info: WorkerInfo, plugins: list) -> tuple[Any, Any]:
+def build_engine(cfg: Any, info: WorkerInfo, plugins: list, load_universal: bool = False) -> tuple[Any, Any]:
     """Model (as the plugins wrap it), AdamW over its trainable parameters and the LR schedule
     in a DeepSpeed engine."""
     import deepspeed
@@ -64,7 +64,7 @@ def build_engine(cfg: Any, info: WorkerInfo, plugins: list) -> tuple[Any, Any]:
 
     # Joins the process group Ray Train created (gloo on CPU, NCCL on GPU).
     deepspeed.init_distributed(dist_backend="nccl" if cfg.cluster.use_gpu else "gloo")
-    ds = ds_config(cfg, info.world_size)
+    ds = ds_config(cfg, info.world_size, load_universal)
     hf_ds = None
     if cfg.deepspeed.stage == 3:
         # Keeps transformers' zero.Init active so weights load already partitioned.
@@ -170,16 +170,26 @@ def _check_backend(name: str) -> None:
         raise RuntimeError(f"attention backend {name!r} was configured but never executed")
 
 
-def _resume(engine: Any, cfg: Any, info: WorkerInfo) -> int:
-    """Load the newest complete checkpoint of the run (trainer.resume=auto); returns its step."""
+def _checkpoint_to_resume(cfg: Any, info: WorkerInfo) -> tuple[Path | None, bool]:
+    """The newest complete checkpoint (trainer.resume=auto), and whether another world size wrote it."""
     if cfg.trainer.resume != "auto":
-        return 0
+        return None, False
     chosen = ckpt.choose(info.run_dir, cfg.trainer.resume_fallback)  # verifies on every rank
     if chosen is None:
+        return None, False
+    saved = ckpt.saved_world(chosen)
+    return chosen, saved is not None and saved != info.world_size
+
+
+def _resume(engine: Any, info: WorkerInfo, chosen: Path | None, elastic: bool) -> int:
+    """Load ``chosen`` (its universal conversion when ``elastic``); returns its step (0 without one)."""
+    if chosen is None:
         return 0
-    step = ckpt.load(engine, chosen, info.rank)
+    source = ckpt.universal_dir(chosen) if elastic else chosen
+    step = ckpt.load(engine, source, info.rank)
     if info.rank == 0:
-        print(f"resumed from {chosen} (step {step})")
+        how = f" (universal checkpoint: written by {ckpt.saved_world(chosen)} workers, now {info.world_size})"
+        print(f"resumed from {chosen} (step {step}){how if elastic else ''}")
     return step
 
 
@@ -219,10 +229,11 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
 
     _seed_all(cfg.trainer.seed)
     plugins = build_mitigations(cfg)
-    engine, _hf_ds = build_engine(cfg, info, plugins)
+    chosen, elastic = _checkpoint_to_resume(cfg, info)
+    engine, _hf_ds = build_engine(cfg, info, plugins, load_universal=elastic)
     plugin_info = {k: v for p in plugins for k, v in p.setup_engine(engine, cfg, info).items()}  # base weights
     engine.train()
-    start = _resume(engine, cfg, info)
+    start = _resume(engine, info, chosen, elastic)
     logger = None
     if info.rank == 0:
         from keel.tracking.logger import RunLogger
