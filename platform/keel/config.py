@@ -202,7 +202,7 @@ class PackingConfig:
     name: str = MISSING
     strategy: str = "bfd"
     max_len: int = 512
-    window: Optional[int] = None
+    window: Optional[int] = 20_000  # examples packed together (null: all at once); see docs/benchmarks.md
 
     def __post_init__(self) -> None:
         _one_of(self.strategy, ("bfd", "ffd", "first_fit", "pad"), "packing.strategy")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from keel.data import packing
 from keel.data.packing import STRATEGIES, pack, packing_efficiency
 
 MAX_LEN = 64
@@ -61,10 +64,13 @@ def test_bin_counts_match_textbook_algorithms_and_lower_bound(case: tuple[list[i
     lower = -(-sum(lengths) // max_len)
     decreasing = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     arrival = list(range(len(lengths)))
+    with mock.patch.object(packing, "_refine", lambda arr, bins, max_len, budget: bins):  # the BFD core alone
+        core = pack(lengths, max_len, "bfd")
     bfd = pack(lengths, max_len, "bfd")
     ffd = pack(lengths, max_len, "ffd")
     assert len(bfd) >= lower and len(ffd) >= lower
-    assert len(bfd) == _reference_fit(lengths, max_len, decreasing, best=True)
+    assert len(core) == _reference_fit(lengths, max_len, decreasing, best=True)
+    assert len(bfd) <= len(core)  # the refinement pass never costs a bin
     assert len(ffd) == _reference_fit(lengths, max_len, decreasing, best=False)
     assert len(pack(lengths, max_len, "first_fit")) == _reference_fit(lengths, max_len, arrival, best=False)
 
@@ -149,3 +155,31 @@ def test_bfd_efficiency_on_gamma_lengths() -> None:
 def test_packing_efficiency_value() -> None:
     assert packing_efficiency([3, 5, 4], [[0, 1], [2]], 8) == pytest.approx(12 / 16)
     assert packing_efficiency([], [], 8) == 0.0
+
+
+def test_bfd_refinement_reaches_the_lower_bound_on_narrow_lengths() -> None:
+    """GSM8K-like lengths (lognormal around 300 tokens, cut to 88..993: no short items to fill bin tails): plain
+    BFD leaves 14 bins over the lower bound; the refinement pass repacks the least-full bins down to it."""
+    raw = np.random.default_rng(0).lognormal(np.log(300), 0.3, 7000)
+    lengths = np.clip(np.rint(raw), 88, 993).astype(np.int64)
+    lower = -(-int(lengths.sum()) // 2048)
+    with mock.patch.object(packing, "_refine", lambda arr, bins, max_len, budget: bins):
+        core = pack(lengths, 2048, "bfd")
+    bins = pack(lengths, 2048, "bfd")
+    assert len(core) > lower and len(bins) == lower
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert max(int(lengths[b].sum()) for b in bins) <= 2048
+
+
+@settings(derandomize=True, max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 40), max_size=12), st.integers(0, 100))
+def test_subset_fill_is_the_best_sum_under_the_cap(items: list[int], cap: int) -> None:
+    from itertools import combinations
+
+    counts: dict[int, int] = {}
+    for x in items:
+        counts[x] = counts.get(x, 0) + 1
+    used = packing._subset_fill(counts, cap)
+    total = sum(n * k for n, k in used.items())
+    best = max((sum(c) for r in range(len(items) + 1) for c in combinations(items, r) if sum(c) <= cap), default=0)
+    assert total == best and all(0 < k <= counts[n] for n, k in used.items())

@@ -6,7 +6,12 @@ well under a couple of seconds in pure Python (numpy only for sorting and groupi
 
 - ``bfd``: best-fit decreasing. Bins are grouped by remaining capacity (a stack of bin
   ids per capacity value) and a Python int used as a bitset over capacity values finds
-  the smallest capacity ``>= L`` with one shift and one lowest-set-bit step.
+  the smallest capacity ``>= L`` with one shift and one lowest-set-bit step. Then a
+  refinement pass repacks the items of the least-full bins (at most ``REFINE_ITEMS``
+  items) by "largest item, then the subset of the rest that fills the bin best" (an exact
+  subset sum over a bitset), kept only when it needs fewer bins: narrow length
+  distributions, where BFD leaves no short items to fill bin tails (GSM8K), reach the
+  lower bound ceil(ΣL / max_len) this way.
 - ``ffd``: first-fit decreasing. A max segment tree over bins (in opening order) finds
   the leftmost bin with room; unopened leaves hold ``max_len``, so "open a new bin" is
   just "the leftmost unopened leaf".
@@ -23,6 +28,7 @@ from contextlib import contextmanager
 import numpy as np
 
 STRATEGIES: tuple[str, ...] = ("bfd", "ffd", "first_fit", "pad")
+REFINE_ITEMS = 3000  # items of the least-full BFD bins that the refinement pass repacks
 
 
 def pack(
@@ -33,13 +39,15 @@ def pack(
         raise ValueError(f"unknown packing strategy {strategy!r}; valid strategies: {list(STRATEGIES)}")
     arr = _validate(lengths, max_len)
     if window is None:
-        return _pack_array(arr, max_len, strategy)
+        return _pack_array(arr, max_len, strategy, REFINE_ITEMS)
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     bins: list[list[int]] = []
+    # The refinement budget is shared by the windows, so many small windows cost no more than one.
+    refine = REFINE_ITEMS * window // max(1, len(arr))
     # Windows are packed independently so every bin holds items from one window only.
     for start in range(0, len(arr), window):
-        for b in _pack_array(arr[start : start + window], max_len, strategy):
+        for b in _pack_array(arr[start : start + window], max_len, strategy, refine):
             bins.append([start + i for i in b])
     return bins
 
@@ -71,7 +79,7 @@ def _validate(lengths: Sequence[int], max_len: int) -> np.ndarray:
     return arr
 
 
-def _pack_array(arr: np.ndarray, max_len: int, strategy: str) -> list[list[int]]:
+def _pack_array(arr: np.ndarray, max_len: int, strategy: str, refine_items: int = 0) -> list[list[int]]:
     """Dispatch one validated array to its strategy."""
     n = len(arr)
     if n == 0:
@@ -91,7 +99,8 @@ def _pack_array(arr: np.ndarray, max_len: int, strategy: str) -> list[list[int]]
         bin_seq, take = _first_fit_runs(values, counts, max_len, int(arr.sum()))
     bin_of = np.repeat(np.asarray(bin_seq, dtype=np.int64), np.asarray(take, dtype=np.int64))
     assert len(bin_of) == n, "every item must be placed exactly once"
-    return _group(order, bin_of)
+    bins = _group(order, bin_of)
+    return _refine(arr, bins, max_len, refine_items) if strategy == "bfd" and refine_items > 0 else bins
 
 
 def _runs(seq: np.ndarray) -> tuple[list[int], list[int]]:
@@ -225,3 +234,67 @@ def _first_fit_runs(
                 tree[i] = best
                 i >>= 1
     return bin_seq, take
+
+
+def _refine(arr: np.ndarray, bins: list[list[int]], max_len: int, budget: int) -> list[list[int]]:
+    """Repack the items of the least-full bins with :func:`_exact_fill`; kept only if it saves bins."""
+    if len(bins) <= -(-int(arr.sum()) // max_len):
+        return bins  # already at the lower bound
+    fills = np.fromiter((int(arr[b].sum()) for b in bins), dtype=np.int64, count=len(bins))
+    order = np.argsort(fills, kind="stable")  # least full first, ties by bin order (determinism)
+    sizes = np.fromiter((len(bins[i]) for i in order), dtype=np.int64, count=len(bins))
+    k = max(2, int(np.searchsorted(np.cumsum(sizes), budget, side="right")))
+    items = [i for b in order[:k] for i in bins[b]]
+    new = _exact_fill([int(arr[i]) for i in items], max_len)
+    if len(new) >= k:
+        return bins
+    return [bins[b] for b in order[k:].tolist()] + [[items[j] for j in b] for b in new]
+
+
+def _exact_fill(lengths: list[int], max_len: int) -> list[list[int]]:
+    """Bins of positions into ``lengths``: the largest remaining item, then the best-filling subset of the rest."""
+    by_len: dict[int, list[int]] = {}  # length -> positions, in index order
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        by_len.setdefault(lengths[i], []).append(i)
+    bins = []
+    while by_len:
+        top = max(by_len)
+        b = [by_len[top].pop(0)]
+        if not by_len[top]:
+            del by_len[top]
+        used = _subset_fill({n: len(v) for n, v in by_len.items()}, max_len - top)
+        for n, k in used.items():
+            b += by_len[n][:k]
+            del by_len[n][:k]
+            if not by_len[n]:
+                del by_len[n]
+        bins.append(b)
+    return bins
+
+
+def _subset_fill(counts: dict[int, int], cap: int) -> dict[int, int]:
+    """How many items of each length (at most ``counts``) make the largest total <= ``cap``.
+
+    Bounded subset sum: each length's multiplicity is split in powers of two, a Python int is
+    the bitset of reachable totals, and the state before each piece is kept to backtrack.
+    """
+    pieces = []  # (total length, length, items)
+    for length in sorted(counts, reverse=True):
+        left, k = min(counts[length], cap // length), 1
+        while left > 0:
+            take = min(k, left)
+            pieces.append((take * length, length, take))
+            left, k = left - take, 2 * k
+    mask = (1 << (cap + 1)) - 1
+    reach, states = 1, []
+    for w, _, _ in pieces:
+        states.append(reach)
+        reach |= (reach << w) & mask
+    target = reach.bit_length() - 1
+    used: dict[int, int] = {}
+    for (w, length, k), before in zip(reversed(pieces), reversed(states)):
+        if target and not (before >> target) & 1:  # this total needs the piece
+            used[length] = used.get(length, 0) + k
+            target -= w
+    assert target == 0, "backtracking must reach the empty sum"
+    return used
