@@ -484,6 +484,7 @@ class TrainerConfig:
     max_bad_steps: int = 5  # consecutive non-finite (skipped) steps before the run stops (0: never)
     spike_window: int = 50  # losses a step's loss is z-scored against (0: no spike detection)
     spike_z: float = 6.0  # z-score above which a loss is a spike (warned, counted as loss_spikes)
+    step_timeout_s: float = 1800  # a loop iteration stalled this long dumps every rank's stacks and fails (0: off)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum"):
@@ -505,6 +506,7 @@ class TrainerConfig:
         _require(self.max_bad_steps >= 0, "trainer.max_bad_steps", "must be >= 0 (0: never stop)")
         _require(self.spike_window >= 0, "trainer.spike_window", "must be >= 0 (0 disables spike detection)")
         _require(self.spike_z > 0, "trainer.spike_z", f"must be > 0, got {self.spike_z}")
+        _require(self.step_timeout_s >= 0, "trainer.step_timeout_s", "must be >= 0 (0 disables the watchdog)")
 
 
 # What a checkpoint records about its run; resuming with any of these changed is refused.
@@ -519,10 +521,14 @@ class FaultConfig:
     kill_rank: Optional[int] = None
     at_step: Optional[int] = None
     nan_at_steps: list[int] = field(default_factory=list)
+    hang_rank: Optional[int] = None  # this rank blocks forever after optimizer step hang_at_step (watchdog tests)
+    hang_at_step: Optional[int] = None
 
     def __post_init__(self) -> None:
         _require((self.kill_rank is None) == (self.at_step is None), "fault",
                  "needs both fault.kill_rank and fault.at_step (or neither)")
+        _require((self.hang_rank is None) == (self.hang_at_step is None), "fault",
+                 "needs both fault.hang_rank and fault.hang_at_step (or neither)")
 
 
 @dataclass

@@ -68,3 +68,19 @@ def test_nan_step_is_skipped_under_zero2_with_accumulation(tmp_path):
     rows = _rows(run_dir)
     assert [r["bad_step"] for r in rows] == [False, True, False]
     assert math.isfinite(rows[2]["loss"]) and math.isfinite(rows[2]["grad_norm"])
+
+
+def test_watchdog_ends_a_stalled_run_naming_the_rank(tmp_path):
+    """Rank 1 hangs after step 2 (the other rank then blocks in the next collective): within
+    trainer.step_timeout_s the run fails with an error naming the rank, and rank 1's Python stacks, showing
+    where it hangs, are in the run directory."""
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [KEEL, "train", f"hydra.run.dir={run_dir}", "trainer.progress=false", "trainer.max_steps=4", "logger=none",
+           "trainer.step_timeout_s=5", "fault.hang_rank=1", "fault.hang_at_step=2"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "training stalled: " in out.stderr + out.stdout and "rank 1: step 2 (training)" in out.stderr + out.stdout
+    dump = run_dir / "watchdog" / "rank1-step2.txt"
+    assert dump.is_file() and "_maybe_fault" in dump.read_text()  # the stack shows where the rank hangs
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]

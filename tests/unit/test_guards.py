@@ -139,3 +139,29 @@ def test_counts_and_loss_window_carry_over_a_resume():
     assert spikes.observe(3.0) is not None
     other_rank, none = _guards(cfg, None)
     assert none is None and other_rank.total == 0  # only rank 0 holds the metrics; the total is rank 0's
+
+
+def test_watchdog_dumps_every_stack_and_names_the_rank(tmp_path):
+    import time
+
+    from keel.train import watchdog
+
+    fired = []
+    dog = watchdog.Watchdog(0.3, tmp_path, rank=1, on_timeout=fired.append, poll_s=0.02)
+    with dog.watch(7):
+        time.sleep(0.05)  # done in time: nothing happens
+    time.sleep(0.4)
+    assert not fired and watchdog.reports(tmp_path) == []
+    dog.arm(8)
+    deadline = time.monotonic() + 10
+    while not fired and time.monotonic() < deadline:
+        time.sleep(0.02)  # this frame is in the dump: the main thread is here when it fires
+    dog.close()
+    assert fired == [tmp_path / "watchdog" / "rank1-step8.txt"]
+    text = fired[0].read_text()
+    assert text.startswith("rank 1: step 8 (training) made no progress for 0.3 s") and "test_watchdog_dumps" in text
+    message = watchdog.stalled_message(watchdog.reports(tmp_path))
+    assert message.startswith("training stalled: rank 1: step 8 (training) made no progress")
+    assert "rank1-step8" in message
+    off = watchdog.Watchdog(0, tmp_path, rank=0)
+    assert off._thread is None  # step_timeout_s=0: no thread at all

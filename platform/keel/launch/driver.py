@@ -205,7 +205,16 @@ def run_training(cfg: Any, run_dir: Path) -> dict:
     ray_train.init_ray(cfg)
     write_run_context(run_dir, cfg, plan.report)  # W&B group and data report for the rank-0 logger
     _on_preemption(run_dir)  # after ray.init, which installs its own SIGTERM handler
-    result = ray_train.run(cfg, run_dir, path, attention, bundles, sst, plan.source_names, meta)
+    started = time.time()
+    try:
+        result = ray_train.run(cfg, run_dir, path, attention, bundles, sst, plan.source_names, meta)
+    except Exception as err:
+        from keel.train import watchdog
+
+        dumps = watchdog.reports(run_dir, since=started)
+        if dumps:  # the workers ended themselves after a stall: say where, not just "actor died"
+            raise RuntimeError(watchdog.stalled_message(dumps)) from err
+        raise
     restarts = len((run_dir / STARTS).read_text().splitlines()) - 1
     summary = {"world_size": world, "zero_stage": cfg.deepspeed.stage, **result, "restarts": restarts,
                "packing_efficiency": plan.report["packing_efficiency"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from keel.train.flops import device_peak, matmul_params, step_flops
 from keel.train.guards import BadStepGuard, SpikeDetector, checkpoint_due, is_bad
 from keel.train.loss import backward_scale, token_weights, weighted_loss_sum
 from keel.train.schedule import lr_factor
+from keel.train.watchdog import Watchdog
 
 # Written by the driver on SIGTERM/SIGUSR1; every rank checkpoints after the current step.
 PREEMPT_FLAG = "PREEMPT"
@@ -194,8 +196,11 @@ def _resume(engine: Any, info: WorkerInfo, chosen: Path | None, elastic: bool) -
 
 
 def _maybe_fault(cfg: Any, info: WorkerInfo, step: int) -> None:
-    """Test-only fault injector: kill one rank once, right after optimizer step ``step``."""
+    """Test-only fault injector: kill one rank once, or hang one, right after optimizer step ``step``."""
     f = cfg.fault
+    if f.hang_rank == info.rank and f.hang_at_step == step:
+        print(f"fault injector: rank {info.rank} hangs after step {step}", flush=True)
+        threading.Event().wait()  # forever: the other ranks block in the next collective
     marker = info.run_dir / "fault_fired"
     if f.at_step == step and f.kill_rank == info.rank and not marker.exists():
         marker.write_text(str(step))
@@ -245,9 +250,12 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
     guard, spikes = _guards(cfg, logger)
     last_ckpt_t, nan_steps = time.monotonic(), set(cfg.fault.nan_at_steps)
     evaluator = _evaluator(cfg, info, logger)
+    dog = Watchdog(cfg.trainer.step_timeout_s, info.run_dir, info.rank)
     if evaluator and start == 0:
-        evaluator(engine, 0)  # the baseline: the model before any update
+        with dog.watch(0, "evaluation"):
+            evaluator(engine, 0)  # the baseline: the model before any update
     for step in range(start, cfg.trainer.max_steps):
+        dog.arm(step + 1)  # data wait, step, evaluation and checkpoint of this iteration
         t0 = time.perf_counter()
         bundle = _next_bundle(bundles, step, info.rank)
         t_data = time.perf_counter() - t0
@@ -277,6 +285,8 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
         if preempted:
             break
         _maybe_fault(cfg, info, step + 1)
+        dog.disarm()
+    dog.close()
     counts = {"bad_steps": guard.total, "loss_spikes": spikes.total if spikes else 0}
     return _finish(engine, cfg, info, logger, plugins, start, last_saved, preempted, time.perf_counter() - t_start,
                    {**plugin_info, **counts})
