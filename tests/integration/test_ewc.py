@@ -205,5 +205,7 @@ def test_replay_and_ewc_train_end_to_end(tmp_path, tiny_path):
     want = hand_fisher(base_model(tiny_path), reference(tiny_path, 8))
     for name in want:
         _close(fisher[name], want[name], rtol=1e-5)
-    value, _ = hand_penalty(fisher, {n: theta[n] for n in fisher}, anchor, 1.0)
+    from keel.config import EwcConfig
+
+    value, _ = hand_penalty(fisher, {n: theta[n] for n in fisher}, anchor, EwcConfig().lam)  # the default λ
     assert rows[3]["ewc_penalty"] == pytest.approx(value, rel=1e-5)
