@@ -68,17 +68,20 @@ def _killed_at(run_dir, step: int, *overrides: str) -> str:
 
 
 def test_elastic_resume_two_one_two_workers(tmp_path, reference):
-    """Same global batch on a changing world: 2 workers (step 1), then 1 worker with accumulation 2 (step 2),
-    then 2 workers again (steps 3-4), each resuming the other's checkpoint through DeepSpeed's universal
-    checkpoint; losses and final weights match the uninterrupted 2-worker run."""
+    """Same global batch on a changing world: 2 workers (step 1), then 1 worker with accumulation 2 (step 2,
+    with an in-training evaluation), then 2 workers again (steps 3-4), each resuming the other's checkpoint
+    through DeepSpeed's universal checkpoint; losses and final weights match the uninterrupted 2-worker run."""
     from safetensors.torch import load_file
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     allow = "trainer.resume_allow_changes=[grad_accum]"
     _killed_at(run_dir, 1)
-    console = _killed_at(run_dir, 2, "cluster.num_workers=1", "trainer.grad_accum=2", allow)
+    # the 1-worker stage also evaluates in training (before its checkpoint), which must not change what it trains
+    console = _killed_at(run_dir, 2, "cluster.num_workers=1", "trainer.grad_accum=2", allow, "eval.every_n_steps=1",
+                         "eval.passk.prompts=2", "eval.passk.n=2", "eval.passk.k=[1]")
     assert "resume: elastic: the checkpoint was written by 2 workers, this run has 1" in console
+    assert [json.loads(line)["step"] for line in (run_dir / "eval.jsonl").read_text().splitlines()] == [2]
     s = keel_train(run_dir, *COMMON, allow)
     assert s["resumed_from_step"] == 2 and s["world_size"] == 2
     assert (run_dir / "checkpoints" / "universal" / "step_000002" / "zero").is_dir()  # written by 1 worker
