@@ -24,6 +24,12 @@ def _render(tok: Any, messages: list[dict], tools: list | None, generation_promp
     return tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+def template_ids(tok: Any, messages: list[dict], tools: list | None = None,
+                 generation_prompt: bool = False) -> list[int]:
+    """Token ids of the tokenizer's own rendering (the template writes bos itself, so none is added)."""
+    return tok(_render(tok, messages, tools, generation_prompt), add_special_tokens=False)["input_ids"]
+
+
 @functools.lru_cache(maxsize=16)
 def _special_tokens(tok: Any) -> tuple[tuple[str, ...], frozenset[int]]:
     """The tokenizer's special and added tokens, as text and as ids (computed once per tokenizer,

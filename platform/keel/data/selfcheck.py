@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from keel.data.hf_template import template_ids
 from keel.data.masking import IGNORE
 from keel.data.template import TOKENIZER, ChatTemplate, TextEncoder, render_chat
 
@@ -31,11 +32,6 @@ PROBE = [{"role": "system", "content": "You are a helpful assistant."}, {"role":
 
 def _ours(messages: list[dict], enc: TextEncoder, template: ChatTemplate) -> list[int]:
     return [i for seg in render_chat(messages, enc, template) for i in seg.ids]
-
-
-def _theirs(messages: list[dict], tokenizer: Any) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def first_difference(ours: list[int], theirs: list[int], tokenizer: Any, context: int = 6) -> str:
@@ -56,7 +52,7 @@ def same_template(enc: TextEncoder, template: ChatTemplate) -> tuple[bool, str]:
     if template is TOKENIZER or not getattr(tokenizer, "chat_template", None):
         return False, "no tokenizer chat_template to compare with" if template is not TOKENIZER else ""
     try:
-        theirs = _theirs(PROBE, tokenizer)
+        theirs = template_ids(tokenizer, PROBE)
     except Exception as err:  # a Jinja template may reject a system turn, etc.
         return False, f"the tokenizer's chat_template cannot render the probe conversation ({err})"
     ours = _ours(PROBE, enc, template)
@@ -101,7 +97,7 @@ def check_example(example: dict, ids: list[int], labels: list[int], enc: TextEnc
     tokenizer = enc.tokenizer
     messages = example["messages"]
     if compare:
-        theirs = _theirs(messages, tokenizer)
+        theirs = template_ids(tokenizer, messages)
         if list(ids) != theirs:
             return ("the built-in template and the tokenizer's chat_template render it differently: "
                     + first_difference(list(ids), theirs, tokenizer))

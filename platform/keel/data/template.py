@@ -257,9 +257,9 @@ def generation_prompt(messages: list[dict], enc: TextEncoder, template: ChatTemp
     """Ids of a conversation rendered as in training, followed by the assistant header: what a model
     continues to answer it (in-training evaluation generates from exactly the trained layout)."""
     if template is TOKENIZER:
-        tok = enc.tokenizer
-        text = tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
-        return tok(text, add_special_tokens=False)["input_ids"]
+        from keel.data.hf_template import template_ids
+
+        return template_ids(enc.tokenizer, messages, tools, generation_prompt=True)
     ids = [i for seg in render_chat(messages, enc, template, tools) for i in seg.ids]
     return ids + enc.markup(template.header_for("assistant"))
 

@@ -74,9 +74,9 @@ def prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
     """Token ids of a prompt rendered with the tokenizer's chat template, ready for the reply."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat_template; pass a model dir whose tokenizer defines one")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # the template writes bos itself, so the tokenizer must not add another
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    from keel.data.hf_template import template_ids
+
+    return template_ids(tokenizer, messages, generation_prompt=True)
 
 
 # ---------------------------------------------------------------- model
