@@ -52,6 +52,7 @@ class EvalSets:
     prompts: list[Prompt]
     prompt_ids: list[list[int]]
     rejected: list[dict] = dataclasses.field(default_factory=list)  # forgetting examples not usable
+    eot_ids: list[int] = dataclasses.field(default_factory=list)  # the template's end of an assistant turn
 
 
 def due(step: int, every: int, max_steps: int) -> bool:
@@ -91,14 +92,14 @@ def passk_prompts(cfg: Any) -> list[Prompt]:
 
 def load_sets(cfg: Any, tokenizer: Any) -> EvalSets:
     """The evaluation sets (the same on every rank: built from the config alone)."""
+    from keel.data.pipeline import chat_messages
+
     enc = TextEncoder(tokenizer)
     template = get_template(cfg.template.name)
     prompts = passk_prompts(cfg)
-    system = cfg.template.default_system
-    ids = [generation_prompt(([{"role": "system", "content": system}] if system and p.messages[0]["role"] != "system"
-                              else []) + p.messages, enc, template) for p in prompts]
+    ids = [generation_prompt(chat_messages({"messages": p.messages}, cfg), enc, template) for p in prompts]
     sequences, rejected = forgetting_sequences(cfg, enc)
-    return EvalSets(sequences, prompts, ids, rejected)
+    return EvalSets(sequences, prompts, ids, rejected, end_of_turn_ids(enc, template))
 
 
 def _mine(count: int, rank: int, world: int) -> tuple[list[int], int]:
@@ -140,7 +141,7 @@ def sample(model: Any, tokenizer: Any, sets: EvalSets, cfg: Any, rank: int, worl
     """(prompt index, samples) for this rank's prompts; every rank makes the same number of generate calls."""
     p, size = cfg.eval.passk, cfg.eval.batch_size
     sampling = SamplingConfig(n=p.n, temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens)
-    stops = stop_ids(model, tokenizer) + end_of_turn_ids(TextEncoder(tokenizer), get_template(cfg.template.name))
+    stops = stop_ids(model, tokenizer) + sets.eot_ids
     mine, rounds = _mine(len(sets.prompts), rank, world)
     padded = mine + [0] * (rounds - len(mine))
     torch.manual_seed(seed)

@@ -70,13 +70,13 @@ class Watchdog:
     def _fire(self) -> None:
         out = self.run_dir / DIR / f"rank{self.rank}-step{self._step}.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
+        what = (f"rank {self.rank}: step {self._step} ({self._what}) made no progress for {self.timeout_s:g} s "
+                "(trainer.step_timeout_s)")
         with out.open("w") as fh:
-            fh.write(f"rank {self.rank}: step {self._step} ({self._what}) made no progress for {self.timeout_s:g} s "
-                     f"(trainer.step_timeout_s); Python stacks of every thread:\n\n")
+            fh.write(f"{what}; Python stacks of every thread:\n\n")
             fh.flush()
             faulthandler.dump_traceback(fh, all_threads=True)
-        print(f"watchdog: rank {self.rank}: step {self._step} ({self._what}) made no progress for "
-              f"{self.timeout_s:g} s (trainer.step_timeout_s); stacks in {out}", flush=True)
+        print(f"watchdog: {what}; stacks in {out}", flush=True)
         self.on_timeout(out)
 
 
