@@ -100,7 +100,11 @@ def _pack_array(arr: np.ndarray, max_len: int, strategy: str, refine_items: int 
     bin_of = np.repeat(np.asarray(bin_seq, dtype=np.int64), np.asarray(take, dtype=np.int64))
     assert len(bin_of) == n, "every item must be placed exactly once"
     bins = _group(order, bin_of)
-    return _refine(arr, bins, max_len, refine_items) if strategy == "bfd" and refine_items > 0 else bins
+    if strategy != "bfd" or refine_items <= 0:
+        return bins
+    # Fill and item count of every bin, straight from the placements (no pass over the bins).
+    fills = np.bincount(bin_of, weights=arr[order], minlength=len(bins)).astype(np.int64)
+    return _refine(arr, bins, fills, np.bincount(bin_of, minlength=len(bins)), max_len, refine_items)
 
 
 def _runs(seq: np.ndarray) -> tuple[list[int], list[int]]:
@@ -236,14 +240,16 @@ def _first_fit_runs(
     return bin_seq, take
 
 
-def _refine(arr: np.ndarray, bins: list[list[int]], max_len: int, budget: int) -> list[list[int]]:
-    """Repack the items of the least-full bins with :func:`_exact_fill`; kept only if it saves bins."""
+def _refine(arr: np.ndarray, bins: list[list[int]], fills: np.ndarray, sizes: np.ndarray, max_len: int,
+            budget: int) -> list[list[int]]:
+    """Repack the items of the least-full bins with :func:`_exact_fill`; kept only if it saves bins.
+
+    ``fills[b]`` and ``sizes[b]``: tokens and items in ``bins[b]``.
+    """
     if len(bins) <= -(-int(arr.sum()) // max_len):
         return bins  # already at the lower bound
-    fills = np.fromiter((int(arr[b].sum()) for b in bins), dtype=np.int64, count=len(bins))
     order = np.argsort(fills, kind="stable")  # least full first, ties by bin order (determinism)
-    sizes = np.fromiter((len(bins[i]) for i in order), dtype=np.int64, count=len(bins))
-    k = max(2, int(np.searchsorted(np.cumsum(sizes), budget, side="right")))
+    k = max(2, int(np.searchsorted(np.cumsum(sizes[order]), budget, side="right")))
     items = [i for b in order[:k] for i in bins[b]]
     new = _exact_fill([int(arr[i]) for i in items], max_len)
     if len(new) >= k:
