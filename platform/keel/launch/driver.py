@@ -134,7 +134,7 @@ def _start_step(cfg: Any, run_dir: Path, meta: dict) -> int:
     check_resumable(saved, meta, cfg.trainer.resume_allow_changes)
     print(f"resume: continuing from {chosen} (step {saved['step']})")
     world = cfg.cluster.num_workers
-    if saved.get("world_size") not in (None, world):
+    if ckpt.other_world(chosen, world):
         if cfg.deepspeed.stage not in (1, 2, 3):
             raise ValueError(f"cannot resume on {world} workers a checkpoint written by {saved['world_size']}: "
                              "deepspeed.stage 0 has no universal checkpoint")

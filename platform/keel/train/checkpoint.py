@@ -158,6 +158,11 @@ def saved_world(ckpt: Path) -> int | None:
     return state(ckpt).get("world_size")
 
 
+def other_world(ckpt: Path, world: int) -> bool:
+    """Whether another world size wrote ``ckpt`` (resuming it goes through :func:`to_universal`)."""
+    return saved_world(ckpt) not in (None, world)
+
+
 def to_universal(ckpt: Path) -> Path:
     """Convert ``ckpt`` to DeepSpeed's universal checkpoint (per-parameter fp32 weights and Adam moments,
     independent of the world size) once; returns its directory. Runs on the driver, before the workers."""

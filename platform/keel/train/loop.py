@@ -179,8 +179,7 @@ def _checkpoint_to_resume(cfg: Any, info: WorkerInfo) -> tuple[Path | None, bool
     chosen = ckpt.choose(info.run_dir, cfg.trainer.resume_fallback)  # verifies on every rank
     if chosen is None:
         return None, False
-    saved = ckpt.saved_world(chosen)
-    return chosen, saved is not None and saved != info.world_size
+    return chosen, ckpt.other_world(chosen, info.world_size)
 
 
 def _resume(engine: Any, info: WorkerInfo, chosen: Path | None, elastic: bool) -> int:
