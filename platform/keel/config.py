@@ -101,6 +101,7 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     on_error: str = "reject"  # reject: count + rejects.jsonl | raise: the first bad row stops the run
     overlength: str = "drop"  # drop | truncate | split (multi-turn chats at turn boundaries)
+    preprocessed: Optional[str] = None  # a `keel preprocess` output dir: train from its packed rows
 
     def __post_init__(self) -> None:
         _one_of(self.on_error, ("reject", "raise"), "data.on_error")
@@ -484,6 +485,7 @@ class TrainerConfig:
     max_bad_steps: int = 5  # consecutive non-finite (skipped) steps before the run stops (0: never)
     spike_window: int = 50  # losses a step's loss is z-scored against (0: no spike detection)
     spike_z: float = 6.0  # z-score above which a loss is a spike (warned, counted as loss_spikes)
+    spike_rollback: bool = False  # on a spike, reload the newest checkpoint and go on with the data after it
     step_timeout_s: float = 1800  # a loop iteration stalled this long dumps every rank's stacks and fails (0: off)
 
     def __post_init__(self) -> None:
@@ -521,6 +523,7 @@ class FaultConfig:
     kill_rank: Optional[int] = None
     at_step: Optional[int] = None
     nan_at_steps: list[int] = field(default_factory=list)
+    spike_at_steps: list[int] = field(default_factory=list)  # rank 0's loss x 1e3 at these steps (spike tests)
     hang_rank: Optional[int] = None  # this rank blocks forever after optimizer step hang_at_step (watchdog tests)
     hang_at_step: Optional[int] = None
 

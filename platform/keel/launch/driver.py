@@ -91,7 +91,7 @@ def prepare_data(cfg: Any, run_dir: Path, plugins: list) -> tuple[str, Any, Any]
 
 def _summary_table(summary: dict) -> str:
     keys = ("world_size", "nodes", "zero_stage", "steps", "restarts", "preempted", "bad_steps", "loss_spikes",
-            "loss_first", "loss_last",
+            "rollbacks", "rolled_back_steps", "loss_first", "loss_last",
             "tokens_trained", "tokens_per_s", "packing_efficiency", "trainable_params", "total_params", "wall_s",
             "hf_dir")
     lines = ["", "Keel run summary", "-" * 60]
