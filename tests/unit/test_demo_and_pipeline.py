@@ -8,7 +8,7 @@ import keel.cli.train  # noqa: F401
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
-from keel.data import demo, pipeline
+from keel.data import demo, examples, pipeline
 from keel.data.formats import validate
 from keel.data.masking import IGNORE
 from keel.data.sharding import step_bundles
@@ -138,9 +138,9 @@ def test_overlength_split_cuts_chats_at_turn_boundaries(tokenizer):
         long_chat += [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"},
                       {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]
     enc = pipeline.TextEncoder(tokenizer)
-    ids, targets = pipeline._encode_example({"messages": long_chat}, enc, cfg, "assistant_only")
+    ids, targets = examples._encode_example({"messages": long_chat}, enc, cfg, "assistant_only")
     assert len(ids) > 64
-    pieces, action = pipeline._fit({"messages": long_chat}, ids, targets, enc, cfg, "assistant_only")
+    pieces, action = examples._fit({"messages": long_chat}, ids, targets, enc, cfg, "assistant_only")
     assert action == "split" and len(pieces) > 1 and all(len(p[0]) <= 64 for p in pieces)
     trained = "".join(tokenizer.decode([t for t in tg if t != IGNORE]) for _, tg in pieces)
     assert trained == "".join(f"{i} + {i} = {2 * i}.<|eot_id|>" for i in range(6))  # every answer, once

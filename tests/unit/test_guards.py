@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from keel.data.masking import IGNORE
-from keel.train.guards import BadStepGuard, NonFiniteError, SpikeDetector, checkpoint_due, is_bad
+from keel.train.guards import BadStepGuard, NonFiniteError, Rollbacks, SpikeDetector, checkpoint_due, is_bad
 from keel.train.loop import train_step
 from omegaconf import OmegaConf
 
@@ -55,6 +55,31 @@ def test_spike_detector():
     young = SpikeDetector(window=50, z=6.0, history=[2.0] * 5)  # needs 10 losses before it judges
     assert young.observe(100.0) is None and young.total == 0
     assert SpikeDetector(window=0, z=6.0, history=[2.0] * 30).observe(100.0) is None
+
+
+def test_forgetting_a_rolled_back_spike_restores_the_window():
+    d = SpikeDetector(window=10, z=6.0, history=[2.0 + 0.01 * (i % 3) for i in range(12)])
+    before = list(d.losses)  # full: the spike pushes the oldest loss out
+    assert d.observe(50.0) is not None and d.losses[-1] == 50.0 and list(d.losses)[:-1] == before[1:]
+    d.forget_last()
+    assert list(d.losses) == before and d.total == 1  # the window as before the spike; the spike stays counted
+    assert d.observe(50.0) is not None and d.total == 2  # judged against the clean window, so a spike again
+    young = SpikeDetector(window=10, z=6.0, history=[2.0] * 3)  # not full: nothing was evicted
+    young.observe(9.0)
+    young.forget_last()
+    assert list(young.losses) == [2.0] * 3
+
+
+def test_rollback_counts_and_their_resume():
+    r = Rollbacks()
+    assert r.record(3, None) == {"rollbacks": 0, "rolled_back_steps": 0}
+    assert r.record(7, 4) == {"rollbacks": 1, "rolled_back_steps": 3, "rolled_back_to": 4}
+    assert r.record(9, 8) == {"rollbacks": 2, "rolled_back_steps": 4, "rolled_back_to": 8}
+    with pytest.raises(AssertionError):
+        r.record(9, 9)  # a checkpoint of the spike step itself is never a rollback target
+    rows = [{"step": 9, "rollbacks": 2, "rolled_back_steps": 4}]
+    assert Rollbacks.carried(rows) == Rollbacks(2, 4) and Rollbacks.carried([]) == Rollbacks()
+    assert Rollbacks.carried([{"step": 1}]) == Rollbacks()  # metrics.jsonl from before rollbacks were counted
 
 
 def test_checkpoint_due():
@@ -121,6 +146,14 @@ def test_train_step_skips_a_poisoned_step_and_keeps_the_lr_schedule():
         train_step(_Engine(skips=False), _bundle(), cfg, world=1, poison=True)
 
 
+def test_spike_fault_multiplies_the_loss_and_its_backward():
+    cfg = _cfg()
+    plain, spiked = _Engine(), _Engine()
+    m, s = train_step(plain, _bundle(), cfg, world=1), train_step(spiked, _bundle(), cfg, world=1, spike=True)
+    assert not s["bad"] and s["loss"] == pytest.approx(1e3 * m["loss"], rel=1e-6)
+    assert spiked.backward_losses[0] == pytest.approx(1e3 * plain.backward_losses[0], rel=1e-6)
+
+
 def test_save_request_rides_on_the_step():
     cfg = _cfg()
     assert train_step(_Engine(), _bundle(), cfg, world=1, save_requested=True)["save"]
@@ -139,6 +172,60 @@ def test_counts_and_loss_window_carry_over_a_resume():
     assert spikes.observe(3.0) is not None
     other_rank, none = _guards(cfg, None)
     assert none is None and other_rank.total == 0  # only rank 0 holds the metrics; the total is rank 0's
+    history[-1] = {"loss": 40.0, "bad_step": False, "bad_steps": 1, "loss_spikes": 3, "rolled_back_to": 20}
+    _, spikes = _guards(cfg, SimpleNamespace(history=history))
+    assert 40.0 not in spikes.losses and spikes.total == 3  # a rolled-back spike was forgotten, as in the live run
+
+
+class _Reloadable:
+    """Stands in for a DeepSpeed engine that loads checkpoints and steps its LR scheduler."""
+
+    def __init__(self, universal: bool = False) -> None:
+        self._config = SimpleNamespace(load_universal_checkpoint=universal)
+        self.loaded: list[tuple[str, str, bool]] = []
+        self.lr_scheduler = SimpleNamespace(step=lambda: setattr(self, "sched_steps", self.sched_steps + 1))
+        self.sched_steps = 0
+
+    def load_universal_checkpoint(self) -> bool:
+        return self._config.load_universal_checkpoint
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> None:
+        self.loaded.append((load_dir, tag, self._config.load_universal_checkpoint))
+
+
+def _checkpoint(run_dir, step):
+    import json
+
+    from keel.train import checkpoint as ckpt
+
+    d = ckpt.root(run_dir) / f"step_{step:06d}"
+    for where in (d, ckpt.universal_dir(d)):
+        where.mkdir(parents=True)
+        (where / ckpt.STATE).write_text(json.dumps({"step": step}))
+    ckpt.write_manifest(d)
+    return d
+
+
+def test_spike_rollback_reloads_the_checkpoint_and_keeps_the_lr_at_the_data_position(tmp_path, capsys):
+    from keel.train.loop import WorkerInfo, _spike_rollback
+
+    info = WorkerInfo(0, 1, tmp_path, "", "sdpa", [], [], {})
+    on, off = _cfg("trainer.spike_rollback=true"), _cfg()
+    saved = _checkpoint(tmp_path, 4)
+    assert _spike_rollback(_Reloadable(), off, info, True, (saved, False), 7) is None  # off: the spike only warns
+    assert _spike_rollback(_Reloadable(), on, info, False, (saved, False), 7) is None  # no spike
+    e = _Reloadable()
+    assert _spike_rollback(e, on, info, True, (saved, False), 7) == 4
+    assert e.loaded == [(str(saved.parent), "step_000004", False)]
+    assert e.sched_steps == 3  # the scheduler, restored at step 4, goes on to step 7: the next step gets step 8's LR
+    assert "rolled back to checkpoint step 4 (steps 5..7 undone; their data is skipped" in capsys.readouterr().out
+    elastic = _Reloadable(universal=False)
+    assert _spike_rollback(elastic, on, info, True, (saved, True), 5) == 4  # the checkpoint an elastic start loaded
+    assert elastic.loaded == [(str(saved.parent / "universal"), "step_000004", True)]
+    for restore, step in (((None, False), 3), ((saved, False), 4), ((tmp_path / "gone", False), 6)):
+        e = _Reloadable()
+        assert _spike_rollback(e, on, info, True, restore, step) is None and not e.loaded and e.sched_steps == 0
+        assert f"step {step}: loss spike not rolled back: no complete checkpoint" in capsys.readouterr().out
 
 
 def test_watchdog_dumps_every_stack_and_names_the_rank(tmp_path):

@@ -7,7 +7,7 @@ import copy
 import keel.cli.train  # noqa: F401  (registers the schema)
 import pytest
 from hydra import compose, initialize_config_module
-from keel.data import encode, pipeline, selfcheck
+from keel.data import encode, examples, pipeline, selfcheck
 from keel.data.template import TEMPLATES, TextEncoder
 from omegaconf import OmegaConf
 
@@ -82,6 +82,6 @@ def test_build_stops_on_a_broken_mask(tokenizer, monkeypatch):
         out = real(segs, mode, train_eot)
         return masking.Encoded(out.input_ids, [-100] + out.labels[:-1])
 
-    monkeypatch.setattr(pipeline, "apply_mask", off_by_one)
+    monkeypatch.setattr(examples, "apply_mask", off_by_one)
     with pytest.raises(ValueError, match=r"self-check failed: data source 'arithmetic' row 0 "):
         pipeline.build(_cfg(), tokenizer)

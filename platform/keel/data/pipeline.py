@@ -14,32 +14,19 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from keel.data import selfcheck, tokenizer_eos
-from keel.data.formats import validate
-from keel.data.masking import IGNORE, apply_mask
+from keel.data import selfcheck
+from keel.data.examples import SourceData, chat_messages, load_source
+from keel.data.masking import IGNORE
 from keel.data.mixing import Schedule, mixture_weights, sample_plan, segment_plans
 from keel.data.packing import pack
-from keel.data.sources import Reject, iter_source
-from keel.data.template import TextEncoder, get_template, render_chat, render_text
+from keel.data.template import TextEncoder, get_template
 
-
-@dataclass
-class SourceData:
-    """Encoded, valid examples of one source, plus its rejects."""
-
-    name: str
-    input_ids: list[np.ndarray] = field(default_factory=list)
-    targets: list[np.ndarray] = field(default_factory=list)  # shifted: targets[i] = labels[i+1]
-    rejects: list[dict] = field(default_factory=list)
-    rows_read: int = 0
-    truncated: int = 0  # over-length examples cut to packing.max_len (data.overlength=truncate)
-    split: int = 0  # over-length examples split into several (data.overlength=split)
-    samples: list = field(default_factory=list)  # (row, example, ids, targets) of the first kept chats: self-checks
+__all__ = ["RowPlan", "SourceData", "build", "build_rows", "chat_messages", "load_source", "mean_lengths"]
 
 
 @dataclass
@@ -55,130 +42,15 @@ class RowPlan:
     report: dict
 
 
-def chat_messages(ex: dict, cfg: Any) -> list[dict]:
-    """The messages a chat example is rendered from (``template.default_system`` added when it has none)."""
-    messages = ex["messages"]
-    if cfg.template.default_system and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": cfg.template.default_system}] + messages
-    return messages
-
-
-def _encode_example(ex: dict, enc: TextEncoder, cfg: Any, masking: str) -> tuple[np.ndarray, np.ndarray]:
-    tpl = get_template(cfg.template.name)
-    if "text" in ex and "messages" not in ex:
-        segs = render_text(ex["text"], enc, tpl, tokenizer_eos(enc._tok))
-    else:
-        segs = render_chat(chat_messages(ex, cfg), enc, tpl, ex.get("tools"))
-    encoded = apply_mask(segs, masking, cfg.masking.train_eot)
-    ids = np.asarray(encoded.input_ids, dtype=np.int32)
-    labels = np.asarray(encoded.labels, dtype=np.int32)
-    # Shift inside the example so its first token is never the target of the previous one.
-    targets = np.full_like(labels, IGNORE)
-    targets[:-1] = labels[1:]
-    return ids, targets
-
-
-class _OverLength(Exception):
-    """An example that cannot be made to fit under the overlength policy."""
-
-
-def _truncate(ids: np.ndarray, targets: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    ids, targets = ids[:max_len].copy(), targets[:max_len].copy()
-    targets[-1] = IGNORE  # its target was the first token cut off
-    return ids, targets
-
-
-def _turn_units(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
-    """Leading system message(s), and the turns grouped so each group ends with an assistant turn."""
-    head = [m for m in messages[:1] if m["role"] == "system"]
-    units, cur = [], []
-    for m in messages[len(head):]:
-        cur.append(m)
-        if m["role"] == "assistant":
-            units.append(cur)
-            cur = []
-    return head, units
-
-
-def _split_chat(ex: dict, enc: TextEncoder, cfg: Any, masking: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Split an over-length chat at turn boundaries into pieces that fit (greedy, in order)."""
-    head, units = _turn_units(ex["messages"])
-    pieces, start = [], 0
-    while start < len(units):
-        end, best = start, None
-        while end < len(units):
-            cand = _encode_example({**ex, "messages": head + sum(units[start:end + 1], [])}, enc, cfg, masking)
-            if len(cand[0]) > cfg.packing.max_len:
-                break
-            best, end = cand, end + 1
-        if best is None:
-            raise _OverLength(f"over-length after splitting at turns: turn group {start} alone exceeds "
-                              f"packing.max_len={cfg.packing.max_len}")
-        pieces.append(best)
-        start = end
-    return pieces
-
-
-def _fit(ex: dict, ids: np.ndarray, targets: np.ndarray, enc: TextEncoder, cfg: Any, masking: str) -> tuple:
-    """Apply ``data.overlength``: (pieces, action) with action kept|truncated|split."""
-    max_len, policy = cfg.packing.max_len, cfg.data.overlength
-    if len(ids) <= max_len:
-        return [(ids, targets)], "kept"
-    if policy == "truncate" or (policy == "split" and "messages" not in ex):
-        if policy == "split":  # plain text: consecutive windows
-            return [_truncate(ids[i:], targets[i:], max_len) for i in range(0, len(ids), max_len)], "split"
-        return [_truncate(ids, targets, max_len)], "truncated"
-    if policy == "split":
-        return _split_chat(ex, enc, cfg, masking), "split"
-    raise _OverLength(f"over-length: {len(ids)} tokens > packing.max_len={max_len} (data.overlength=drop)")
-
-
-def _row_pieces(row: Any, src: Any, cfg: Any, enc: TextEncoder, masking: str) -> tuple[list, str]:
-    """Encoded pieces of one row and the action taken; raises Reject or _OverLength with the reason."""
-    if isinstance(row, Reject):
-        raise row
-    reason = validate(row)
-    if reason is not None:
-        raise Reject(reason, row)
-    ids, targets = _encode_example(row, enc, cfg, masking)
-    pieces, action = _fit(row, ids, targets, enc, cfg, masking)
-    for _, t in pieces:
-        trained = int((t != IGNORE).sum())
-        if trained < cfg.masking.min_trained_tokens:
-            raise Reject(f"too few trained tokens: {trained} < masking.min_trained_tokens", row)
-    return pieces, action
-
-
-def load_source(src: Any, cfg: Any, enc: TextEncoder) -> SourceData:
-    """Validate and encode one source; every row is either kept or rejected with a reason."""
-    out = SourceData(src.name)
-    masking = src.masking or cfg.masking.name
-    for row_no, row in iter_source(src, cfg.data.seed):
-        if src.cap is not None and len(out.input_ids) >= src.cap:
-            break  # the cap bounds what enters the mixture; unread rows are not rejects
-        out.rows_read += 1
-        try:
-            pieces, action = _row_pieces(row, src, cfg, enc, masking)
-        except (Reject, _OverLength) as err:
-            where = src.path if src.kind == "file" else f"demo:{src.task}"
-            if cfg.data.on_error == "raise":
-                raise ValueError(f"data source {src.name!r} ({where}) row {row_no}: {err}") from None
-            raw = err.data if isinstance(err, Reject) else row
-            out.rejects.append({"source": src.name, "row": row_no, "reason": str(err), "data": raw})
-            continue
-        out.truncated += action == "truncated"
-        out.split += action == "split"
-        if action == "kept" and "messages" in row and len(out.samples) < selfcheck.SAMPLE:
-            out.samples.append((row_no, {**row, "messages": chat_messages(row, cfg)}, *pieces[0]))
-        for ids, targets in pieces:
-            out.input_ids.append(ids)
-            out.targets.append(targets)
-    return out
-
-
 def mean_lengths(sources: list[SourceData]) -> list[float]:
     """Mean encoded length of each source's examples (0 for an empty source)."""
-    return [float(np.mean([len(x) for x in s.input_ids])) if s.input_ids else 0.0 for s in sources]
+    return [float(s.lengths().mean()) if len(s.input_ids) else 0.0 for s in sources]
+
+
+def _pick_lengths(sources: list[SourceData], plan: list[tuple[int, int]]) -> list[int]:
+    """Token count of each picked example."""
+    lens = [s.lengths() for s in sources]
+    return [int(lens[k][i]) for k, i in plan]
 
 
 def rows_per_step(cfg: Any) -> int:
@@ -188,11 +60,11 @@ def rows_per_step(cfg: Any) -> int:
 
 def _plan_bins(sources: list[SourceData], weights: list[float], cfg: Any, needed: int):
     sizes = [len(s.input_ids) for s in sources]
-    mean_len = sum(w * np.mean([len(x) for x in s.input_ids]) for w, s in zip(weights, sources) if w > 0)
+    mean_len = sum(w * m for w, m in zip(weights, mean_lengths(sources)) if w > 0)
     total = math.ceil(needed * cfg.packing.max_len / mean_len * 1.05) + 16
     while True:
         plan = sample_plan(sizes, weights, total, cfg.data.seed)
-        lengths = [len(sources[k].input_ids[i]) for k, i in plan]
+        lengths = _pick_lengths(sources, plan)
         bins = pack(lengths, cfg.packing.max_len, strategy=cfg.packing.strategy, window=cfg.packing.window)
         if len(bins) >= needed:
             return plan, lengths, bins
@@ -243,7 +115,7 @@ def _plan_segments(sources: list[SourceData], seg_weights: list[list[float]], ro
     bins: dict[int, list[list[int]]] = {}
 
     def keep(s: int, plan: list) -> int:
-        m, bins[s] = _fit_prefix([len(sources[k].input_ids[i]) for k, i in plan], rows[s], cfg)
+        m, bins[s] = _fit_prefix(_pick_lengths(sources, plan), rows[s], cfg)
         return m
 
     while True:
@@ -302,47 +174,102 @@ def source_weights(sources: list[SourceData], cfg: Any) -> list[float]:
         raw = [cfg.mix.weights[src.name] for src in cfg.data.sources]
         return [w / sum(raw) for w in raw]
     if cfg.mix.count == "tokens":
-        sizes = [float(sum(len(x) for x in s.input_ids)) for s in sources]
+        sizes = [float(s.lengths().sum()) for s in sources]
     else:
         sizes = [float(len(s.input_ids)) for s in sources]
     quality = [src.quality if src.quality is not None else 1.0 for src in cfg.data.sources]
     return mixture_weights(sizes, T=cfg.mix.T, quality=quality)
 
 
-def build_rows(sources: list[SourceData], cfg: Any, pad_id: int, weights: list[float] | None,
-               schedule: Schedule | None = None) -> RowPlan:
-    """Mix, pack and lay out exactly the rows ``trainer.max_steps`` steps will consume.
+@dataclass
+class Layout:
+    """Which picked examples fill each packed row, before any row is materialised."""
+
+    picks: list[tuple[int, int]]  # (source, example index) of every picked example
+    rows: list[list[int]]  # per row, in training order, the picks packed into it
+    width: int  # the most examples in one row
+    weights: list[float]  # the mixture the rows realise (expected, for a schedule)
+    schedule: dict | None = None  # the schedule's report, for a changing mixture
+
+
+def plan_layout(sources: list[SourceData], cfg: Any, weights: list[float] | None,
+                schedule: Schedule | None = None) -> Layout:
+    """Mix and pack exactly the rows ``trainer.max_steps`` steps will consume.
 
     ``weights`` is the fixed mixture; a non-static ``schedule`` replaces it (``weights`` unused).
     """
-    usable = [s for s in sources if s.input_ids]
-    if not usable:
+    if not any(len(s.input_ids) for s in sources):
         raise ValueError("no usable examples in any data source (see rejects.jsonl)")
-    needed = cfg.trainer.max_steps * rows_per_step(cfg)
     if schedule is None:
-        plan, used, D = _static_rows(sources, weights, cfg, needed)
-    else:
-        plan, used, D, seg_weights = _scheduled_rows(sources, schedule, cfg)
-    L = cfg.packing.max_len
-    arrays = {"input_ids": np.zeros((needed, L), np.int32), "targets": np.full((needed, L), IGNORE, np.int32),
-              "position_ids": np.zeros((needed, L), np.int32), "seq_lens": np.zeros((needed, D), np.int32),
-              "source_ids": np.full((needed, L), -1, np.int16)}
-    for r, bin_items in enumerate(used):
-        _fill_row(r, bin_items, plan, sources, arrays, pad_id)
-    if schedule is None:
-        report = _report(sources, weights, arrays, plan, used, L)
-    else:
-        sched = _schedule_report(sources, schedule, seg_weights, arrays, plan, used, cfg)
-        report = _report(sources, sched.pop("expected"), arrays, plan, used, L)
-        report["schedule"] = sched
+        plan, used, width = _static_rows(sources, weights, cfg, cfg.trainer.max_steps * rows_per_step(cfg))
+        return Layout(plan, used, width, list(weights))
+    plan, used, width, seg_weights = _scheduled_rows(sources, schedule, cfg)
+    sched = _schedule_report(sources, schedule, seg_weights, plan, used, cfg)
+    return Layout(plan, used, width, sched.pop("expected"), sched)
+
+
+def fill_rows(layout: Layout, sources: list[SourceData], lo: int, hi: int, max_len: int, pad_id: int) -> dict:
+    """Rows ``[lo, hi)`` of the layout as arrays (input_ids, targets, position_ids, seq_lens, source_ids)."""
+    n = hi - lo
+    arrays = {"input_ids": np.zeros((n, max_len), np.int32), "targets": np.full((n, max_len), IGNORE, np.int32),
+              "position_ids": np.zeros((n, max_len), np.int32), "seq_lens": np.zeros((n, layout.width), np.int32),
+              "source_ids": np.full((n, max_len), -1, np.int16)}
+    for r, bin_items in enumerate(layout.rows[lo:hi]):
+        _fill_row(r, bin_items, layout.picks, sources, arrays, pad_id)
+    return arrays
+
+
+def row_tokens(arrays: dict, num_sources: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the real tokens and the trained tokens of each source: two [rows, sources] arrays."""
+    src, trained = arrays["source_ids"], arrays["targets"] != IGNORE
+    tokens = np.stack([(src == k).sum(axis=1) for k in range(num_sources)], axis=1)
+    kept = np.stack([((src == k) & trained).sum(axis=1) for k in range(num_sources)], axis=1)
+    return tokens.astype(np.int64), kept.astype(np.int64)
+
+
+def build_rows(sources: list[SourceData], cfg: Any, pad_id: int, weights: list[float] | None,
+               schedule: Schedule | None = None) -> RowPlan:
+    """``plan_layout``, then every row materialised, with the data report."""
+    layout = plan_layout(sources, cfg, weights, schedule)
+    arrays = fill_rows(layout, sources, 0, len(layout.rows), cfg.packing.max_len, pad_id)
+    tokens, trained = row_tokens(arrays, len(sources))
+    report = layout_report(sources, layout, tokens, trained, cfg)
     return RowPlan(source_names=[s.name for s in sources], report=report, **arrays)
 
 
-def _schedule_report(sources, schedule: Schedule, seg_weights, arrays, plan, used, cfg) -> dict:
-    """Mixture at start/end, and per segment its expected weights and realised example/token shares.
+def layout_report(sources: list[SourceData], layout: Layout, tokens: np.ndarray, trained: np.ndarray,
+                  cfg: Any) -> dict:
+    """The data report: rows, packing efficiency, and per source what it has and what the rows hold.
+
+    ``tokens``/``trained`` are ``row_tokens`` of every row, in order.
+    """
+    L = cfg.packing.max_len
+    used_items = [i for b in layout.rows for i in b]
+    examples = Counter(layout.picks[i][0] for i in used_items)
+    real = int(tokens.sum())
+    report = {
+        "rows": len(layout.rows), "max_len": L, "real_tokens": real,
+        "packing_efficiency": real / (len(layout.rows) * L),
+        "sources": {s.name: {"available": len(s.input_ids), "rows_read": s.rows_read,
+                             "rejected": len(s.rejects), "truncated": s.truncated, "split": s.split,
+                             "weight": layout.weights[k],
+                             "examples": examples.get(k, 0),
+                             "example_share": examples.get(k, 0) / max(1, len(used_items)),
+                             "epochs": examples.get(k, 0) / max(1, len(s.input_ids)),
+                             "tokens": int(tokens[:, k].sum()), "trained_tokens": int(trained[:, k].sum())}
+                    for k, s in enumerate(sources)},
+    }
+    if layout.schedule is not None:
+        report["schedule"] = _with_token_shares(layout.schedule, tokens, cfg)
+    return report
+
+
+def _schedule_report(sources, schedule: Schedule, seg_weights, plan, used, cfg) -> dict:
+    """Mixture at start/end, and per segment its expected weights and realised example shares.
 
     ``expected`` is the mean of the segment mixtures weighted by the examples each segment
-    contributes to the rows: what the overall example shares should match.
+    contributes to the rows: what the overall example shares should match. Token shares are
+    added from the materialised rows (``_with_token_shares``).
     """
     names = [s.name for s in sources]
     per_step = rows_per_step(cfg)
@@ -350,11 +277,8 @@ def _schedule_report(sources, schedule: Schedule, seg_weights, arrays, plan, use
     for (lo, hi), w in zip(segment_steps(cfg), seg_weights):
         items = [i for b in used[lo * per_step:hi * per_step] for i in b]
         ex = np.bincount([plan[i][0] for i in items], minlength=len(sources))
-        ids = arrays["source_ids"][lo * per_step:hi * per_step]
-        tok = np.bincount(ids[ids >= 0].astype(np.int64), minlength=len(sources))
         segments.append({"steps": [lo, hi], "examples": len(items), "weights": dict(zip(names, w)),
-                         "example_share": dict(zip(names, (ex / max(1, ex.sum())).tolist())),
-                         "token_share": dict(zip(names, (tok / max(1, tok.sum())).tolist()))})
+                         "example_share": dict(zip(names, (ex / max(1, ex.sum())).tolist()))})
         expected += len(items) * np.asarray(w)
         n_items += len(items)
     return {"interpolation": schedule.interpolation,
@@ -363,25 +287,16 @@ def _schedule_report(sources, schedule: Schedule, seg_weights, arrays, plan, use
             "segments": segments, "expected": (expected / max(1, n_items)).tolist()}
 
 
-def _report(sources, weights, arrays, plan, used_bins, L) -> dict:
-    used_items = [i for b in used_bins for i in b]
-    examples = Counter(plan[i][0] for i in used_items)
-    real = int(sum(len(sources[plan[i][0]].input_ids[plan[i][1]]) for i in used_items))
-    tokens = {s.name: int((arrays["source_ids"] == k).sum()) for k, s in enumerate(sources)}
-    trained = {s.name: int(((arrays["source_ids"] == k) & (arrays["targets"] != IGNORE)).sum())
-               for k, s in enumerate(sources)}
-    return {
-        "rows": len(used_bins), "max_len": L, "real_tokens": real,
-        "packing_efficiency": real / (len(used_bins) * L),
-        "sources": {s.name: {"available": len(s.input_ids), "rows_read": s.rows_read,
-                             "rejected": len(s.rejects), "truncated": s.truncated, "split": s.split,
-                             "weight": weights[k],
-                             "examples": examples.get(k, 0),
-                             "example_share": examples.get(k, 0) / max(1, len(used_items)),
-                             "epochs": examples.get(k, 0) / max(1, len(s.input_ids)),
-                             "tokens": tokens[s.name], "trained_tokens": trained[s.name]}
-                    for k, s in enumerate(sources)},
-    }
+def _with_token_shares(sched: dict, tokens: np.ndarray, cfg: Any) -> dict:
+    """The schedule report with each segment's realised token share per source."""
+    per_step = rows_per_step(cfg)
+    names = list(sched["start"])
+    segments = []
+    for seg in sched["segments"]:
+        lo, hi = seg["steps"]
+        tok = tokens[lo * per_step:hi * per_step].sum(axis=0)
+        segments.append({**seg, "token_share": dict(zip(names, (tok / max(1, tok.sum())).tolist()))})
+    return {**sched, "segments": segments}
 
 
 def config_schedule(cfg: Any) -> Schedule:

@@ -2,13 +2,15 @@
 
 Every decision that changes what the ranks do (skip a step, stop, checkpoint) is taken from
 values every rank holds identically (all-reduced, or rank 0's broadcast through the step's
-all-reduce), so all ranks always agree; loss spikes only warn and are tracked on rank 0.
+all-reduce), so all ranks always agree. Loss spikes are detected on rank 0; with
+``trainer.spike_rollback`` rank 0's verdict is all-reduced before every rank rolls back.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
 
 
 class NonFiniteError(RuntimeError):
@@ -57,12 +59,23 @@ class SpikeDetector:
         self.window, self.z = window, z
         self.losses: deque[float] = deque(maxlen=max(window, 1))
         self.total = total
+        self._evicted: float | None = None  # the loss the newest one pushed out of the window
         for loss in history:
             self._keep(loss)
 
     def _keep(self, loss: float) -> None:
         if math.isfinite(loss):
+            full = len(self.losses) == self.losses.maxlen
+            self._evicted = self.losses[0] if full else None
             self.losses.append(loss)
+
+    def forget_last(self) -> None:
+        """Undo remembering the newest loss (a spike that was rolled back), restoring the loss it evicted."""
+        assert self.losses, "forget_last() without a remembered loss"
+        self.losses.pop()
+        if self._evicted is not None:
+            self.losses.appendleft(self._evicted)
+        self._evicted = None  # only the newest loss can be forgotten
 
     def observe(self, loss: float) -> float | None:
         """The loss's z-score when it is a spike (else None); then remembers the loss."""
@@ -77,6 +90,29 @@ class SpikeDetector:
                 self.total += 1
         self._keep(loss)
         return spike
+
+
+@dataclass
+class Rollbacks:
+    """Loss-spike rollbacks of the run: how many, and how many optimizer steps they undid."""
+
+    count: int = 0
+    steps: int = 0  # sum over rollbacks of (spike step - checkpoint step)
+
+    @classmethod
+    def carried(cls, history: list[dict]) -> Rollbacks:
+        """The counts of the last ``metrics.jsonl`` row before a resume (zero without one)."""
+        last = history[-1] if history else {}
+        return cls(last.get("rollbacks", 0), last.get("rolled_back_steps", 0))
+
+    def record(self, step: int, to: int | None) -> dict:
+        """Count a rollback at ``step`` to checkpoint step ``to`` (None: no rollback); the metrics row's fields."""
+        if to is None:
+            return {"rollbacks": self.count, "rolled_back_steps": self.steps}
+        assert 0 < to < step, f"rollback from step {step} to checkpoint step {to}"
+        self.count += 1
+        self.steps += step - to
+        return {"rollbacks": self.count, "rolled_back_steps": self.steps, "rolled_back_to": to}
 
 
 def checkpoint_due(now: float, last: float, every_s: float) -> bool:

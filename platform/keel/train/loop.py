@@ -26,7 +26,7 @@ from keel.train import checkpoint as ckpt
 from keel.train.collectives import all_reduce_sum
 from keel.train.deepspeed import ds_config
 from keel.train.flops import device_peak, matmul_params, step_flops
-from keel.train.guards import BadStepGuard, SpikeDetector, checkpoint_due, is_bad
+from keel.train.guards import BadStepGuard, Rollbacks, SpikeDetector, checkpoint_due, is_bad
 from keel.train.loss import backward_scale, token_weights, weighted_loss_sum
 from keel.train.schedule import lr_factor
 from keel.train.watchdog import Watchdog
@@ -86,7 +86,8 @@ def build_engine(cfg: Any, info: WorkerInfo, plugins: list, load_universal: bool
 
 
 def train_step(engine: Any, bundle: dict, cfg: Any, world: int, stop_requested: bool = False,
-               plugins: list | tuple = (), save_requested: bool = False, poison: bool = False) -> dict:
+               plugins: list | tuple = (), save_requested: bool = False, poison: bool = False,
+               spike: bool = False) -> dict:
     """Forward/backward over the bundle's micro-batches and one optimizer step.
 
     ``stop_requested`` (this rank saw a preemption request) and ``save_requested`` (rank 0's
@@ -99,7 +100,8 @@ def train_step(engine: Any, bundle: dict, cfg: Any, world: int, stop_requested: 
     gradient norm (all-reduced by DeepSpeed) is non-finite everywhere and DeepSpeed's ZeRO
     optimizer drops the update and zeroes the gradients (as it does for any non-finite gradient
     norm). The LR scheduler, which DeepSpeed does not advance then, is stepped here so the LR
-    stays a function of the data position. ``poison`` (fault.nan_at_steps) NaNs this rank's loss.
+    stays a function of the data position. ``poison`` (fault.nan_at_steps) NaNs this rank's loss;
+    ``spike`` (fault.spike_at_steps) multiplies it by 1e3, in the reported loss and the backward alike.
     """
     ids = torch.tensor(bundle["input_ids"], dtype=torch.long)  # copies: Ray hands out read-only arrays
     targets = torch.tensor(bundle["targets"], dtype=torch.long)
@@ -120,6 +122,8 @@ def train_step(engine: Any, bundle: dict, cfg: Any, world: int, stop_requested: 
         part = weighted_loss_sum(logits, targets[sl], weights[sl])
         if poison and a == 0:
             part = part * float("nan")
+        if spike and a == 0:
+            part = part * 1e3
         loss_sum += float(part.detach())
         if a == last:
             (loss_total,) = all_reduce_sum([loss_sum])
@@ -247,7 +251,9 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
     peak = device_peak(cfg.cluster.use_gpu, cfg.trainer.peak_tflops)
     t_start, last_saved, preempted = time.perf_counter(), start, False
     guard, spikes = _guards(cfg, logger)
-    last_ckpt_t, nan_steps = time.monotonic(), set(cfg.fault.nan_at_steps)
+    last_ckpt_t, nan_steps, spike_steps = time.monotonic(), set(cfg.fault.nan_at_steps), set(cfg.fault.spike_at_steps)
+    rolls = Rollbacks.carried(logger.history if logger is not None else [])
+    restore = (chosen, elastic)  # what a spike rollback reloads: the newest checkpoint this group loaded or wrote
     evaluator = _evaluator(cfg, info, logger)
     dog = Watchdog(cfg.trainer.step_timeout_s, info.run_dir, info.rank)
     if evaluator and start == 0:
@@ -260,18 +266,24 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
         t_data = time.perf_counter() - t0
         time_due = info.rank == 0 and checkpoint_due(time.monotonic(), last_ckpt_t, cfg.trainer.checkpoint_every_s)
         m = train_step(engine, bundle, cfg, info.world_size, (info.run_dir / PREEMPT_FLAG).exists(), plugins,
-                       save_requested=time_due, poison=info.rank == 0 and step + 1 in nan_steps)
+                       save_requested=time_due, poison=info.rank == 0 and step + 1 in nan_steps,
+                       spike=info.rank == 0 and step + 1 in spike_steps)
         dt = time.perf_counter() - t0
         if step == start:
             _check_backend(info.attention)
         flops = flops_of(m["tokens"], m.pop("sum_sq_lengths"))
         preempted, timed, bad = m.pop("stop"), m.pop("save"), m.pop("bad")
         guard.update(bad)
+        spiked = logger is not None and _warn(step + 1, m, bad, guard, spikes)
+        # Before this step's checkpoint below: a rollback must never be preceded by saving the spiked weights.
+        rolled_to = _spike_rollback(engine, cfg, info, spiked, restore, step + 1)
+        if rolled_to is not None and spikes is not None:
+            spikes.forget_last()  # the rolled-back loss stays out of the window the next losses are judged by
+        rolled = rolls.record(step + 1, rolled_to)
         if logger is not None:
-            _warn(step + 1, m, bad, guard, spikes)
             src = dict(zip(info.source_names, info.step_source_tokens[step]))
             logger.log({"step": step + 1, **_step_metrics(m, dt, t_data, flops, peak, info.world_size),
-                        "bad_step": bad, "bad_steps": guard.total, "loss_spikes": spikes.total,
+                        "bad_step": bad, "bad_steps": guard.total, "loss_spikes": spikes.total, **rolled,
                         **{f"data/tokens/{k}": v for k, v in src.items()}})
         guard.check(step + 1)  # same decision on every rank: it rests on all-reduced values
         if evaluator and not preempted and due(step + 1, cfg.eval.every_n_steps, cfg.trainer.max_steps):
@@ -279,14 +291,15 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
         every = cfg.trainer.checkpoint_every
         periodic = bool(every) and (step + 1) % every == 0
         if preempted or ((periodic or timed) and step + 1 < cfg.trainer.max_steps):
-            _save(engine, cfg, info, step + 1)
+            restore = (_save(engine, cfg, info, step + 1), False)
             last_saved, last_ckpt_t = step + 1, time.monotonic()
         if preempted:
             break
         _maybe_fault(cfg, info, step + 1)
         dog.disarm()
     dog.close()
-    counts = {"bad_steps": guard.total, "loss_spikes": spikes.total if spikes else 0}
+    counts = {"bad_steps": guard.total, "loss_spikes": spikes.total if spikes else 0, "rollbacks": rolls.count,
+              "rolled_back_steps": rolls.steps}
     return _finish(engine, cfg, info, logger, plugins, start, last_saved, preempted, time.perf_counter() - t_start,
                    {**plugin_info, **counts})
 
@@ -328,22 +341,60 @@ def _guards(cfg: Any, logger: Any) -> tuple[BadStepGuard, SpikeDetector | None]:
     guard = BadStepGuard(t.max_bad_steps, last.get("bad_steps", 0))
     if logger is None:
         return guard, None
-    losses = [r["loss"] for r in history if not r.get("bad_step")]
+    # As the live detector: skipped steps were never judged, rolled-back spikes were forgotten.
+    losses = [r["loss"] for r in history if not r.get("bad_step") and "rolled_back_to" not in r]
     return guard, SpikeDetector(t.spike_window, t.spike_z, losses[-max(t.spike_window, 1):], last.get("loss_spikes", 0))
 
 
-def _warn(step: int, m: dict, bad: bool, guard: BadStepGuard, spikes: SpikeDetector) -> None:
-    """Rank 0's warnings about a skipped non-finite step or a loss spike."""
+def _warn(step: int, m: dict, bad: bool, guard: BadStepGuard, spikes: SpikeDetector) -> bool:
+    """Rank 0's warnings about a skipped non-finite step or a loss spike; whether the step's loss was a spike."""
     if bad:
         print(f"warning: step {step}: non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}); the optimizer "
               f"step was skipped on every rank ({guard.consecutive} in a row, {guard.total} in the run; "
               f"trainer.max_bad_steps={guard.max_bad})", flush=True)
-        return
+        return False
     z = spikes.observe(m["loss"])
     if z is not None:
         print(f"warning: step {step}: loss spike: loss {m['loss']:.4f} is {z:.1f} standard deviations above the "
               f"mean of the previous losses (trainer.spike_window={spikes.window}, trainer.spike_z={spikes.z}); "
               f"{spikes.total} spikes in the run", flush=True)
+    return z is not None
+
+
+def _spike_rollback(engine: Any, cfg: Any, info: WorkerInfo, spiked: bool, restore: tuple[Path | None, bool],
+                    step: int) -> int | None:
+    """Every rank, with trainer.spike_rollback: on rank 0's loss spike at ``step`` reload ``restore`` (checkpoint,
+    universal) and keep the LR at the data position; returns the checkpoint's step (None: no rollback)."""
+    if not cfg.trainer.spike_rollback:
+        return None
+    (votes,) = all_reduce_sum([float(spiked)])  # only rank 0 runs the detector; every rank must decide alike
+    if votes == 0:
+        return None
+    path, universal = restore
+    to = ckpt.state(path)["step"] if path is not None and path.is_dir() else None
+    if to is None or to >= step:
+        if info.rank == 0:
+            print(f"warning: step {step}: loss spike not rolled back: no complete checkpoint of this run before step "
+                  f"{step} (trainer.checkpoint_every={cfg.trainer.checkpoint_every}); training goes on from the spiked "
+                  "weights", flush=True)
+        return None
+    ckpt.verify(path)
+    loaded = _reload(engine, info, path, universal)
+    assert loaded == to, f"{path} holds step {loaded}, its {ckpt.STATE} says {to}"
+    for _ in range(step - to):  # the LR stays a function of the data position: the next step is step + 1's
+        engine.lr_scheduler.step()
+    if info.rank == 0:
+        print(f"warning: step {step}: loss spike; rolled back to checkpoint step {to} (steps {to + 1}..{step} "
+              f"undone; their data is skipped, training goes on with step {step + 1}'s)", flush=True)
+    return to
+
+
+def _reload(engine: Any, info: WorkerInfo, path: Path, universal: bool) -> int:
+    """Load ``path`` (its universal conversion when ``universal``) into the live engine; returns its step."""
+    if engine.load_universal_checkpoint() != universal:
+        # An elastic start built the engine to read universal checkpoints; the ones this group writes are not.
+        engine._config.load_universal_checkpoint = universal
+    return ckpt.load(engine, ckpt.universal_dir(path) if universal else path, info.rank)
 
 
 def _export(engine: Any, cfg: Any, info: WorkerInfo, plugins: list) -> dict:

@@ -1,0 +1,195 @@
+"""Examples of one source: every row validated, rendered, masked and fitted to ``packing.max_len``.
+
+Each row becomes a ``RowResult``: its encoded pieces (one, or several when
+``data.overlength=split``), or the reason it is rejected. ``SourceData`` collects the results of
+a source in row order, whether they are computed here (``load_source``) or by parallel workers
+(``keel preprocess``), so both paths keep and reject exactly the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableSequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from keel.data import selfcheck, tokenizer_eos
+from keel.data.formats import validate
+from keel.data.masking import IGNORE, apply_mask
+from keel.data.sources import Reject, iter_source
+from keel.data.template import TextEncoder, get_template, render_chat, render_text
+
+Piece = tuple[np.ndarray, np.ndarray]  # input ids, shifted targets (targets[i] = labels[i + 1])
+
+
+@dataclass
+class RowResult:
+    """What one source row became: its pieces and action, or why it was rejected."""
+
+    row: int
+    pieces: list[Piece] = field(default_factory=list)
+    action: str = "kept"  # kept | truncated | split | rejected
+    reason: str | None = None  # why it was rejected
+    data: Any = None  # the row a reject carries
+    example: dict | None = None  # the canonical example of a chat kept whole (self-check samples)
+
+
+@dataclass
+class SourceData:
+    """Encoded, valid examples of one source, plus its rejects.
+
+    ``input_ids``/``targets`` are lists, or on-disk columns (``keel.data.store``) for sources too
+    large to hold in memory; ``rejects`` likewise may be a file-backed sink.
+    """
+
+    name: str
+    input_ids: MutableSequence = field(default_factory=list)
+    targets: MutableSequence = field(default_factory=list)  # shifted: targets[i] = labels[i+1]
+    rejects: MutableSequence = field(default_factory=list)
+    rows_read: int = 0
+    truncated: int = 0  # over-length examples cut to packing.max_len (data.overlength=truncate)
+    split: int = 0  # over-length examples split into several (data.overlength=split)
+    samples: list = field(default_factory=list)  # (row, example, ids, targets) of the first kept chats: self-checks
+
+    def lengths(self) -> np.ndarray:
+        """Token count of every example."""
+        own = getattr(self.input_ids, "lengths", None)
+        return own() if own is not None else np.fromiter(map(len, self.input_ids), np.int64, len(self.input_ids))
+
+    def add(self, res: RowResult, cfg: Any, where: str) -> None:
+        """Record one row's result (``data.on_error=raise``: a reject is a ValueError naming source and row)."""
+        self.rows_read += 1
+        if res.reason is not None:
+            if cfg.data.on_error == "raise":
+                raise ValueError(f"data source {self.name!r} ({where}) row {res.row}: {res.reason}")
+            self.rejects.append({"source": self.name, "row": res.row, "reason": res.reason, "data": res.data})
+            return
+        self.truncated += res.action == "truncated"
+        self.split += res.action == "split"
+        if res.example is not None and len(self.samples) < selfcheck.SAMPLE:
+            self.samples.append((res.row, res.example, *res.pieces[0]))
+        for ids, targets in res.pieces:
+            self.input_ids.append(ids)
+            self.targets.append(targets)
+
+
+def where(src: Any) -> str:
+    """How errors name a source's origin."""
+    return src.path if src.kind == "file" else f"demo:{src.task}"
+
+
+def chat_messages(ex: dict, cfg: Any) -> list[dict]:
+    """The messages a chat example is rendered from (``template.default_system`` added when it has none)."""
+    messages = ex["messages"]
+    if cfg.template.default_system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": cfg.template.default_system}] + messages
+    return messages
+
+
+def _encode_example(ex: dict, enc: TextEncoder, cfg: Any, masking: str) -> tuple[np.ndarray, np.ndarray]:
+    tpl = get_template(cfg.template.name)
+    if "text" in ex and "messages" not in ex:
+        segs = render_text(ex["text"], enc, tpl, tokenizer_eos(enc._tok))
+    else:
+        segs = render_chat(chat_messages(ex, cfg), enc, tpl, ex.get("tools"))
+    encoded = apply_mask(segs, masking, cfg.masking.train_eot)
+    ids = np.asarray(encoded.input_ids, dtype=np.int32)
+    labels = np.asarray(encoded.labels, dtype=np.int32)
+    # Shift inside the example so its first token is never the target of the previous one.
+    targets = np.full_like(labels, IGNORE)
+    targets[:-1] = labels[1:]
+    return ids, targets
+
+
+class _OverLength(Exception):
+    """An example that cannot be made to fit under the overlength policy."""
+
+
+def _truncate(ids: np.ndarray, targets: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    ids, targets = ids[:max_len].copy(), targets[:max_len].copy()
+    targets[-1] = IGNORE  # its target was the first token cut off
+    return ids, targets
+
+
+def _turn_units(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
+    """Leading system message(s), and the turns grouped so each group ends with an assistant turn."""
+    head = [m for m in messages[:1] if m["role"] == "system"]
+    units, cur = [], []
+    for m in messages[len(head):]:
+        cur.append(m)
+        if m["role"] == "assistant":
+            units.append(cur)
+            cur = []
+    return head, units
+
+
+def _split_chat(ex: dict, enc: TextEncoder, cfg: Any, masking: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Split an over-length chat at turn boundaries into pieces that fit (greedy, in order)."""
+    head, units = _turn_units(ex["messages"])
+    pieces, start = [], 0
+    while start < len(units):
+        end, best = start, None
+        while end < len(units):
+            cand = _encode_example({**ex, "messages": head + sum(units[start:end + 1], [])}, enc, cfg, masking)
+            if len(cand[0]) > cfg.packing.max_len:
+                break
+            best, end = cand, end + 1
+        if best is None:
+            raise _OverLength(f"over-length after splitting at turns: turn group {start} alone exceeds "
+                              f"packing.max_len={cfg.packing.max_len}")
+        pieces.append(best)
+        start = end
+    return pieces
+
+
+def _fit(ex: dict, ids: np.ndarray, targets: np.ndarray, enc: TextEncoder, cfg: Any, masking: str) -> tuple:
+    """Apply ``data.overlength``: (pieces, action) with action kept|truncated|split."""
+    max_len, policy = cfg.packing.max_len, cfg.data.overlength
+    if len(ids) <= max_len:
+        return [(ids, targets)], "kept"
+    if policy == "truncate" or (policy == "split" and "messages" not in ex):
+        if policy == "split":  # plain text: consecutive windows
+            return [_truncate(ids[i:], targets[i:], max_len) for i in range(0, len(ids), max_len)], "split"
+        return [_truncate(ids, targets, max_len)], "truncated"
+    if policy == "split":
+        return _split_chat(ex, enc, cfg, masking), "split"
+    raise _OverLength(f"over-length: {len(ids)} tokens > packing.max_len={max_len} (data.overlength=drop)")
+
+
+def _row_pieces(row: Any, cfg: Any, enc: TextEncoder, masking: str) -> tuple[list[Piece], str]:
+    """Encoded pieces of one row and the action taken; raises Reject or _OverLength with the reason."""
+    if isinstance(row, Reject):
+        raise row
+    reason = validate(row)
+    if reason is not None:
+        raise Reject(reason, row)
+    ids, targets = _encode_example(row, enc, cfg, masking)
+    pieces, action = _fit(row, ids, targets, enc, cfg, masking)
+    for _, t in pieces:
+        trained = int((t != IGNORE).sum())
+        if trained < cfg.masking.min_trained_tokens:
+            raise Reject(f"too few trained tokens: {trained} < masking.min_trained_tokens", row)
+    return pieces, action
+
+
+def process_row(row_no: int, row: Any, cfg: Any, enc: TextEncoder, masking: str) -> RowResult:
+    """Validate, encode and fit one row (a canonical example or a reader's Reject)."""
+    try:
+        pieces, action = _row_pieces(row, cfg, enc, masking)
+    except (Reject, _OverLength) as err:
+        return RowResult(row_no, action="rejected", reason=str(err),
+                         data=err.data if isinstance(err, Reject) else row)
+    example = {**row, "messages": chat_messages(row, cfg)} if action == "kept" and "messages" in row else None
+    return RowResult(row_no, pieces, action, example=example)
+
+
+def load_source(src: Any, cfg: Any, enc: TextEncoder) -> SourceData:
+    """Validate and encode one source; every row is either kept or rejected with a reason."""
+    out = SourceData(src.name)
+    masking = src.masking or cfg.masking.name
+    for row_no, row in iter_source(src, cfg.data.seed):
+        if src.cap is not None and len(out.input_ids) >= src.cap:
+            break  # the cap bounds what enters the mixture; unread rows are not rejects
+        out.add(process_row(row_no, row, cfg, enc, masking), cfg, where(src))
+    return out
