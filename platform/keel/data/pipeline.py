@@ -26,7 +26,8 @@ from keel.data.mixing import Schedule, mixture_weights, sample_plan, segment_pla
 from keel.data.packing import pack
 from keel.data.template import TextEncoder, get_template
 
-__all__ = ["RowPlan", "SourceData", "build", "build_rows", "chat_messages", "load_source", "mean_lengths"]
+__all__ = ["Layout", "RowPlan", "SourceData", "build", "chat_messages", "fill_rows", "layout_report",
+           "load_source", "mean_lengths", "plan_sources", "row_tokens"]
 
 
 @dataclass
@@ -227,16 +228,6 @@ def row_tokens(arrays: dict, num_sources: int) -> tuple[np.ndarray, np.ndarray]:
     return tokens.astype(np.int64), kept.astype(np.int64)
 
 
-def build_rows(sources: list[SourceData], cfg: Any, pad_id: int, weights: list[float] | None,
-               schedule: Schedule | None = None) -> RowPlan:
-    """``plan_layout``, then every row materialised, with the data report."""
-    layout = plan_layout(sources, cfg, weights, schedule)
-    arrays = fill_rows(layout, sources, 0, len(layout.rows), cfg.packing.max_len, pad_id)
-    tokens, trained = row_tokens(arrays, len(sources))
-    report = layout_report(sources, layout, tokens, trained, cfg)
-    return RowPlan(source_names=[s.name for s in sources], report=report, **arrays)
-
-
 def layout_report(sources: list[SourceData], layout: Layout, tokens: np.ndarray, trained: np.ndarray,
                   cfg: Any) -> dict:
     """The data report: rows, packing efficiency, and per source what it has and what the rows hold.
@@ -332,6 +323,28 @@ def _mixture(cfg: Any, sources: list[SourceData], adjust: Any, schedule: Any) ->
     return (list(sched.points[0][1]), None) if sched.static else (None, sched)
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id the rows' tail padding uses."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def plan_sources(cfg: Any, sources: list[SourceData], configs: list, enc: TextEncoder, adjust: Any = None,
+                 schedule: Any = None) -> tuple[Layout, list[str]]:
+    """Self-checks, the mixture and the row layout of loaded sources; returns the layout and the notes."""
+    notes = _self_check(sources, configs, enc, cfg)
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"config error: data source names must be unique, with the mitigation sources: {names}")
+    weights, sched = _mixture(cfg, sources, adjust, schedule)
+    assert weights is None or len(weights) == len(sources)
+    return plan_layout(sources, cfg, weights, sched), notes
+
+
+def self_check_report(sources: list[SourceData], notes: list[str]) -> dict:
+    """What ``data_report.json`` records of the start-up self-checks."""
+    return {"samples": {s.name: len(s.samples) for s in sources}, "notes": notes}
+
+
 def build(cfg: Any, tokenizer: Any, extra_sources: tuple = (), adjust: Any = None,
           schedule: Any = None) -> tuple[RowPlan, list[dict]]:
     """Run the data path for ``cfg``; returns the row plan and every rejected row.
@@ -342,18 +355,14 @@ def build(cfg: Any, tokenizer: Any, extra_sources: tuple = (), adjust: Any = Non
     turn the resulting Schedule (one point for a fixed mixture) into a changing one.
     """
     enc = TextEncoder(tokenizer)
-    sources = [load_source(src, cfg, enc) for src in [*cfg.data.sources, *extra_sources]]
-    notes = _self_check(sources, [*cfg.data.sources, *extra_sources], enc, cfg)
-    names = [s.name for s in sources]
-    if len(set(names)) != len(names):
-        raise ValueError(f"config error: data source names must be unique, with the mitigation sources: {names}")
-    weights, sched = _mixture(cfg, sources, adjust, schedule)
-    assert weights is None or len(weights) == len(sources)
-    rejects = [r for s in sources for r in s.rejects]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    plan = build_rows(sources, cfg, pad_id, weights, sched)
-    plan.report["self_check"] = {"samples": {s.name: len(s.samples) for s in sources}, "notes": notes}
-    return plan, rejects
+    configs = [*cfg.data.sources, *extra_sources]
+    sources = [load_source(src, cfg, enc) for src in configs]
+    layout, notes = plan_sources(cfg, sources, configs, enc, adjust, schedule)
+    arrays = fill_rows(layout, sources, 0, len(layout.rows), cfg.packing.max_len, pad_id(tokenizer))
+    report = layout_report(sources, layout, *row_tokens(arrays, len(sources)), cfg)
+    report["self_check"] = self_check_report(sources, notes)
+    plan = RowPlan(source_names=[s.name for s in sources], report=report, **arrays)
+    return plan, [r for s in sources for r in s.rejects]
 
 
 def _self_check(sources: list[SourceData], configs: list, enc: TextEncoder, cfg: Any) -> list[str]:
