@@ -14,13 +14,16 @@ commands:
   train     fine-tune per the composed config (e.g. `keel train mix.T=2 trainer.max_steps=5`)
             `keel train --cfg job` prints the composed config; `keel train --help` lists groups
   inspect   show rendered examples with trained tokens coloured, and write an HTML report
+  preprocess  the data path offline on Ray Data: Parquet shards of packed rows + report.json
+            (`keel preprocess --out DIR <overrides>`, then `keel train <overrides> data.preprocessed=DIR`)
   eval      evaluation: `keel eval passk --help`
   diagnose  forgetting vs alignment tax vs healthy, base vs tuned: `keel diagnose --help`
   submit    run `keel train` as a Ray job on a running cluster: `keel submit --help`
 """
 
 # command -> module with a main(argv) (Hydra-based commands read sys.argv themselves)
-COMMANDS = {"train": "keel.cli.train", "inspect": "keel.cli.inspect", "eval": "keel.cli.eval",
+COMMANDS = {"train": "keel.cli.train", "inspect": "keel.cli.inspect", "preprocess": "keel.cli.preprocess",
+            "eval": "keel.cli.eval",
             "submit": "keel.cli.submit", "diagnose": "keel.cli.diagnose"}
 
 

@@ -4,7 +4,7 @@ A ``Column`` is one flat int32 file (every example's tokens back to back) plus i
 (``<file>.offsets.npy``, written by ``close``). It is appended to in example order by one
 writer and read back example by example with ``os.pread``, so reading pages in nothing but
 the example asked for (a memory map would keep every page it touched resident). A
-``RejectSink`` streams rejected rows to a JSON Lines file and counts them.
+``RejectSink`` streams rejected rows to a JSON Lines file and counts them per source and reason.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from array import array
+from collections import Counter, defaultdict
 from collections.abc import Iterator, MutableSequence
 from pathlib import Path
 from typing import Any
@@ -102,10 +103,14 @@ class RejectSink(MutableSequence):
         self.path = Path(path)
         self._fh = self.path.open("a")
         self._count = 0
+        self.by_source: dict[str, Counter] = defaultdict(Counter)  # source -> reason (numbers blanked) -> count
 
     def append(self, value: dict) -> None:
+        from keel.data.inspect import reason_key
+
         self._fh.write(json.dumps(value, default=str) + "\n")
         self._count += 1
+        self.by_source[value["source"]][reason_key(value["reason"])] += 1
 
     def close(self) -> None:
         self._fh.close()

@@ -49,7 +49,8 @@ def _print_schedule(sched: dict) -> None:
         print(f"    {f'{lo}-{hi}':<10}{cells}")
 
 
-def _adjust(plugins: list) -> Any:
+def adjust_hook(plugins: list) -> Any:
+    """The ``adjust`` of ``keel.data.pipeline.build``: each plugin adjusts the mixture in turn."""
     def adjust(weights: list[float], sources: list) -> list[float]:
         n = len(weights)
         for p in plugins:  # each plugin's extra sources follow the weights it receives
@@ -60,7 +61,8 @@ def _adjust(plugins: list) -> Any:
     return adjust
 
 
-def _schedule(plugins: list) -> Any:
+def schedule_hook(plugins: list) -> Any:
+    """The ``schedule`` of ``keel.data.pipeline.build``: each plugin may change the schedule in turn."""
     def schedule(sched: Any, sources: list) -> Any:
         for p in plugins:  # each sees the schedule the previous ones returned
             sched = p.schedule(sched, sources)
@@ -69,24 +71,42 @@ def _schedule(plugins: list) -> Any:
 
 
 def prepare_data(cfg: Any, run_dir: Path, plugins: list) -> tuple[str, Any, Any]:
-    """Model path, tokenizer and the packed row plan; writes rejects.jsonl."""
+    """Model path, tokenizer and the packed row plan (built, or read from ``data.preprocessed``);
+    writes rejects.jsonl."""
     from keel.data import pipeline
     from keel.mitigation import warnings_for
     from keel.model.build import load_tokenizer, model_path
 
     path = model_path(cfg)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
-    extra = tuple(src for p in plugins for src in p.extra_sources())
-    plan, rejects = pipeline.build(cfg, tokenizer, extra, _adjust(plugins), _schedule(plugins))
+    if cfg.data.preprocessed:
+        plan, rejects = _preprocessed(cfg, tokenizer, run_dir)
+    else:
+        extra = tuple(src for p in plugins for src in p.extra_sources())
+        plan, rows = pipeline.build(cfg, tokenizer, extra, adjust_hook(plugins), schedule_hook(plugins))
+        _write_rejects(run_dir, rows)
+        rejects = len(rows)
     for warning in warnings_for(cfg, plugins, plan.report):
         print(f"warning: {warning}")
     for note in plan.report["self_check"]["notes"]:
         print(f"note: {note}")
-    _write_rejects(run_dir, rejects)
     _print_mixture(plan.report)
     if rejects:
-        print(f"data: {len(rejects)} rows rejected, see {run_dir / 'rejects.jsonl'}")
+        print(f"data: {rejects} rows rejected, see {run_dir / 'rejects.jsonl'}")
     return path, tokenizer, plan
+
+
+def _preprocessed(cfg: Any, tokenizer: Any, run_dir: Path) -> tuple[Any, int]:
+    """The rows of ``data.preprocessed`` and its reject count; its rejects.jsonl is copied into the run."""
+    import shutil
+
+    from keel.data import preprocessed
+
+    plan, notes = preprocessed.load(cfg, tokenizer, to_plain(cfg))
+    for note in notes:
+        print(note)
+    shutil.copyfile(Path(cfg.data.preprocessed) / "rejects.jsonl", run_dir / "rejects.jsonl")
+    return plan, sum(s["rejected"] for s in plan.report["sources"].values())
 
 
 def _summary_table(summary: dict) -> str:
@@ -105,7 +125,9 @@ def _summary_table(summary: dict) -> str:
 def run_meta(cfg: Any, plan: Any, tokenizer: Any) -> dict:
     """Fingerprints stored with every checkpoint; a resume must match them."""
     data = hashlib.sha256(plan.input_ids.tobytes() + plan.targets.tobytes()).hexdigest()[:16]
-    tok = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    from keel.data.preprocessed import tokenizer_fingerprint
+
+    tok = tokenizer_fingerprint(tokenizer)
     t = cfg.trainer
     return {"data_fingerprint": data, "tokenizer": tok, "template": cfg.template.name,
             "grad_accum": t.grad_accum, "micro_batch_size": t.micro_batch_size, "max_steps": t.max_steps}
