@@ -129,3 +129,30 @@ class RejectSink(MutableSequence):
 
     def insert(self, i: int, value: Any) -> None:
         self.append(value)
+
+
+class SourceRejects(MutableSequence):
+    """One source's view of a shared RejectSink: appends go to the sink, the length is this source's count."""
+
+    def __init__(self, sink: RejectSink) -> None:
+        self.sink = sink
+        self._count = 0
+
+    def append(self, value: dict) -> None:
+        self.sink.append(value)
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: int) -> Any:
+        raise TypeError(f"rejects are in {self.sink.path}, not in memory")
+
+    def __setitem__(self, i: int, value: Any) -> None:
+        raise TypeError("rejects are append-only")
+
+    def __delitem__(self, i: int) -> None:
+        raise TypeError("rejects are append-only")
+
+    def insert(self, i: int, value: Any) -> None:
+        self.append(value)

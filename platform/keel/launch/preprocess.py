@@ -27,7 +27,7 @@ from keel.data.pipeline import Layout, layout_report, pad_id, plan_sources, self
 from keel.data.preprocessed import REPORT, compat
 from keel.data.shards import write_shard
 from keel.data.sources import iter_source
-from keel.data.store import Column, RejectSink
+from keel.data.store import Column, RejectSink, SourceRejects
 
 BLOCK_ROWS = 512  # source rows per Ray Data block
 SHARD_ROWS = 2048  # packed rows per Parquet shard
@@ -148,7 +148,7 @@ def encode_sources(configs: list, cfg: Any, model_path: str, work: Path, rejects
 
     from keel.data import selfcheck
 
-    sources = [SourceData(src.name, Column(work / f"{k}.ids"), Column(work / f"{k}.targets"), rejects)
+    sources = [SourceData(src.name, Column(work / f"{k}.ids"), Column(work / f"{k}.targets"), SourceRejects(rejects))
                for k, src in enumerate(configs)]
     origins = [where(src) for src in configs]
     ds = ray.data.read_datasource(_datasource(configs, cfg.data.seed), num_cpus=0)
