@@ -6,7 +6,7 @@ import keel.cli.train  # noqa: F401
 import pytest
 from hydra import compose, initialize_config_module
 from keel.data import pipeline
-from keel.launch.driver import _adjust
+from keel.launch.driver import adjust_hook
 from keel.mitigation import build, warnings_for
 from keel.mitigation.replay import replay_weight
 from omegaconf import OmegaConf
@@ -30,7 +30,7 @@ def test_replay_realised_share_matches_ratio(tokenizer, ratio):
     cfg = _cfg("mitigation=replay", f"mitigation.replay.ratio={ratio}", "trainer.max_steps=400")
     plugins = build(cfg)
     extra = tuple(s for p in plugins for s in p.extra_sources())
-    plan, _ = pipeline.build(cfg, tokenizer, extra, _adjust(plugins))
+    plan, _ = pipeline.build(cfg, tokenizer, extra, adjust_hook(plugins))
     warnings_for(cfg, plugins, plan.report)
     assert "replay" in plan.report["sources"]
     assert abs(plan.report["replay_token_share"] - ratio) < 0.01

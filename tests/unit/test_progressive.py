@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from keel.data import pipeline
 from keel.data.mixing import Schedule
-from keel.launch.driver import _adjust, _schedule
+from keel.launch.driver import adjust_hook, schedule_hook
 from keel.mitigation import build, warnings_for
 from keel.mitigation.progressive import Progressive, start_mixture
 from omegaconf import OmegaConf
@@ -26,7 +26,7 @@ def _run(tokenizer, *overrides):
     for p in plugins:
         p.configure(cfg)
     extra = tuple(s for p in plugins for s in p.extra_sources())
-    rows, _ = pipeline.build(cfg, tokenizer, extra, _adjust(plugins), _schedule(plugins))
+    rows, _ = pipeline.build(cfg, tokenizer, extra, adjust_hook(plugins), schedule_hook(plugins))
     warnings_for(cfg, plugins, rows.report)
     return cfg, rows
 

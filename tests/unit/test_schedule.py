@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from keel.data import pipeline
 from keel.data.mixing import Schedule
-from keel.launch.driver import _adjust, _schedule
+from keel.launch.driver import adjust_hook, schedule_hook
 from keel.mitigation import build as build_mitigations
 from omegaconf import OmegaConf
 
@@ -115,14 +115,14 @@ def test_without_a_schedule_the_fixed_mixture_path_is_untouched(tokenizer):
     cfg = _cfg("mitigation=replay", "trainer.max_steps=5")
     plugins = build_mitigations(cfg)
     extra = tuple(s for p in plugins for s in p.extra_sources())
-    plain, _ = pipeline.build(cfg, tokenizer, extra, _adjust(plugins))
-    hooked, _ = pipeline.build(cfg, tokenizer, extra, _adjust(plugins), _schedule(plugins))
+    plain, _ = pipeline.build(cfg, tokenizer, extra, adjust_hook(plugins))
+    hooked, _ = pipeline.build(cfg, tokenizer, extra, adjust_hook(plugins), schedule_hook(plugins))
     assert _same_rows(plain, hooked) and plain.report == hooked.report and "schedule" not in plain.report
 
     def same_mixture_rebuilt(sched: Schedule, sources: list) -> Schedule:
         return Schedule(sched.points)  # an equal but new static schedule: its (normalised) weights are used
 
-    rebuilt, _ = pipeline.build(cfg, tokenizer, extra, _adjust(plugins), same_mixture_rebuilt)
+    rebuilt, _ = pipeline.build(cfg, tokenizer, extra, adjust_hook(plugins), same_mixture_rebuilt)
     assert "schedule" not in rebuilt.report
     assert [s["weight"] for s in rebuilt.report["sources"].values()] == pytest.approx(
         [s["weight"] for s in plain.report["sources"].values()])

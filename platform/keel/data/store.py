@@ -22,7 +22,22 @@ import numpy as np
 ITEM = 4  # bytes per token (int32)
 
 
-class Column(MutableSequence):
+class _AppendOnly(MutableSequence):
+    """A MutableSequence that only appends (what SourceData does with its columns and rejects)."""
+
+    def __setitem__(self, i: int, value: Any) -> None:
+        raise TypeError(f"{type(self).__name__} is append-only")
+
+    def __delitem__(self, i: int) -> None:
+        raise TypeError(f"{type(self).__name__} is append-only")
+
+    def insert(self, i: int, value: Any) -> None:
+        if i != len(self):
+            raise TypeError(f"{type(self).__name__} is append-only")
+        self.append(value)
+
+
+class Column(_AppendOnly):
     """Append-only sequence of int32 arrays stored in one file."""
 
     def __init__(self, path: str | os.PathLike, offsets: np.ndarray | None = None) -> None:
@@ -73,17 +88,6 @@ class Column(MutableSequence):
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(len(self)))
 
-    def __setitem__(self, i: int, value: Any) -> None:
-        raise TypeError("a Column is append-only")
-
-    def __delitem__(self, i: int) -> None:
-        raise TypeError("a Column is append-only")
-
-    def insert(self, i: int, value: Any) -> None:
-        if i != len(self):
-            raise TypeError("a Column is append-only")
-        self.append(value)
-
     def __getstate__(self) -> dict:
         assert self._fh is None, "close a Column before sending it to another process"
         return {"path": str(self.path), "offsets": np.frombuffer(self._offsets, dtype=np.int64).copy()}
@@ -96,7 +100,7 @@ class Column(MutableSequence):
             os.close(self._fd)
 
 
-class RejectSink(MutableSequence):
+class RejectSink(_AppendOnly):
     """Rejected rows appended to a JSON Lines file; only their count stays in memory."""
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -121,17 +125,8 @@ class RejectSink(MutableSequence):
     def __getitem__(self, i: int) -> Any:
         raise TypeError(f"rejects are in {self.path}, not in memory")
 
-    def __setitem__(self, i: int, value: Any) -> None:
-        raise TypeError("a RejectSink is append-only")
 
-    def __delitem__(self, i: int) -> None:
-        raise TypeError("a RejectSink is append-only")
-
-    def insert(self, i: int, value: Any) -> None:
-        self.append(value)
-
-
-class SourceRejects(MutableSequence):
+class SourceRejects(_AppendOnly):
     """One source's view of a shared RejectSink: appends go to the sink, the length is this source's count."""
 
     def __init__(self, sink: RejectSink) -> None:
@@ -147,12 +142,3 @@ class SourceRejects(MutableSequence):
 
     def __getitem__(self, i: int) -> Any:
         raise TypeError(f"rejects are in {self.sink.path}, not in memory")
-
-    def __setitem__(self, i: int, value: Any) -> None:
-        raise TypeError("rejects are append-only")
-
-    def __delitem__(self, i: int) -> None:
-        raise TypeError("rejects are append-only")
-
-    def insert(self, i: int, value: Any) -> None:
-        self.append(value)

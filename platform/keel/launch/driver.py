@@ -102,7 +102,7 @@ def _preprocessed(cfg: Any, tokenizer: Any, run_dir: Path) -> tuple[Any, int]:
 
     from keel.data import preprocessed
 
-    plan, notes = preprocessed.load(cfg, tokenizer, to_plain(cfg))
+    plan, notes = preprocessed.load(cfg, tokenizer, redact(to_plain(cfg)))  # as report.json records it
     for note in notes:
         print(note)
     shutil.copyfile(Path(cfg.data.preprocessed) / "rejects.jsonl", run_dir / "rejects.jsonl")

@@ -28,6 +28,7 @@ from keel.data.preprocessed import REPORT, compat
 from keel.data.shards import write_shard
 from keel.data.sources import iter_source
 from keel.data.store import Column, RejectSink, SourceRejects
+from keel.tracking.logger import redact
 
 BLOCK_ROWS = 512  # source rows per Ray Data block
 SHARD_ROWS = 2048  # packed rows per Parquet shard
@@ -160,7 +161,7 @@ def encode_sources(configs: list, cfg: Any, model_path: str, work: Path, rejects
         for k, res in _results(batch):
             cap = configs[k].cap
             if cap is not None and len(sources[k].input_ids) >= cap:
-                continue  # the cap bounds what enters the mixture; rows past it are not read, not rejected
+                continue  # the cap bounds what enters the mixture: rows past it count as unread (as in load_source)
             sources[k].add(res, cfg, origins[k])
     for data in sources:
         data.input_ids.close()
@@ -283,7 +284,7 @@ def preprocess(cfg: Any, out: Path, procs: int) -> dict:
               "source_names": [s.name for s in sources], "compat": compat(cfg, tokenizer),
               "packing_efficiency": data_report["packing_efficiency"], "sources": _summary(data_report),
               "rejects_by_reason": {s.name: dict(rejects.by_source.get(s.name, {})) for s in sources},
-              "data_report": data_report, "config": to_plain(cfg)}
+              "data_report": data_report, "config": redact(to_plain(cfg))}
     (out / REPORT).write_text(json.dumps(report, indent=2, default=str))
     shutil.rmtree(work)
     return report
