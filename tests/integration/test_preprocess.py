@@ -112,6 +112,7 @@ def test_inspect_and_preprocess_every_shared_sft_file(tmp_path, capsys):
         s = report["sources"][f"s{i}"]
         assert s["examples"] > 0 and s["rejected"] == sum(report["rejects_by_reason"][f"s{i}"].values()), f
         assert s["examples"] + s["rejected"] == s["rows_read"], f  # nothing lost
+        assert s["format"] == json.loads((tmp_path / f.stem / "inspect.json").read_text())["sources"][0]["format"]
     lines = (tmp_path / "pre" / "rejects.jsonl").read_text().splitlines()
     assert len(lines) == sum(s["rejected"] for s in report["sources"].values())
     assert report["rows"] == 2 * 2 and 0.9 < report["packing_efficiency"] <= 1

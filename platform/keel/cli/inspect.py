@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from keel.cli.train import validate
 from keel.config import KeelConfig, SourceConfig
 from keel.data import inspect as view
+from keel.data.sources import source_format
 
 DESCRIPTION = """Show N rendered examples per source with trained tokens highlighted, and write
 inspect.html + inspect.json. Remaining arguments are Hydra overrides, as for `keel train`
@@ -78,18 +79,6 @@ def load_sources(cfg: KeelConfig) -> tuple[Any, list[Any]]:
     tokenizer = load_tokenizer(model_path(cfg), cfg.model.trust_remote_code)
     enc = TextEncoder(tokenizer)
     return tokenizer, [load_source(src, cfg, enc) for src in cfg.data.sources]
-
-
-def source_format(src: Any) -> str:
-    """The format a source is read with (what ``format=auto`` picks, for files)."""
-    if src.kind != "file" or src.format != "auto":
-        return "demo" if src.kind == "demo" else src.format
-    from keel.data.sources import detect_source_format
-
-    try:
-        return detect_source_format(src.path, src.fields, split=src.split, subset=src.subset)
-    except ValueError:
-        return "auto (no known format found)"
 
 
 def summary_line(stats: dict) -> str:

@@ -23,7 +23,7 @@ from keel.data import demo
 from keel.data.formats import FORMATS, Reject, check_fields, check_format, detect_format, to_canonical, validate
 
 __all__ = ["Reject", "detect_source_format", "iter_raw", "iter_rows", "iter_source", "load_conversations",
-           "read_file", "resolve_files"]
+           "read_file", "resolve_files", "source_format"]
 
 log = logging.getLogger(__name__)
 
@@ -292,3 +292,13 @@ def iter_source(src: Any, seed: int) -> Iterator[tuple[int, Any]]:
         if src.num_examples != -1 and n >= src.num_examples:
             break
         yield i, row
+
+
+def source_format(src: Any) -> str:
+    """The format a source is read with (what ``format=auto`` picks, for files)."""
+    if src.kind != "file" or src.format != "auto":
+        return "demo" if src.kind == "demo" else src.format
+    try:
+        return detect_source_format(src.path, src.fields, split=src.split, subset=src.subset)
+    except ValueError:
+        return "auto (no known format found)"

@@ -26,7 +26,7 @@ from keel.data.examples import RowResult, SourceData, process_row, where
 from keel.data.pipeline import Layout, layout_report, pad_id, plan_sources, self_check_report
 from keel.data.preprocessed import REPORT, compat
 from keel.data.shards import write_shard
-from keel.data.sources import iter_source
+from keel.data.sources import iter_source, source_format
 from keel.data.store import Column, RejectSink, SourceRejects
 from keel.tracking.logger import redact
 
@@ -243,12 +243,12 @@ def init_ray(cfg: Any, procs: int) -> None:
     ctx.enable_progress_bars = False
 
 
-def _summary(report: dict) -> dict:
-    """report.json's headline numbers per source."""
+def _summary(report: dict, configs: list) -> dict:
+    """report.json's headline numbers per source, with the format it was read as (what format=auto chose)."""
     out = {}
-    for name, s in report["sources"].items():
-        out[name] = {"rows_read": s["rows_read"], "examples": s["available"], "rejected": s["rejected"],
-                     "truncated": s["truncated"], "split": s["split"], "tokens": s["tokens"],
+    for src, (name, s) in zip(configs, report["sources"].items()):
+        out[name] = {"format": source_format(src), "rows_read": s["rows_read"], "examples": s["available"],
+                     "rejected": s["rejected"], "truncated": s["truncated"], "split": s["split"], "tokens": s["tokens"],
                      "trained_tokens": s["trained_tokens"],
                      "trained_fraction": s["trained_tokens"] / s["tokens"] if s["tokens"] else 0.0}
     return out
@@ -282,7 +282,7 @@ def preprocess(cfg: Any, out: Path, procs: int) -> dict:
     data_report["self_check"] = self_check_report(sources, notes)
     report = {"rows": len(layout.rows), "shards": shards, "shard_rows": SHARD_ROWS,
               "source_names": [s.name for s in sources], "compat": compat(cfg, tokenizer),
-              "packing_efficiency": data_report["packing_efficiency"], "sources": _summary(data_report),
+              "packing_efficiency": data_report["packing_efficiency"], "sources": _summary(data_report, configs),
               "rejects_by_reason": {s.name: dict(rejects.by_source.get(s.name, {})) for s in sources},
               "data_report": data_report, "config": redact(to_plain(cfg))}
     (out / REPORT).write_text(json.dumps(report, indent=2, default=str))
