@@ -119,3 +119,24 @@ def test_a_shorter_run_takes_the_first_rows_and_is_told_what_does_not_apply(buil
     assert sum(s["examples"] for s in report["sources"].values()) == starts
     assert notes[0].startswith("data.preprocessed: training on 4 of the 12 packed rows")
     assert "mix.T" in notes[1] and "mitigation.replay.ratio" in notes[1] and "trainer" not in notes[1]
+
+
+@pytest.mark.parametrize("mitigation", ["replay", "progressive"])
+def test_row_shaping_plugins_do_not_check_preprocessed_rows(built, tokenizer, tmp_path, capsys, mitigation):
+    """Replay and progressive mixing act when rows are planned: on a directory preprocessed without them they
+    are reported as not applying, and their row checks (which look for their source or schedule) are skipped."""
+    from keel.launch import driver
+    from keel.mitigation import build as build_mitigations
+
+    cfg, plan = built
+    _directory(tmp_path, cfg, plan, tokenizer)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (tmp_path / "rejects.jsonl").write_text("")
+    train = _cfg("trainer.max_steps=1", f"data.preprocessed={tmp_path}", f"mitigation={mitigation}")
+    plugins = build_mitigations(train)
+    for p in plugins:
+        p.configure(train)
+    _, _, rows = driver.prepare_data(train, run_dir, plugins)
+    assert np.array_equal(rows.input_ids, plan.input_ids[:4])
+    assert f"do not apply: mitigation.{mitigation}" in capsys.readouterr().out

@@ -42,6 +42,7 @@ class Mitigation:
     """Base class: every hook is a no-op."""
 
     name = "base"
+    shapes_rows = False  # its data hooks change which rows are planned (they act in keel preprocess, not on its rows)
 
     def __init__(self, options: Any) -> None:
         self.options = options

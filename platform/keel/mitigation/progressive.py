@@ -38,6 +38,7 @@ def start_mixture(target: list[float], mean_tokens: list[float], ramped: int, sh
 
 class Progressive(Mitigation):
     name = "progressive"
+    shapes_rows = True
 
     def __init__(self, options: Any) -> None:
         super().__init__(options)

@@ -24,6 +24,7 @@ def replay_weight(weights: list[float], mean_tokens: list[float], replay_tokens:
 
 class Replay(Mitigation):
     name = "replay"
+    shapes_rows = True
 
     def extra_sources(self) -> list[Any]:
         return [self.options.source]
