@@ -512,7 +512,7 @@ class TrainerConfig:
 
 
 # What a checkpoint records about its run; resuming with any of these changed is refused.
-RESUME_FIELDS = ("data_fingerprint", "tokenizer", "template", "grad_accum", "micro_batch_size", "max_steps")
+RESUME_FIELDS = ("data_fingerprint", "tokenizer", "template", "grad_accum", "micro_batch_size", "max_steps", "lora")
 
 
 @dataclass

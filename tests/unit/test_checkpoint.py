@@ -46,6 +46,29 @@ def test_resume_refuses_changed_fingerprints():
                     ["data_fingerprint"])
 
 
+def test_resume_refuses_other_lora_adapters(tokenizer):
+    """A LoRA checkpoint holds adapters of one shape: a resume with another r (or LoRA switched on) is refused."""
+    import keel.cli.train  # noqa: F401
+    import numpy as np
+    from hydra import compose, initialize_config_module
+    from keel.data.pipeline import RowPlan
+    from keel.launch.driver import check_resumable, run_meta
+    from omegaconf import OmegaConf
+
+    def meta(*overrides):
+        with initialize_config_module(config_module="keel.conf", version_base=None):
+            cfg = OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+        rows = RowPlan(*(np.zeros((1, 4), np.int32) for _ in range(5)), source_names=[], report={})
+        return json.loads(json.dumps(run_meta(cfg, rows, tokenizer)))  # as a checkpoint stores it
+
+    saved = meta("mitigation=lora")
+    check_resumable(saved, meta("mitigation=lora", "mitigation.lora.merge_export=false"), [])  # export only
+    for other in (meta("mitigation=lora", "mitigation.lora.r=8"), meta()):
+        with pytest.raises(ValueError, match="lora changed since the checkpoint"):
+            check_resumable(saved, other, [])
+    check_resumable(saved, meta("mitigation=lora", "mitigation.lora.r=8"), ["lora"])
+
+
 def test_truncated_or_altered_shards_are_caught(tmp_path):
     d = _fake(tmp_path, 4)
     ckpt.verify(d)

@@ -131,12 +131,17 @@ def run_meta(cfg: Any, plan: Any, tokenizer: Any) -> dict:
 
     tok = tokenizer_fingerprint(tokenizer)
     t = cfg.trainer
+    # LoRA adapters are what a LoRA checkpoint holds: another r, alpha or target set cannot load it
+    # (merge_export only decides the final export).
+    lora = to_plain(cfg)["mitigation"].get("lora")
+    lora = {k: v for k, v in lora.items() if k != "merge_export"} if lora else None
     return {"data_fingerprint": data, "tokenizer": tok, "template": cfg.template.name,
-            "grad_accum": t.grad_accum, "micro_batch_size": t.micro_batch_size, "max_steps": t.max_steps}
+            "grad_accum": t.grad_accum, "micro_batch_size": t.micro_batch_size, "max_steps": t.max_steps,
+            "lora": lora}
 
 
 def check_resumable(saved: dict, meta: dict, allowed: list[str]) -> None:
-    """Refuse a resume whose data, tokenizer, template or batch geometry changed."""
+    """Refuse a resume whose data, tokenizer, template, batch geometry or LoRA adapters changed."""
     for key, value in meta.items():
         if key in saved and saved[key] != value and key not in allowed:
             raise ValueError(f"cannot resume: {key} changed since the checkpoint ({saved[key]!r} -> {value!r}); "
