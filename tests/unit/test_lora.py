@@ -166,3 +166,18 @@ def test_warnings_lora_wants_a_higher_lr_and_skips_the_full_ft_one():
     assert any("LoRA usually wants" in w for w in warnings_for(both, plugins, ONE_EPOCH))
     many = {"sources": {"a": {"epochs": 5.0}}}
     assert any("epochs" in w for w in warnings_for(cfg, build(cfg), many))  # overfitting still warned
+
+
+def test_flops_count_frozen_weights_without_their_weight_gradients(tiny_path):
+    """A full fine-tune is 6·N·T; with LoRA the frozen base weights cost 4·N·T and the adapters 6·N·T."""
+    from keel.train.flops import matmul_params, step_flops
+
+    full = _base(tiny_path)
+    trainable, frozen = matmul_params(full)
+    assert frozen == 0 and trainable == sum(p.numel() for p in full.parameters()) - full.get_input_embeddings(
+    ).weight.numel()
+    assert step_flops((trainable, 0), 2, 8, tokens=10, sum_sq_lengths=0) == 6.0 * trainable * 10
+    wrapped = wrap(_base(tiny_path), LoraConfig(), seed=0)
+    t, f = matmul_params(wrapped)
+    assert t == sum(p.numel() for p in wrapped.parameters() if p.requires_grad) and f == trainable
+    assert step_flops((t, f), 2, 8, tokens=10, sum_sq_lengths=3) == (6.0 * t + 4.0 * f) * 10 + 6.0 * 2 * 8 * 3

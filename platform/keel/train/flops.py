@@ -2,10 +2,12 @@
 
 FLOPs of one optimizer step (forward + backward):
 
-    6 · N · T  +  6 · n_layers · d_model · Σ_i L_i²
+    6 · N_t · T  +  4 · N_f · T  +  6 · n_layers · d_model · Σ_i L_i²
 
-N = parameters in matmuls (all parameters except the input embedding), T = real tokens in
-the step, L_i = length of packed example i. The first term is the dense 6N rule; the second
+N_t / N_f = trainable / frozen parameters in matmuls (all parameters except the input
+embedding), T = real tokens in the step, L_i = length of packed example i. The first terms are
+the dense 6N rule, less the weight-gradient matmul (2N) a frozen weight skips (LoRA's base
+weights still take part in the forward and the input-gradient matmuls); the third
 is causal attention (QKᵀ and PV cost 2·L²·d each per layer forward, halved by the causal
 mask, tripled for backward), computed with each example's own length: packing must not be
 credited with attention across the whole row it never computes. MFU = FLOPs / (step time ·
@@ -22,19 +24,24 @@ from keel.model.build import full_numel
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
-def matmul_params(model: Any) -> int:
-    """Parameters that take part in matmuls (ZeRO-3 partitioned sizes counted in full)."""
+def matmul_params(model: Any) -> tuple[int, int]:
+    """Trainable and frozen parameters that take part in matmuls (ZeRO-3 partitioned sizes counted in full)."""
     embed = model.get_input_embeddings().weight
-    total = 0
+    trainable = frozen = 0
     for p in model.parameters():
-        if p is not embed:
-            total += full_numel(p)
-    return total
+        if p is embed:
+            continue
+        if p.requires_grad:
+            trainable += full_numel(p)
+        else:
+            frozen += full_numel(p)
+    return trainable, frozen
 
 
-def step_flops(n_params: int, n_layers: int, d_model: int, tokens: int, sum_sq_lengths: int) -> float:
-    """Training FLOPs of one step (see module docstring)."""
-    return 6.0 * n_params * tokens + 6.0 * n_layers * d_model * sum_sq_lengths
+def step_flops(params: tuple[int, int], n_layers: int, d_model: int, tokens: int, sum_sq_lengths: int) -> float:
+    """Training FLOPs of one step, ``params`` = (trainable, frozen) matmul parameters (see module docstring)."""
+    trainable, frozen = params
+    return (6.0 * trainable + 4.0 * frozen) * tokens + 6.0 * n_layers * d_model * sum_sq_lengths
 
 
 def device_peak(use_gpu: bool, override_tflops: float | None) -> float | None:

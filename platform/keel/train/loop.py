@@ -157,9 +157,9 @@ def _check_bundle(bundle: dict, step: int, rank: int) -> None:
 
 
 def _flops_counter(model: Any, cfg: Any) -> Any:
-    n = matmul_params(model)
+    params = matmul_params(model)
     layers, d = model.config.num_hidden_layers, model.config.hidden_size
-    return lambda tokens, sum_sq: step_flops(n, layers, d, tokens, int(sum_sq))
+    return lambda tokens, sum_sq: step_flops(params, layers, d, tokens, int(sum_sq))
 
 
 def _attention_calls() -> dict:
