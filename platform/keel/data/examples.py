@@ -51,11 +51,16 @@ class SourceData:
     truncated: int = 0  # over-length examples cut to packing.max_len (data.overlength=truncate)
     split: int = 0  # over-length examples split into several (data.overlength=split)
     samples: list = field(default_factory=list)  # (row, example, ids, targets) of the first kept chats: self-checks
+    _lengths: np.ndarray | None = field(default=None, repr=False, compare=False)  # of a list: planning reads it often
 
     def lengths(self) -> np.ndarray:
         """Token count of every example."""
         own = getattr(self.input_ids, "lengths", None)
-        return own() if own is not None else np.fromiter(map(len, self.input_ids), np.int64, len(self.input_ids))
+        if own is not None:
+            return own()
+        if self._lengths is None or len(self._lengths) != len(self.input_ids):  # examples are only ever appended
+            self._lengths = np.fromiter(map(len, self.input_ids), np.int64, len(self.input_ids))
+        return self._lengths
 
     def add(self, res: RowResult, cfg: Any, where: str) -> None:
         """Record one row's result (``data.on_error=raise``: a reject is a ValueError naming source and row)."""
