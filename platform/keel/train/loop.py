@@ -190,8 +190,7 @@ def _resume(engine: Any, info: WorkerInfo, chosen: Path | None, elastic: bool) -
     """Load ``chosen`` (its universal conversion when ``elastic``); returns its step (0 without one)."""
     if chosen is None:
         return 0
-    source = ckpt.universal_dir(chosen) if elastic else chosen
-    step = ckpt.load(engine, source, info.rank)
+    step = _reload(engine, info, chosen, elastic)
     if info.rank == 0:
         how = f" (universal checkpoint: written by {ckpt.saved_world(chosen)} workers, now {info.world_size})"
         print(f"resumed from {chosen} (step {step}){how if elastic else ''}")
