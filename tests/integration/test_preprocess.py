@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from keel.data.shards import read_rows
 from keel.launch import driver
-from keel.mitigation import build as build_mitigations
+from keel.mitigation import configured
 from keel.train import checkpoint as ckpt
 from omegaconf import OmegaConf
 
@@ -66,9 +66,7 @@ def test_preprocess_equals_the_in_memory_path_and_trains_the_same_rows(tmp_path)
     report = _preprocess(out, overrides)
 
     cfg = _cfg(overrides)
-    plugins = build_mitigations(cfg)
-    for p in plugins:
-        p.configure(cfg)
+    plugins = configured(cfg)
     direct = tmp_path / "direct"
     direct.mkdir()
     _, tokenizer, plan = driver.prepare_data(cfg, direct, plugins)

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_module
 from keel.data import pipeline
 from keel.data.mixing import Schedule
 from keel.launch.driver import adjust_hook, schedule_hook
-from keel.mitigation import build, warnings_for
+from keel.mitigation import build, configured, warnings_for
 from keel.mitigation.progressive import Progressive, start_mixture
 from omegaconf import OmegaConf
 
@@ -22,9 +22,7 @@ def _cfg(*overrides):
 def _run(tokenizer, *overrides):
     """The driver's data path: configure, extra sources, adjust, schedule, data checks."""
     cfg = _cfg(*overrides)
-    plugins = build(cfg)
-    for p in plugins:
-        p.configure(cfg)
+    plugins = configured(cfg)
     extra = tuple(s for p in plugins for s in p.extra_sources())
     rows, _ = pipeline.build(cfg, tokenizer, extra, adjust_hook(plugins), schedule_hook(plugins))
     warnings_for(cfg, plugins, rows.report)

@@ -214,11 +214,9 @@ def run_training(cfg: Any, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     attention = resolve(cfg.model.attention, cfg.cluster.use_gpu)
     print(f"attention backend: {attention} (model.attention={cfg.model.attention})")
-    from keel.mitigation import build as build_mitigations
+    from keel.mitigation import configured
 
-    plugins = build_mitigations(cfg)
-    for plugin in plugins:
-        plugin.configure(cfg)
+    plugins = configured(cfg)
     path, tokenizer, plan = prepare_data(cfg, run_dir, plugins)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(to_plain(cfg))))  # as plugins left it
     t = cfg.trainer

@@ -258,12 +258,10 @@ def preprocess(cfg: Any, out: Path, procs: int) -> dict:
     """Run the data path of ``cfg`` on Ray Data into ``out``; returns report.json's content."""
     from keel.data.template import TextEncoder
     from keel.launch.driver import adjust_hook, schedule_hook
-    from keel.mitigation import build as build_mitigations
+    from keel.mitigation import configured
     from keel.model.build import load_tokenizer, model_path
 
-    plugins = build_mitigations(cfg)
-    for plugin in plugins:
-        plugin.configure(cfg)
+    plugins = configured(cfg)
     path = model_path(cfg)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     work = out / ".work"

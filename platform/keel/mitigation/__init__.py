@@ -20,6 +20,14 @@ def build(cfg: Any) -> list[Mitigation]:
     return [PLUGINS[name](getattr(cfg.mitigation, name)) for name in cfg.mitigation.enabled]
 
 
+def configured(cfg: Any) -> list[Mitigation]:
+    """The enabled plugins, each having adjusted ``cfg`` in turn: what a driver (train, preprocess) starts with."""
+    plugins = build(cfg)
+    for plugin in plugins:
+        plugin.configure(cfg)
+    return plugins
+
+
 def warnings_for(cfg: Any, plugins: list[Mitigation], report: dict) -> list[str]:
     """Plugin checks, plus the general warnings when no LR plugin is active (LoRA: no full-fine-tune LR one)."""
     out = [w for p in plugins for w in (*p.check_config(cfg), *p.check_data(report))]
