@@ -24,10 +24,12 @@ from keel.data.template import TEMPLATES, THINK, TextEncoder, render_pieces
 from . import family_tokenizers
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
-# template -> (family tokenizer, the family's chat template, whether it renders a system message)
+# template -> (family tokenizer, the family's chat template, whether it renders a system message in a
+# conversation that ends with an answer: Gemma 2's refuses one; Mistral v0.3's writes it only into a
+# final user turn, i.e. only in a served prompt, checked by test_mistral_system_prompt_is_where_served)
 PAIRS = {"llama3": ("llama3", "llama3.jinja", True), "llama3.1": ("llama3", "llama3.1.jinja", True),
          "qwen2.5": ("qwen", "qwen2.5.jinja", True), "qwen3": ("qwen", "qwen3.jinja", True),
-         "mistral": ("mistral", "mistral-v0.3.jinja", True), "gemma": ("gemma", "gemma2.jinja", False),
+         "mistral": ("mistral", "mistral-v0.3.jinja", False), "gemma": ("gemma", "gemma2.jinja", False),
          "phi3": ("phi3", "phi3.jinja", True)}
 WORDS = ["Hello", "world", "2 + 2 = 4.", "naïve café", "東京", "🙂", "x = [1, 2]", "def f():\n    return 1",
          "<think>", "</think>", "<tool_call>", "\n", "\n\n", " ", "  ", "\t", "a\r\nb"]
@@ -61,10 +63,10 @@ def _conversation(rng: random.Random, system: bool, reasoning: bool) -> list[dic
     return msgs
 
 
-def conversations(template: str, n: int = 30, seed: int = 0) -> list[list[dict]]:
+def conversations(template: str, n: int = 30, seed: int = 0, system: bool | None = None) -> list[list[dict]]:
     """``n`` conversations with a system message (where the family renders one) and ``n`` without."""
     rng = random.Random(seed)
-    systems = (True, False) if PAIRS[template][2] else (False,)
+    systems = ((True, False) if PAIRS[template][2] else (False,)) if system is None else (system,)
     return [_conversation(rng, s, template == "qwen3") for s in systems for _ in range(n)]
 
 
@@ -137,3 +139,16 @@ def test_qwen3_reasoning_is_rendered_where_qwen3_renders_it(families):
                     "2+2?<|im_end|>\n<|im_start|>assistant\n" + THINK[0] + "add" + THINK[1] + "4<|im_end|>\n")
     tok = families["qwen"]
     assert encode(conv, tok, template="qwen3").input_ids == _theirs(tok, "qwen3.jinja", conv)
+
+
+def test_mistral_system_prompt_is_where_served(families):
+    """With a system message, every answer's prompt is token-identical to the prompt Mistral v0.3's template
+    serves for it (the system prompt opens the last user turn before it)."""
+    tok = families["mistral"]
+    enc = TextEncoder(tok)
+    source = (FIXTURES / "mistral-v0.3.jinja").read_text()
+    for conv in conversations("mistral", system=True):
+        ids = encode(conv, enc, template="mistral").input_ids
+        served = tok(tok.apply_chat_template(conv[:-1], tokenize=False, add_generation_prompt=True,
+                                             chat_template=source), add_special_tokens=False)["input_ids"]
+        assert ids[: len(served)] == served

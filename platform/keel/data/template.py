@@ -71,7 +71,7 @@ class ChatTemplate:
     role_names: tuple[tuple[str, str], ...] = ()  # header names differing from Keel's roles
     headers: tuple[tuple[str, str], ...] = ()  # per-role header markup replacing ``header``
     eots: tuple[tuple[str, str], ...] = ()  # per-role closing markup replacing ``eot``
-    system: str = "role"  # role | first_user (opens the first user turn) | final_user (Mistral v0.3, below)
+    system: str = "role"  # role | first_user | last_user: the system prompt opens that user turn
     system_prefix: str = ""  # markup opening the system message's content (Llama 3.1's knowledge-date lines)
     default_system: str | None = None  # system content rendered when a conversation has none
     tools_block: tuple[str, str] | None = None  # markup around the tool list, before the last user turn
@@ -128,14 +128,15 @@ TEMPLATES: dict[str, ChatTemplate] = {
     # turns' reasoning dropped, exactly as Qwen3's chat template does (see _qwen3_reasoning).
     "qwen3": ChatTemplate("qwen3", **_CHATML, reasoning="qwen3"),
     # Mistral-7B-Instruct-v0.3: <s>[INST] user[/INST] answer</s>[INST] ... (user content as is, answers
-    # trimmed after one space). Like its template, the system prompt opens the user turn only when that
-    # turn is the last message (a generation prompt): a training row ending in an answer drops it.
-    # Tool markup of v0.3: calls after [TOOL_CALLS], results in [TOOL_RESULTS] ... [/TOOL_RESULTS].
+    # trimmed after one space). The system prompt opens the last user turn, as in the served prompt of the
+    # final answer and in Mistral's reference tokenizer (mistral-common); the hub's Jinja template writes it
+    # only when that turn is the conversation's last message, so a training row rendered by it (ending in
+    # an answer) would lose it. Tool markup of v0.3: calls after [TOOL_CALLS], results in [TOOL_RESULTS].
     "mistral": ChatTemplate("mistral", "<s>", "", "</s>", "", trim=("assistant",), tool_role="tool",
                             call_key="arguments", call_open="[TOOL_CALLS] ", call_close="",
                             result_open="", result_close="", tools_intro="",
                             headers=(("user", "[INST] "), ("assistant", ""), ("tool", "[TOOL_RESULTS] ")),
-                            eots=(("user", "[/INST]"), ("tool", " [/TOOL_RESULTS]")), system="final_user",
+                            eots=(("user", "[/INST]"), ("tool", " [/TOOL_RESULTS]")), system="last_user",
                             tools_block=("[AVAILABLE_TOOLS] ", " [/AVAILABLE_TOOLS]"), lead=" "),
     # Gemma 2: <start_of_turn>user|model ... <end_of_turn>, contents trimmed; no system role (Gemma's own
     # template refuses one: here it opens the first user turn) and no native tool syntax (calls as JSON,
@@ -327,9 +328,7 @@ def _place_system(messages: list[dict], template: ChatTemplate) -> list[tuple[in
     users = [k for k, (_, m) in enumerate(rest) if m["role"] == "user"]
     if not users:
         raise ValueError(f"template {template.name} has no system role and the conversation has no user turn")
-    k = users[0] if template.system == "first_user" else len(rest) - 1
-    if template.system == "final_user" and rest[k][1]["role"] != "user":
-        return rest  # Mistral v0.3 writes the system prompt only into a final user turn
+    k = users[0] if template.system == "first_user" else users[-1]
     i, m = rest[k]
     rest[k] = (i, {**m, "content": system + "\n\n" + m["content"]})
     return rest
