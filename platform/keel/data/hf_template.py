@@ -223,7 +223,7 @@ def _walk(full: str, markups: list[str], keys: list[str], texts: dict) -> list[t
         pos += len(shown)
     if full[pos:] != markups[-1]:
         raise _Unlocatable("its text after the last message differs")
-    return parts
+    return [*parts, (markups[-1], -1, "")]
 
 
 def _header(messages: list[dict], i: int, ctx: _Ctx) -> str:
