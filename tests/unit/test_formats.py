@@ -370,5 +370,6 @@ def test_reasoning_in_prompt_completion_and_its_errors():
     with pytest.raises(Reject, match=r"messages\[1\].thinking: wrong type"):
         to_canonical({"messages": [{"role": "user", "content": "q"},
                                    {"role": "assistant", "content": "a", "thinking": 3}]}, "messages")
-    bad = {"messages": [{"role": "user", "content": "q", "reasoning_content": "r"}, {"role": "assistant", "content": "a"}]}
+    bad = {"messages": [{"role": "user", "content": "q", "reasoning_content": "r"},
+                        {"role": "assistant", "content": "a"}]}
     assert validate(bad) == "messages[0].reasoning_content: only assistant messages carry reasoning"
