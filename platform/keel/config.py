@@ -117,6 +117,13 @@ class DataConfig:
 class TemplateConfig:
     name: str = MISSING
     default_system: Optional[str] = None
+    path: Optional[str] = None  # template=jinja: the Jinja chat template file
+
+    def __post_init__(self) -> None:
+        if self.name == "jinja":
+            _require(bool(self.path), "template.path", "is required for template=jinja (a Jinja chat template file)")
+        else:
+            _require(self.path is None, "template.path", f"only applies to template=jinja, not {self.name!r}")
 
 
 MASKINGS = ("assistant_only", "last_turn", "all_tokens")
@@ -126,6 +133,7 @@ MASKINGS = ("assistant_only", "last_turn", "all_tokens")
 class MaskingConfig:
     name: str = MISSING
     train_eot: bool = True
+    train_reasoning: bool = True  # train assistant reasoning traces (reasoning_content) with their markup
     min_trained_tokens: int = 1
 
     def __post_init__(self) -> None:
@@ -552,7 +560,9 @@ class KeelConfig:
     run_dir: str = "."
 
     def __post_init__(self) -> None:
-        _one_of(self.template.name, TEMPLATES, "template.name")
+        from keel.data.template import NAMES
+
+        _one_of(self.template.name, NAMES, "template.name")
         self._check_mix_fields()
 
     def _check_mix_fields(self) -> None:
@@ -567,7 +577,13 @@ class KeelConfig:
                 _require(src.quality is None, f"{key}.quality", f"has no effect with mix={self.mix.name}")
 
 
-TEMPLATES = ("llama3", "chatml", "mistral", "gemma", "phi3", "tokenizer")
+def __getattr__(name: str) -> Any:
+    """``TEMPLATES``: every template.name option, defined once in keel.data.template (imported lazily)."""
+    if name == "TEMPLATES":
+        from keel.data.template import NAMES
+
+        return NAMES
+    raise AttributeError(name)
 
 
 def to_plain(cfg: Any) -> dict:

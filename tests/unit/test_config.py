@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 CONF = Path(keel.conf.__file__).parent
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
 OPTIONS = [(g, y.stem) for g in GROUPS for y in sorted((CONF / g).glob("*.yaml"))]
+JINJA = Path(__file__).parent / "fixtures" / "chat_templates" / "qwen3.jinja"
 
 
 def _compose(overrides: list[str]) -> KeelConfig:
@@ -31,7 +32,8 @@ def test_groups_are_the_documented_ones():
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS)
 def test_every_option_composes(group, option):
-    cfg = _compose([f"{group}={option}"])
+    extra = [f"template.path={JINJA}"] if (group, option) == ("template", "jinja") else []  # jinja needs its file
+    cfg = _compose([f"{group}={option}", *extra])
     assert isinstance(cfg, KeelConfig)
     if group == "mitigation":  # plugins compose as a list: mitigation=[replay,conservative_lr]
         assert cfg.mitigation.enabled == ([] if option == "none" else [option])
@@ -90,3 +92,14 @@ def test_cli_prints_composed_config(tmp_path):
                          capture_output=True, text=True, timeout=120, check=True)
     printed = OmegaConf.create(out.stdout)
     assert printed.mix.T == 3.0 and printed.model.name == "tiny"
+
+
+def test_template_names_with_a_dot_and_jinja_need_their_file():
+    assert _compose(["template=llama3.1"]).template.name == "llama3.1"
+    assert _compose(["template=qwen2.5"]).template.name == "qwen2.5"
+    assert _compose(["template=jinja", f"template.path={JINJA}"]).template.path == str(JINJA)
+    with pytest.raises(Exception, match="template.path"):
+        _compose(["template=jinja"])
+    with pytest.raises(ValueError, match="template.path"):
+        _compose(["template=llama3", f"template.path={JINJA}"])
+    assert _compose([]).masking.train_reasoning is True

@@ -348,3 +348,28 @@ def test_shared_sft_files(name, fmt):
     items = [x for _, _, x in iter_rows(path)]
     valid = sum(not isinstance(x, Reject) for x in items)
     assert items and valid >= 0.95 * len(items)
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "thinking"])
+@pytest.mark.parametrize("fmt", ["messages", "sharegpt"])
+def test_reasoning_traces_are_read_from_every_chat_format(fmt, key):
+    turns = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", key: "add them"}]
+    if fmt == "sharegpt":
+        turns = [{"from": t["role"], "value": t["content"], **({key: t[key]} if key in t else {})} for t in turns]
+        row = {"conversations": turns}
+    else:
+        row = {"messages": turns}
+    ex = to_canonical(row, fmt)
+    assert ex["messages"][1]["reasoning_content"] == "add them" and validate(ex) is None
+
+
+def test_reasoning_in_prompt_completion_and_its_errors():
+    row = {"prompt": [{"role": "user", "content": "q"}],
+           "completion": [{"role": "assistant", "content": "a", "thinking": "t"}]}
+    assert to_canonical(row, "prompt_completion")["messages"][1]["reasoning_content"] == "t"
+    with pytest.raises(Reject, match=r"messages\[1\].thinking: wrong type"):
+        to_canonical({"messages": [{"role": "user", "content": "q"},
+                                   {"role": "assistant", "content": "a", "thinking": 3}]}, "messages")
+    bad = {"messages": [{"role": "user", "content": "q", "reasoning_content": "r"},
+                        {"role": "assistant", "content": "a"}]}
+    assert validate(bad) == "messages[0].reasoning_content: only assistant messages carry reasoning"

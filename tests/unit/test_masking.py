@@ -13,9 +13,11 @@ CONV = [
     {"role": "user", "content": "And times 3?"},
     {"role": "assistant", "content": "4 * 3 = 12."},
 ]
-EOT = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>", "mistral": "</s>", "gemma": "<end_of_turn>",
-       "phi3": "<|end|>"}
+EOT = {"llama3": "<|eot_id|>", "llama3.1": "<|eot_id|>", "chatml": "<|im_end|>", "qwen2.5": "<|im_end|>",
+       "qwen3": "<|im_end|>", "mistral": "</s>", "gemma": "<end_of_turn>", "phi3": "<|end|>"}
+LEAD = {"mistral": " "}  # Mistral writes one space before an answer; the tiny tokenizer merges it into the answer
 ALL = sorted(EOT)
+THINK_EMPTY = "<think>\n\n</think>\n\n"  # Qwen3's empty think block on the final answer
 
 
 def _trained_runs(enc) -> list[list[int]]:
@@ -35,13 +37,15 @@ def _trained_runs(enc) -> list[list[int]]:
 def test_assistant_only_trains_contents_and_eot(tokenizer, template):
     enc = encode(CONV, tokenizer, template=template)
     runs = [tokenizer.decode(r) for r in _trained_runs(enc)]
-    assert runs == ["2 + 2 = 4." + EOT[template], "4 * 3 = 12." + EOT[template]]
+    last = THINK_EMPTY if template == "qwen3" else ""
+    lead = LEAD.get(template, "")
+    assert runs == [lead + "2 + 2 = 4." + EOT[template], lead + last + "4 * 3 = 12." + EOT[template]]
 
 
 @pytest.mark.parametrize("template", ALL)
 def test_last_turn_and_no_eot(tokenizer, template):
-    enc = encode(CONV, tokenizer, template=template, masking="last_turn", train_eot=False)
-    assert [tokenizer.decode(r) for r in _trained_runs(enc)] == ["4 * 3 = 12."]
+    enc = encode(CONV, tokenizer, template=template, masking="last_turn", train_eot=False, train_reasoning=False)
+    assert [tokenizer.decode(r) for r in _trained_runs(enc)] == [LEAD.get(template, "") + "4 * 3 = 12."]
 
 
 def test_all_tokens_trains_everything_but_bos(tokenizer):
@@ -86,7 +90,8 @@ def test_tool_calls_are_trained_and_tool_results_are_not(tokenizer, template):
     runs = [tokenizer.decode(r) for r in _trained_runs(enc)]
     assert len(runs) == 2
     assert '"name": "weather"' in runs[0] and "Oslo" in runs[0] and runs[0].endswith(EOT[template])
-    assert runs[1] == "It is -3 degrees." + EOT[template]
+    last = THINK_EMPTY if template == "qwen3" else ""
+    assert runs[1] == LEAD.get(template, "") + last + "It is -3 degrees." + EOT[template]
     text = tokenizer.decode(enc.input_ids)
     assert '{"temp": -3}' in text and '"parameters": {"city": "string"}' in text  # result + tool listing
     assert all('"temp"' not in r for r in runs)

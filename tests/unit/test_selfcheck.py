@@ -78,8 +78,8 @@ def test_build_stops_on_a_broken_mask(tokenizer, monkeypatch):
 
     real = masking.apply_mask
 
-    def off_by_one(segs, mode, train_eot=True):
-        out = real(segs, mode, train_eot)
+    def off_by_one(segs, mode, train_eot=True, train_reasoning=True):
+        out = real(segs, mode, train_eot, train_reasoning)
         return masking.Encoded(out.input_ids, [-100] + out.labels[:-1])
 
     monkeypatch.setattr(examples, "apply_mask", off_by_one)

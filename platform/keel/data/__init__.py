@@ -15,15 +15,17 @@ __all__ = ["Encoded", "encode", "load_conversations"]
 
 
 def encode(messages: list[dict] | str, tokenizer: Any, template: str = "llama3",
-           masking: str = "assistant_only", train_eot: bool = True, tools: list | None = None) -> Encoded:
-    """Render a conversation (or plain text) and mask it in one pass."""
+           masking: str = "assistant_only", train_eot: bool = True, tools: list | None = None,
+           train_reasoning: bool = True, template_path: str | None = None) -> Encoded:
+    """Render a conversation (or plain text) and mask it in one pass (``template="jinja"`` renders the
+    Jinja chat template in the file ``template_path``)."""
     enc = tokenizer if isinstance(tokenizer, TextEncoder) else TextEncoder(tokenizer)
-    tpl = get_template(template)
+    tpl = get_template(template, template_path)
     if isinstance(messages, str):
         segs = render_text(messages, enc, tpl, tokenizer_eos(tokenizer))
     else:
         segs = render_chat(messages, enc, tpl, tools)
-    return apply_mask(segs, masking, train_eot)
+    return apply_mask(segs, masking, train_eot, train_reasoning)
 
 
 def tokenizer_eos(tokenizer: Any) -> str:

@@ -18,7 +18,7 @@ from keel.data import selfcheck, tokenizer_eos
 from keel.data.formats import validate
 from keel.data.masking import IGNORE, apply_mask
 from keel.data.sources import Reject, iter_source
-from keel.data.template import TextEncoder, get_template, render_chat, render_text
+from keel.data.template import TextEncoder, from_config, render_chat, render_text
 
 Piece = tuple[np.ndarray, np.ndarray]  # input ids, shifted targets (targets[i] = labels[i + 1])
 
@@ -93,12 +93,12 @@ def chat_messages(ex: dict, cfg: Any) -> list[dict]:
 
 
 def _encode_example(ex: dict, enc: TextEncoder, cfg: Any, masking: str) -> tuple[np.ndarray, np.ndarray]:
-    tpl = get_template(cfg.template.name)
+    tpl = from_config(cfg.template)
     if "text" in ex and "messages" not in ex:
         segs = render_text(ex["text"], enc, tpl, tokenizer_eos(enc._tok))
     else:
         segs = render_chat(chat_messages(ex, cfg), enc, tpl, ex.get("tools"))
-    encoded = apply_mask(segs, masking, cfg.masking.train_eot)
+    encoded = apply_mask(segs, masking, cfg.masking.train_eot, cfg.masking.train_reasoning)
     ids = np.asarray(encoded.input_ids, dtype=np.int32)
     labels = np.asarray(encoded.labels, dtype=np.int32)
     # Shift inside the example so its first token is never the target of the previous one.

@@ -3,7 +3,8 @@
 A canonical example is either a conversation::
 
     {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": str,
-                   "tool_calls": [...]  # optional, assistant only
+                   "tool_calls": [...],  # optional, assistant only
+                   "reasoning_content": str,  # optional, assistant only (read from "thinking" too)
                    }, ...],
      "tools": [...]}  # optional
 
@@ -29,11 +30,12 @@ ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "gsm8k", "text")
 FORMAT_ALIASES = {"openai": "messages", "hf": "messages", "conversations": "sharegpt"}
 
-_CHAT_FIELDS = ("messages", "role", "content", "tool_calls", "tools", "system")
+_CHAT_FIELDS = ("messages", "role", "content", "tool_calls", "tools", "system", "reasoning_content")
+REASONING_ALIASES = ("thinking",)  # read when the reasoning field itself is absent
 DEFAULT_FIELDS: dict[str, dict[str, str]] = {
     "messages": {k: k for k in _CHAT_FIELDS},
     "sharegpt": {"messages": "conversations", "role": "from", "content": "value", "tool_calls": "tool_calls",
-                 "tools": "tools", "system": "system"},
+                 "tools": "tools", "system": "system", "reasoning_content": "reasoning_content"},
     "alpaca": {k: k for k in ("instruction", "input", "output", "system", "history")},
     "prompt_completion": {k: k for k in ("prompt", "completion", "system")},
     "gsm8k": {k: k for k in ("question", "answer")},
@@ -231,11 +233,24 @@ def _add_turn(out: list[dict], msg: Any, names: dict[str, str], where: str) -> N
         _add_call(out, _parse_calls(value, f"{where}.{names['content']}"))
         return
     turn = {"role": ROLE_ALIASES.get(role, role) if isinstance(role, str) else role, "content": _content(value)}
+    _add_reasoning(turn, msg, names["reasoning_content"], where)
     calls = msg.get(names["tool_calls"])
     if calls:
         turn["tool_calls"] = [_norm_call(c, f"{where}.tool_calls[{j}]")
                               for j, c in enumerate(_as_list(calls, f"{where}.tool_calls"))]
     out.append(turn)
+
+
+def _add_reasoning(turn: dict, msg: dict, key: str, where: str) -> None:
+    """An assistant's reasoning trace (``reasoning_content``, also accepted as ``thinking``)."""
+    found = next((k for k in (key, *REASONING_ALIASES) if msg.get(k) is not None), None)
+    if found is None:
+        return
+    value = msg[found]
+    if not isinstance(value, str):
+        raise Reject(f"{where}.{found}: wrong type, expected a string, got {_type_name(value)}")
+    if value.strip():
+        turn["reasoning_content"] = value
 
 
 def _turns(messages: list, names: dict[str, str], key: str) -> list[dict]:
@@ -358,8 +373,24 @@ def _message_problem(i: int, msg: Any) -> str | None:
         problem = _calls_problem(i, msg)
         if problem:
             return problem
+    problem = _reasoning_problem(i, msg)
+    if problem:
+        return problem
     if not content.strip() and not msg.get("tool_calls"):
         return f"messages[{i}].content: empty"
+    return None
+
+
+def _reasoning_problem(i: int, msg: dict) -> str | None:
+    reasoning = msg.get("reasoning_content")
+    if reasoning is None:
+        return None
+    if not isinstance(reasoning, str):
+        return f"messages[{i}].reasoning_content: wrong type, expected a string, got {_type_name(reasoning)}"
+    if msg["role"] != "assistant":
+        return f"messages[{i}].reasoning_content: only assistant messages carry reasoning"
+    if _bad_unicode(reasoning):
+        return f"messages[{i}].reasoning_content: invalid Unicode (lone surrogate)"
     return None
 
 

@@ -26,18 +26,19 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def _trained(seg: Segment, masking: str, train_eot: bool, last_assistant: int) -> bool:
+def _trained(seg: Segment, masking: str, train_eot: bool, last_assistant: int, train_reasoning: bool) -> bool:
     if masking == "all_tokens":
         return seg.kind != "bos"
-    if seg.role != "assistant" or seg.kind not in ("content", "eot"):
+    if seg.role != "assistant" or seg.kind not in ("reasoning", "content", "eot"):
         return False
-    if seg.kind == "eot" and not train_eot:
+    if (seg.kind == "eot" and not train_eot) or (seg.kind == "reasoning" and not train_reasoning):
         return False
     return masking == "assistant_only" or seg.message == last_assistant
 
 
-def apply_mask(segments: list[Segment], masking: str, train_eot: bool = True) -> Encoded:
-    """Concatenate segments and label the trained ones."""
+def apply_mask(segments: list[Segment], masking: str, train_eot: bool = True, train_reasoning: bool = True) -> Encoded:
+    """Concatenate segments and label the trained ones (a reasoning trace, with its markup, only with
+    ``train_reasoning``)."""
     if masking not in MASKINGS:
         raise ValueError(f"unknown masking {masking!r}; choose one of {list(MASKINGS)}")
     assistant_msgs = [s.message for s in segments if s.role == "assistant"]
@@ -46,6 +47,6 @@ def apply_mask(segments: list[Segment], masking: str, train_eot: bool = True) ->
     labels: list[int] = []
     for seg in segments:
         ids += seg.ids
-        keep = _trained(seg, masking, train_eot, last)
+        keep = _trained(seg, masking, train_eot, last, train_reasoning)
         labels += seg.ids if keep else [IGNORE] * len(seg.ids)
     return Encoded(ids, labels)

@@ -24,7 +24,7 @@ from keel.data.examples import SourceData, chat_messages, load_source
 from keel.data.masking import IGNORE
 from keel.data.mixing import Schedule, mixture_weights, sample_plan, segment_plans
 from keel.data.packing import pack
-from keel.data.template import TextEncoder, get_template
+from keel.data.template import TextEncoder, from_config
 
 __all__ = ["Layout", "RowPlan", "SourceData", "build", "chat_messages", "fill_rows", "layout_report",
            "load_source", "mean_lengths", "plan_sources", "row_tokens"]
@@ -367,12 +367,12 @@ def build(cfg: Any, tokenizer: Any, extra_sources: tuple = (), adjust: Any = Non
 
 def _self_check(sources: list[SourceData], configs: list, enc: TextEncoder, cfg: Any) -> list[str]:
     """keel.data.selfcheck on each source's sampled chats (ValueError on a mismatch); the notes to print."""
-    template = get_template(cfg.template.name)
+    template = from_config(cfg.template)
     compare, why = selfcheck.same_template(enc, template)
     for data, src in zip(sources, configs):
         samples = [(row, ex, *_unshift(ids, targets)) for row, ex, ids, targets in data.samples]
         selfcheck.check_source(data.name, samples, enc, template, src.masking or cfg.masking.name,
-                               cfg.masking.train_eot, compare)
+                               cfg.masking.train_eot, compare, cfg.masking.train_reasoning)
     return [selfcheck.not_same_note(cfg.template.name, why)] if why else []
 
 

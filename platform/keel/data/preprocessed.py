@@ -28,11 +28,21 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
+def template_key(tcfg: Any) -> str:
+    """The template's name, and for template=jinja a hash of the file's text (an edit changes the rows)."""
+    if tcfg.name != "jinja":
+        return tcfg.name
+    from keel.data.template import from_config
+
+    return "jinja:" + hashlib.sha256(from_config(tcfg).source.encode()).hexdigest()[:16]
+
+
 def compat(cfg: Any, tokenizer: Any) -> dict:
     """What the rows' tokens depend on beyond the data; a run that differs cannot use them."""
     m = cfg.masking
-    return {"tokenizer": tokenizer_fingerprint(tokenizer), "template": cfg.template.name,
+    return {"tokenizer": tokenizer_fingerprint(tokenizer), "template": template_key(cfg.template),
             "default_system": cfg.template.default_system, "masking": m.name, "train_eot": m.train_eot,
+            "train_reasoning": m.train_reasoning,
             "min_trained_tokens": m.min_trained_tokens, "max_len": cfg.packing.max_len}
 
 

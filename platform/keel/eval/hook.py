@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from keel.data.masking import IGNORE
-from keel.data.template import TextEncoder, end_of_turn_ids, generation_prompt, get_template
+from keel.data.template import TextEncoder, end_of_turn_ids, from_config, generation_prompt
 from keel.eval import checkers
 from keel.eval.diversity import diversity_report, mode_collapse_warnings
 from keel.eval.generate import Prompt, SamplingConfig, sample_batch, stop_ids
@@ -95,7 +95,7 @@ def load_sets(cfg: Any, tokenizer: Any) -> EvalSets:
     from keel.data.pipeline import chat_messages
 
     enc = TextEncoder(tokenizer)
-    template = get_template(cfg.template.name)
+    template = from_config(cfg.template)
     prompts = passk_prompts(cfg)
     ids = [generation_prompt(chat_messages({"messages": p.messages}, cfg), enc, template) for p in prompts]
     sequences, rejected = forgetting_sequences(cfg, enc)
