@@ -421,6 +421,7 @@ class PasskEvalConfig:
     format: str = "auto"
     prompts: int = 8
     checker: str = "math"
+    allow_code_execution: bool = False  # checker=python runs model code (sandboxed): opt in here or by env
     n: int = 4
     k: list[int] = field(default_factory=lambda: [1, 4])
     temperature: float = 0.8
@@ -451,9 +452,15 @@ class EvalConfig:
                  f"must be a non-empty list of values in [1, eval.passk.n={p.n}], got {p.k}")
         _require(p.temperature > 0, "eval.passk.temperature", f"must be > 0, got {p.temperature}")
         _require(0 < p.top_p <= 1, "eval.passk.top_p", f"must be in (0, 1], got {p.top_p}")
-        from keel.eval import checkers
+        from keel.eval import checkers, sandbox
 
         _one_of(p.checker, tuple(checkers.names()), "eval.passk.checker")
+        if self.every_n_steps > 0 and p.checker in checkers.CODE_CHECKERS:
+            p.allow_code_execution = sandbox.code_execution_allowed(p.allow_code_execution)  # workers see it
+            try:
+                checkers.require_code_execution(p.allow_code_execution)
+            except ValueError as err:
+                raise ValueError(f"config error: eval.passk.checker={p.checker}: {err}") from None
         _require(0 < self.collapse_drop < 1, "eval.collapse_drop", f"must be in (0, 1), got {self.collapse_drop}")
         _require(self.generations >= 0, "eval.generations", f"must be >= 0, got {self.generations}")
         _require(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
