@@ -302,10 +302,9 @@ def test_a_sandbox_that_cannot_start_is_an_error(monkeypatch, tmp_path):
 
 
 def _compose(overrides: list[str]):
+    import keel.cli.train  # noqa: F401  (registers the keel_schema node)
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
-
-    import keel.cli.train  # noqa: F401  (registers the keel_schema node)
 
     with initialize_config_module(config_module="keel.conf", version_base=None):
         return OmegaConf.to_object(compose(config_name="config", overrides=overrides))

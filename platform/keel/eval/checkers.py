@@ -161,8 +161,8 @@ class PythonChecker:
     ``allow_code_execution=True`` from a CLI flag or config key); without it every call raises.
     """
 
-    def __init__(self, limits: sandbox.Limits = sandbox.Limits(), allow_code_execution: bool = False) -> None:
-        self.limits = limits
+    def __init__(self, limits: sandbox.Limits | None = None, allow_code_execution: bool = False) -> None:
+        self.limits = limits or sandbox.Limits()
         self.allow_code_execution = allow_code_execution
 
     def outcome(self, completion: str, reference: str) -> sandbox.Outcome:

@@ -146,7 +146,8 @@ while True:
     if done:
         break
     tasks, rss, used = scan()
-    why = "process_limit" if tasks > nproc else "memory_limit" if rss > mem else "file_limit" if used > fsize else "-"
+    why = ("process_limit" if tasks > nproc - 2 else "memory_limit" if rss > mem else
+           "file_limit" if used > fsize else "-")
     if why != "-":
         os.kill(-1, signal.SIGKILL)
         status = os.waitpid(pid, 0)[1]
@@ -193,7 +194,8 @@ def _interpreter() -> tuple[str, list[str], list[str]]:
     if libdir and os.path.isdir(libdir):  # libpython and what the stdlib's extensions link (conda: libffi, ssl)
         needs.add(os.path.realpath(libdir))
     needs = {p for p in needs if not any(p.startswith(q + "/") for q in needs)}  # a bound dir covers its files
-    hidden = [os.path.join(d, "site-packages") for d in sorted(stdlib) if os.path.isdir(os.path.join(d, "site-packages"))]
+    hidden = [os.path.join(d, "site-packages") for d in sorted(stdlib)
+              if os.path.isdir(os.path.join(d, "site-packages"))]
     return exe, sorted(p for p in needs if not p.startswith("/usr/")), hidden
 
 
@@ -280,13 +282,21 @@ def _read_all(fd: int, deadline: float, until: bytes | None = None) -> bytes:
     return out
 
 
-def _init_pidfd(info: bytes) -> int | None:
+def _init_pidfd(info: bytes, bwrap_pid: int) -> int | None:
     """A pidfd of the sandbox's init (from bwrap's ``--info-fd`` JSON), or None when it is gone."""
     try:
         pid = int(json.loads(info.decode())["child-pid"])
-        return os.pidfd_open(pid)
+        pidfd = os.pidfd_open(pid)
     except (ValueError, KeyError, OSError):
         return None
+    try:  # still bwrap's child, so the pidfd is the init's and not a reused pid's
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        ppid = -1
+    if ppid != bwrap_pid:
+        os.close(pidfd)
+        return None
+    return pidfd
 
 
 def _kill_sandbox(proc: subprocess.Popen, pidfd: int | None) -> None:
@@ -355,7 +365,7 @@ def run(program: str, limits: Limits = Limits()) -> Outcome:
     proc, status_r, info_r = _spawn(program, limits)
     pidfd = None
     try:
-        pidfd = _init_pidfd(_read_all(info_r, deadline, until=b"}"))
+        pidfd = _init_pidfd(_read_all(info_r, deadline, until=b"}"), proc.pid)
         report = _read_all(status_r, deadline)
     finally:
         _kill_sandbox(proc, pidfd)
