@@ -85,3 +85,70 @@ def test_hydra_record_is_written_redacted(tmp_path):
     assert "- model.path='https://<redacted>@host/m'" in files["overrides.yaml"] and "- mix.T=-1" in files[
         "overrides.yaml"]
     assert "api_key=<redacted>" in files["config.yaml"] and "override_dirname: " in files["hydra.yaml"]
+
+
+# ------------------------------------------------------------------------------- keel submit
+
+
+class FakeJobClient:
+    """Records what would be submitted to a Ray job server."""
+
+    def __init__(self) -> None:
+        self.submitted: dict = {}
+
+    def submit_job(self, **kwargs) -> None:
+        self.submitted = kwargs
+
+    def get_address(self) -> str:
+        return "http://fake:8265"
+
+    def get_job_status(self, job_id: str):
+        class Status:
+            value = "PENDING"
+        return Status()
+
+
+def test_submit_sends_secret_files_by_path_only(monkeypatch, tmp_path):
+    from keel.cli import submit as cli
+    from keel.launch import submit as jobs
+
+    fake = FakeJobClient()
+    monkeypatch.setattr(jobs, "client", lambda address=None: fake)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--no-wait", "--no-working-dir", "--run-dir", str(tmp_path / "run"),
+                  "--secret-file", "WANDB_API_KEY=/shared/me/.wandb_key", "trainer.max_steps=2"])
+    assert done.value.code == 0
+    env_vars = fake.submitted["runtime_env"]["env_vars"]
+    assert json.loads(env_vars["KEEL_SECRET_FILES"]) == {"WANDB_API_KEY": "/shared/me/.wandb_key"}
+    assert "WANDB_API_KEY" not in env_vars
+    with pytest.raises(ValueError, match="must be absolute"):
+        jobs.runtime_env(None, None, {"HF_TOKEN": "secrets/hf"})  # would be uploaded with the working dir
+
+
+def test_submit_warns_about_secrets_passed_by_value(monkeypatch, tmp_path, capsys):
+    from keel.launch import submit as jobs
+
+    monkeypatch.setattr(jobs, "client", lambda address=None: FakeJobClient())
+    jobs.submit([], None, run_dir=str(tmp_path), working_dir=None, wait=False,
+                env={"HF_TOKEN": "hf_x", "WANDB_PROJECT": "keel"})
+    err = capsys.readouterr().err
+    assert "--env HF_TOKEN=... puts a secret into the job's runtime_env in clear" in err
+    assert "--secret-file HF_TOKEN=" in err and "WANDB_PROJECT" not in err
+
+
+def test_job_reads_secret_files_on_the_node_and_redacts_them(monkeypatch, tmp_path):
+    from keel.tracking.secrets import load_secret_files
+
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cr3t-from-file\n")
+    monkeypatch.delenv("MY_SERVICE", raising=False)
+    monkeypatch.setenv("KEEL_SECRET_FILES", json.dumps({"MY_SERVICE": str(key_file)}))
+    assert load_secret_files() == ["MY_SERVICE"]
+    import os
+
+    assert os.environ["MY_SERVICE"] == "s3cr3t-from-file"
+    # A secret given by file is a secret whatever its name.
+    assert redact({"note": "x s3cr3t-from-file"}) == {"note": "x <redacted>"}
+    monkeypatch.setenv("KEEL_SECRET_FILES", json.dumps({"MY_SERVICE": str(tmp_path / "missing")}))
+    with pytest.raises(ValueError, match=r"MY_SERVICE .*missing"):
+        load_secret_files()

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from keel.config import KeelConfig
-from keel.tracking.secrets import redact
+from keel.tracking.secrets import load_secret_files, redact
 
 ConfigStore.instance().store(name="keel_schema", node=KeelConfig)
 
@@ -44,6 +44,10 @@ def write_hydra_record(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base=None, config_path="pkg://keel.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    try:
+        load_secret_files()  # keel submit --secret-file: read here, so redaction knows the values too
+    except ValueError as err:
+        sys.exit(f"keel: {err}")
     write_hydra_record(cfg)
     keel_cfg = validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)

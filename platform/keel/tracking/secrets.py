@@ -19,11 +19,14 @@ secret ``key=value`` inside a string (query strings, Hydra overrides), a ``Beare
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 REDACTED = "<redacted>"
+SECRET_FILES_ENV = "KEEL_SECRET_FILES"  # JSON {ENV_NAME: path}: secrets passed by reference (keel submit --secret-file)
 SECRET_WORDS = frozenset({"password", "passwd", "passphrase", "secret", "secrets", "credential", "credentials",
                           "authorization", "apikey", "cookie"})
 # "<kind>_token" names a tokenizer's special token (a string like "<|eot_id|>"), not a credential.
@@ -58,9 +61,41 @@ def is_secret_key(key: Any) -> bool:
 
 
 def _env_secrets() -> list[str]:
-    """Values of secret environment variables, longest first (so a longer one is replaced whole)."""
-    values = {v for k, v in os.environ.items() if is_secret_key(k) and len(v) >= 8}
+    """Values of secret environment variables (by name, or loaded from a secret file), longest first."""
+    by_file = set(_secret_files(os.environ.get(SECRET_FILES_ENV, "")))
+    values = {v for k, v in os.environ.items() if (is_secret_key(k) or k in by_file) and len(v) >= 8}
     return sorted(values, key=len, reverse=True)
+
+
+def _secret_files(spec: str) -> dict[str, str]:
+    """The ``KEEL_SECRET_FILES`` mapping; ValueError when it is not a JSON object of names to paths."""
+    if not spec:
+        return {}
+    try:
+        files = json.loads(spec)
+    except ValueError:
+        files = None
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise ValueError(f"{SECRET_FILES_ENV} must be a JSON object mapping environment variable names to file "
+                         f"paths, got {spec[:200]!r}")
+    return files
+
+
+def load_secret_files() -> list[str]:
+    """Set each variable named in ``KEEL_SECRET_FILES`` from its file (on this node); the names set.
+
+    ``keel submit --secret-file KEY=PATH`` sends only the path: the job's driver and every worker
+    read the secret here, from a file the cluster already holds, so it never enters the job's
+    ``runtime_env`` (which the Ray GCS stores and the dashboard shows).
+    """
+    files = _secret_files(os.environ.get(SECRET_FILES_ENV, ""))
+    for key, path in files.items():
+        try:
+            os.environ[key] = Path(path).expanduser().read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise ValueError(f"secret file for {key} ({SECRET_FILES_ENV}, keel submit --secret-file): cannot read "
+                             f"{path} on {os.uname().nodename}: {err.strerror}") from None
+    return sorted(files)
 
 
 def _assignment(m: re.Match) -> str:
