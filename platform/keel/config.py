@@ -102,9 +102,11 @@ class DataConfig:
     on_error: str = "reject"  # reject: count + rejects.jsonl | raise: the first bad row stops the run
     overlength: str = "drop"  # drop | truncate | split (multi-turn chats at turn boundaries)
     preprocessed: Optional[str] = None  # a `keel preprocess` output dir: train from its packed rows
+    max_row_bytes: int = 4 * 2**20  # a larger line/row is rejected before parsing or tokenising
 
     def __post_init__(self) -> None:
         _one_of(self.on_error, ("reject", "raise"), "data.on_error")
+        _require(self.max_row_bytes >= 1024, "data.max_row_bytes", f"must be >= 1024, got {self.max_row_bytes}")
         _one_of(self.overlength, ("drop", "truncate", "split"), "data.overlength")
         _require(len(self.sources) > 0, "data.sources", "must list at least one source")
         names = [s.name for s in self.sources]
