@@ -458,9 +458,11 @@ class EvalConfig:
 
         _one_of(p.checker, tuple(checkers.names()), "eval.passk.checker")
         if self.every_n_steps > 0 and p.checker in checkers.CODE_CHECKERS:
-            p.allow_code_execution = sandbox.code_execution_allowed(p.allow_code_execution)  # workers see it
+            # Opt-in only here (keel submit validates on a machine that may lack the sandbox; keel train
+            # checks bubblewrap at start). Resolved into the config, so the Ray workers see it.
+            p.allow_code_execution = sandbox.code_execution_allowed(p.allow_code_execution)
             try:
-                checkers.require_code_execution(p.allow_code_execution)
+                sandbox.require_opt_in(p.allow_code_execution, checkers.OPT_IN_HOW)
             except ValueError as err:
                 raise ValueError(f"config error: eval.passk.checker={p.checker}: {err}") from None
         _require(0 < self.collapse_drop < 1, "eval.collapse_drop", f"must be in (0, 1), got {self.collapse_drop}")

@@ -352,3 +352,17 @@ def test_report_counts_could_not_run_apart_as_not_passing():
     assert report["examples"][0]["completions"][1] == {"text": "a", "tokens": 1, "passed": False,
                                                        "could_not_run": "timeout"}
     assert "could not run: 2 of 8 samples (timeout 2)" in format_table(report)
+
+
+def test_keel_train_refuses_without_bubblewrap_before_starting(monkeypatch, tmp_path):
+    """Config validation checks the opt-in only (keel submit validates where the job will not run);
+    keel train checks the sandbox itself before anything starts."""
+    from keel.cli import train
+
+    monkeypatch.setattr(sandbox, "find_bwrap", lambda: None)
+    on = ["eval.every_n_steps=2", "eval.passk.checker=python", "eval.passk.allow_code_execution=true"]
+    assert _compose(on).eval.passk.allow_code_execution is True  # validates without bubblewrap
+    monkeypatch.setattr("keel.launch.driver.run_training", lambda *a: pytest.fail("started without a sandbox"))
+    monkeypatch.setattr(sys, "argv", ["keel train", f"hydra.run.dir={tmp_path / 'run'}", *on])
+    with pytest.raises(SystemExit, match="bubblewrap"):
+        train.main()

@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from keel.config import KeelConfig
+from keel.eval import checkers
 from keel.tracking.secrets import load_secret_files, redact
 
 ConfigStore.instance().store(name="keel_schema", node=KeelConfig)
@@ -50,6 +51,11 @@ def main(cfg: DictConfig) -> None:
         sys.exit(f"keel: {err}")
     write_hydra_record(cfg)
     keel_cfg = validate(cfg)
+    if keel_cfg.eval.every_n_steps > 0 and keel_cfg.eval.passk.checker in checkers.CODE_CHECKERS:
+        try:
+            checkers.require_code_execution(keel_cfg.eval.passk.allow_code_execution)  # bubblewrap, before Ray
+        except ValueError as err:
+            sys.exit(f"keel: {err}")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     keel_cfg.run_dir = str(run_dir)
     from keel.launch.driver import run_training
