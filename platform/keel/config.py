@@ -102,9 +102,11 @@ class DataConfig:
     on_error: str = "reject"  # reject: count + rejects.jsonl | raise: the first bad row stops the run
     overlength: str = "drop"  # drop | truncate | split (multi-turn chats at turn boundaries)
     preprocessed: Optional[str] = None  # a `keel preprocess` output dir: train from its packed rows
+    max_row_bytes: int = 4 * 2**20  # a larger line/row is rejected before parsing or tokenising
 
     def __post_init__(self) -> None:
         _one_of(self.on_error, ("reject", "raise"), "data.on_error")
+        _require(self.max_row_bytes >= 1024, "data.max_row_bytes", f"must be >= 1024, got {self.max_row_bytes}")
         _one_of(self.overlength, ("drop", "truncate", "split"), "data.overlength")
         _require(len(self.sources) > 0, "data.sources", "must list at least one source")
         names = [s.name for s in self.sources]
@@ -429,6 +431,7 @@ class PasskEvalConfig:
     format: str = "auto"
     prompts: int = 8
     checker: str = "math"
+    allow_code_execution: bool = False  # checker=python runs model code (sandboxed): opt in here or by env
     n: int = 4
     k: list[int] = field(default_factory=lambda: [1, 4])
     temperature: float = 0.8
@@ -459,9 +462,17 @@ class EvalConfig:
                  f"must be a non-empty list of values in [1, eval.passk.n={p.n}], got {p.k}")
         _require(p.temperature > 0, "eval.passk.temperature", f"must be > 0, got {p.temperature}")
         _require(0 < p.top_p <= 1, "eval.passk.top_p", f"must be in (0, 1], got {p.top_p}")
-        from keel.eval import checkers
+        from keel.eval import checkers, sandbox
 
         _one_of(p.checker, tuple(checkers.names()), "eval.passk.checker")
+        if self.every_n_steps > 0 and p.checker in checkers.CODE_CHECKERS:
+            # Opt-in only here (keel submit validates on a machine that may lack the sandbox; keel train
+            # checks bubblewrap at start). Resolved into the config, so the Ray workers see it.
+            p.allow_code_execution = sandbox.code_execution_allowed(p.allow_code_execution)
+            try:
+                sandbox.require_opt_in(p.allow_code_execution, checkers.OPT_IN_HOW)
+            except ValueError as err:
+                raise ValueError(f"config error: eval.passk.checker={p.checker}: {err}") from None
         _require(0 < self.collapse_drop < 1, "eval.collapse_drop", f"must be in (0, 1), got {self.collapse_drop}")
         _require(self.generations >= 0, "eval.generations", f"must be >= 0, got {self.generations}")
         _require(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")

@@ -41,7 +41,8 @@ def test_passk_cli_writes_report(tiny_path, tmp_path):
     assert "NaN" not in out.read_text()
     assert set(report) >= {"config", "pass_at_k", "per_prompt", "examples", "diversity", "verdict", "pass1"}
     assert report["config"]["n"] == 4 and report["config"]["k"] == [1, 2, 4]
-    assert report["per_prompt"] == [{"n": 4, "c": p["c"]} for p in report["per_prompt"]]
+    assert report["per_prompt"] == [{"n": 4, "c": p["c"], "could_not_run": 0} for p in report["per_prompt"]]
+    assert report["could_not_run"] == {"total": 0, "by_reason": {}}  # the math checker runs no code
     assert all(0 <= p["c"] <= 4 for p in report["per_prompt"]) and len(report["per_prompt"]) == 4
 
     means = [report["pass_at_k"][k]["mean"] for k in ("1", "2", "4")]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -165,26 +164,15 @@ def test_unknown_checker_lists_valid_names():
 
 
 # ------------------------------------------------------------------------------------ python
+# The sandbox itself (attacks, limits, could-not-run) is tested in test_sandbox.py.
 
 
-def _group_members(pgid: int) -> list[tuple[int, str]]:
-    """(pid, state) of every live process in process group ``pgid``, read from /proc."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # exited while scanning
-        # Fields after the parenthesised command name: state, ppid, pgrp, ...
-        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
-        if int(pgrp) == pgid and state != "Z":  # zombies are dead, awaiting their reaper
-            members.append((int(entry.name), state))
-    return members
+@pytest.fixture
+def opted_in(monkeypatch):
+    monkeypatch.setenv("KEEL_ALLOW_CODE_EXECUTION", "1")
 
 
-def test_python_passes_and_fails():
+def test_python_passes_and_fails(opted_in):
     check = get("python")
     code = "```python\ndef add(a, b):\n    return a + b\n```\nThis adds."
     assert check(code, "assert add(2, 3) == 5")
@@ -193,7 +181,7 @@ def test_python_passes_and_fails():
     assert check("def f():\n    return 1", "assert f() == 1")  # no fence: whole completion is code
 
 
-def test_python_runs_in_clean_env_and_fresh_dir(monkeypatch):
+def test_python_runs_in_clean_env_and_fresh_dir(opted_in, monkeypatch):
     monkeypatch.setenv("KEEL_FAKE_SECRET", "hunter2")
     check = make_python_checker(timeout_s=5)
     assert check("import os", "assert 'KEEL_FAKE_SECRET' not in os.environ")
@@ -202,42 +190,14 @@ def test_python_runs_in_clean_env_and_fresh_dir(monkeypatch):
     assert not check("import os", f"assert os.getpid() == {os.getpid()}")  # never in-process
 
 
-def test_python_infinite_loop_killed_within_timeout():
-    check = make_python_checker(timeout_s=1)
-    start = time.monotonic()
-    assert not check("while True:\n    pass", "")
-    assert time.monotonic() - start < 4
-
-
-def test_python_memory_hog_fails():
-    check = make_python_checker(timeout_s=5, memory_mb=256)
-    start = time.monotonic()
-    assert not check("x = bytearray(2 * 1024**3)", "")
-    assert time.monotonic() - start < 4
-    assert check("x = bytearray(16 * 1024**2)", "")  # modest allocations still work
-
-
-def test_python_bounded_fork_bomb_killed(tmp_path):
-    pgid_file = tmp_path / "pgid"
-    bomb = (
-        "import os, time\n"
-        f"open({str(pgid_file)!r}, 'w').write(str(os.getpgrp()))\n"
-        "for _ in range(2000):\n"
-        "    try:\n"
-        "        if os.fork() == 0:\n"
-        "            time.sleep(60)\n"
-        "            os._exit(0)\n"
-        "    except OSError:\n"
-        "        break\n"
-        "time.sleep(60)\n"
-    )
-    check = make_python_checker(timeout_s=2, max_procs=64)
-    start = time.monotonic()
-    assert not check(bomb, "")
-    assert time.monotonic() - start < 6
-    pgid = int(pgid_file.read_text())
-    assert pgid != os.getpgrp()  # it ran in its own group
-    deadline = time.monotonic() + 2  # SIGKILLed processes may take a moment to die
-    while _group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _group_members(pgid) == []
+def test_python_refuses_without_opt_in(monkeypatch):
+    monkeypatch.delenv("KEEL_ALLOW_CODE_EXECUTION", raising=False)
+    with pytest.raises(ValueError, match="KEEL_ALLOW_CODE_EXECUTION"):
+        get("python")
+    with pytest.raises(ValueError, match="KEEL_ALLOW_CODE_EXECUTION"):
+        make_python_checker()("print(1)", "")  # the checker object refuses too, not only the lookup
+    monkeypatch.setenv("KEEL_ALLOW_CODE_EXECUTION", "0")
+    with pytest.raises(ValueError, match="KEEL_ALLOW_CODE_EXECUTION"):
+        get("python")
+    assert get("python", allow_code_execution=True)("x = 1", "assert x == 1")  # the flag is an opt-in
+    assert get("math")("#### 4", "4")  # the other checkers need none

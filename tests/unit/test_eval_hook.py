@@ -106,6 +106,18 @@ def test_score_is_the_unbiased_estimator_over_prompts(cfg):
     assert row["eval/pass@2"] == pytest.approx(0.5)
     assert row["eval/diversity/mean_entropy"] == pytest.approx((1 + 1 + 0.5 + 0.5) / 4)
     assert table[0] == {"prompt": "q1", "completion": "it is 5", "score": True}
+    assert row["eval/could_not_run"] == 0
+
+
+def test_score_reports_samples_the_sandbox_stopped(cfg):
+    import dataclasses
+
+    passk = dataclasses.replace(cfg.eval.passk, checker="python", allow_code_execution=True)
+    c = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, passk=passk))
+    sets = hook.EvalSets([], [Prompt([{"role": "user", "content": "q"}], "assert x == 1")], [[1]])
+    texts = ["x = 1", "x = 2", "x = bytearray(2 * 1024**3)"]  # passes, fails, hits the memory limit
+    row, _ = hook.score(sets, [[(0, [Sample(t, 1, [1.0]) for t in texts])]], c)
+    assert row["eval/could_not_run"] == 1 and row["eval/pass@1"] == pytest.approx(1 / 3)
 
 
 def test_warnings_against_the_baseline(cfg):

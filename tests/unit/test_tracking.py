@@ -11,7 +11,7 @@ def test_redact_keys_and_values(monkeypatch):
            "list": ["hf_abcdefghijklmnop", "ok"], "MY_SECRET_THING": 3}
     out = redact(cfg)
     assert out["logger"] == {"api_key": "<redacted>", "project": "keel"}
-    assert out["model"]["path"] == "<redacted>" and out["list"] == ["<redacted>", "ok"]
+    assert out["model"]["path"] == "org/m?token=<redacted>" and out["list"] == ["<redacted>", "ok"]
     assert out["MY_SECRET_THING"] == "<redacted>"
     assert "hf_abcdefghijklmnop" not in repr(out)
 

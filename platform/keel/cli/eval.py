@@ -33,6 +33,9 @@ def _passk_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=8, help="samples per prompt (default 8)")
     p.add_argument("--k", type=_ks, default=[1, 4, 8], help="comma-separated ks, each <= n (default 1,4,8)")
     p.add_argument("--checker", default="math", choices=checkers.names(), help="answer checker (default math)")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="let --checker python run the model's code, in a bubblewrap sandbox (or set "
+                        "KEEL_ALLOW_CODE_EXECUTION=1)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -74,6 +77,7 @@ def run_passk(args: argparse.Namespace) -> dict:
     from keel.eval.generate import SamplingConfig, check_sampling, load_model, load_prompts
     from keel.eval.report import evaluate_passk, format_table, usable_ks, write_report
 
+    checkers.get(args.checker, args.allow_code_execution)  # opt-in and sandbox, before any loading
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     sampling = SamplingConfig(args.n, args.temperature, args.top_p, args.max_new_tokens, args.batch_size, args.seed)
@@ -85,7 +89,8 @@ def run_passk(args: argparse.Namespace) -> dict:
     _check_model_dir(args.model)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, args.device)
-    body = evaluate_passk(model, tokenizer, prompts, sampling, args.checker, ks, _progress)
+    body = evaluate_passk(model, tokenizer, prompts, sampling, args.checker, ks, _progress,
+                          allow_code_execution=args.allow_code_execution)
     report = {"config": _config(args, ks, dropped), "prompts": len(prompts), "rows_skipped": skipped,
               "seconds": round(time.perf_counter() - start, 2), **body}
     print(format_table(report))

@@ -92,7 +92,7 @@ def print_source(tokenizer: Any, data: Any, stats: dict, n: int, color: bool) ->
     """Terminal view of one source: summary, reject reasons, N rendered examples."""
     print(f"=== {data.name} [{stats['format']}]: {summary_line(stats)}")
     for group in stats["rejects_by_reason"]:
-        print(f"  rejected {group['count']}x: {group['reason']} (e.g. row {group['examples'][0]['row']})")
+        print(f"  rejected {group['count']}x: {group['reason']} (e.g. {view.where_row(group['examples'][0])})")
     for i in range(min(n, len(data.input_ids))):
         print(f"--- {data.name} example {i} ({len(data.input_ids[i])} tokens)")
         print(view.render_terminal(tokenizer, data.input_ids[i], data.targets[i], color))
@@ -115,10 +115,12 @@ def write_report(out: Path, cfg: KeelConfig, tokenizer: Any, sources: list[Any],
                     for i in range(min(n, len(data.input_ids)))]
         sections.append(view.source_html(st, examples))
     summary = run_summary(cfg)
-    (out / "inspect.html").write_text(view.report_html("keel inspect", summary, sections), encoding="utf-8")
+    # backslashreplace: a stray lone surrogate is shown escaped, never a crash with half a report written
+    (out / "inspect.html").write_text(view.report_html("keel inspect", summary, sections), encoding="utf-8",
+                                      errors="backslashreplace")
     payload = {"config": summary, "sources": stats}
     (out / "inspect.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n",
-                                      encoding="utf-8")
+                                      encoding="utf-8", errors="backslashreplace")
 
 
 def use_color(no_color: bool) -> bool:

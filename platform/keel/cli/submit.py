@@ -1,10 +1,13 @@
 """``keel submit``: run ``keel train`` as a Ray job, or query/stop one.
 
     keel submit --address http://HEAD:8265 model=tiny trainer.max_steps=20
+    keel submit --address http://HEAD:8265 --secret-file WANDB_API_KEY=/shared/me/.wandb_key model=tiny
     keel submit --address http://HEAD:8265 --status JOB | --logs JOB | --stop JOB
 
 The overrides are composed and validated here first, so a typo fails before anything is
 submitted. In a notebook, ``keel.cli.submit.submit([...], address=...)`` does the same.
+Secrets: ``--secret-file KEY=PATH`` sends only the path of a file on the cluster nodes, which
+the job reads there; ``--env KEY=VALUE`` is stored in clear by Ray and warns for secret names.
 """
 
 from __future__ import annotations
@@ -52,7 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--working-dir", default=".", help="directory uploaded with the job (default: .)")
     p.add_argument("--no-working-dir", action="store_true", help="upload nothing")
     p.add_argument("--job-id", help="submission id (default: keel-<time>-<random>)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for the job")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for the job (stored in clear by Ray: not for secrets)")
+    p.add_argument("--secret-file", action="append", default=[], metavar="KEY=PATH",
+                   help="set KEY in the job from the file PATH on the cluster nodes (absolute); only the path "
+                        "is sent")
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for keel train")
     return p
@@ -73,11 +80,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.status or args.logs or args.stop:
         sys.exit(_query(args))
     env = dict(kv.split("=", 1) for kv in args.env if "=" in kv)
-    if len(env) != len(args.env):
-        sys.exit("keel submit: --env takes KEY=VALUE")
+    secret_files = dict(kv.split("=", 1) for kv in args.secret_file if "=" in kv)
+    if len(env) != len(args.env) or len(secret_files) != len(args.secret_file):
+        sys.exit("keel submit: --env takes KEY=VALUE, --secret-file KEY=PATH")
     try:
         result = submit(args.overrides, args.address, run_dir=args.run_dir, job_id=args.job_id, env=env,
-                        working_dir=None if args.no_working_dir else args.working_dir, wait=not args.no_wait)
+                        working_dir=None if args.no_working_dir else args.working_dir, wait=not args.no_wait,
+                        secret_files=secret_files)
     except ValueError as err:
         sys.exit(f"keel submit: {err}")
     print(f"job_id={result.job_id} status={result.status} run_dir={result.run_dir}")

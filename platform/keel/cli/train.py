@@ -11,6 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from keel.config import KeelConfig
+from keel.eval import checkers
+from keel.tracking.secrets import load_secret_files, redact
 
 ConfigStore.instance().store(name="keel_schema", node=KeelConfig)
 
@@ -23,9 +25,37 @@ def validate(cfg: DictConfig) -> KeelConfig:
         sys.exit(f"keel: {err}")
 
 
+def write_hydra_record(cfg: DictConfig) -> Path:
+    """Hydra's record of the run (``config.yaml``, ``hydra.yaml``, ``overrides.yaml``), secrets redacted.
+
+    conf/config.yaml turns Hydra's own writing off (``hydra.output_subdir: null``): it writes
+    overrides and config in clear. Keel writes the same files, redacted, to ``.hydra/`` (or over
+    Hydra's, where a user set ``hydra.output_subdir`` again).
+    """
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir) / (hc.output_subdir or ".hydra")
+    out.mkdir(parents=True, exist_ok=True)
+    records = {"config.yaml": OmegaConf.to_container(cfg, resolve=False),
+               "hydra.yaml": {"hydra": OmegaConf.to_container(hc, resolve=False)},
+               "overrides.yaml": list(hc.overrides.task)}
+    for name, data in records.items():
+        (out / name).write_text(OmegaConf.to_yaml(OmegaConf.create(redact(data))), encoding="utf-8")
+    return out
+
+
 @hydra.main(version_base=None, config_path="pkg://keel.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    try:
+        load_secret_files()  # keel submit --secret-file: read here, so redaction knows the values too
+    except ValueError as err:
+        sys.exit(f"keel: {err}")
+    write_hydra_record(cfg)
     keel_cfg = validate(cfg)
+    if keel_cfg.eval.every_n_steps > 0 and keel_cfg.eval.passk.checker in checkers.CODE_CHECKERS:
+        try:
+            checkers.require_code_execution(keel_cfg.eval.passk.allow_code_execution)  # bubblewrap, before Ray
+        except ValueError as err:
+            sys.exit(f"keel: {err}")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     keel_cfg.run_dir = str(run_dir)
     from keel.launch.driver import run_training

@@ -33,6 +33,7 @@ class RowResult:
     reason: str | None = None  # why it was rejected
     data: Any = None  # the row a reject carries
     example: dict | None = None  # the canonical example of a chat kept whole (self-check samples)
+    file: str | None = None  # the file a reader's or format's reject came from (rows are numbered per file)
 
 
 @dataclass
@@ -67,8 +68,10 @@ class SourceData:
         self.rows_read += 1
         if res.reason is not None:
             if cfg.data.on_error == "raise":
-                raise ValueError(f"data source {self.name!r} ({where}) row {res.row}: {res.reason}")
-            self.rejects.append({"source": self.name, "row": res.row, "reason": res.reason, "data": res.data})
+                raise ValueError(f"data source {self.name!r} ({res.file or where}) row {res.row}: {res.reason}")
+            where_from = {"file": res.file} if res.file else {}
+            self.rejects.append({"source": self.name, **where_from, "row": res.row, "reason": res.reason,
+                                 "data": res.data})
             return
         self.truncated += res.action == "truncated"
         self.split += res.action == "split"
@@ -184,7 +187,8 @@ def process_row(row_no: int, row: Any, cfg: Any, enc: TextEncoder, masking: str)
         pieces, action = _row_pieces(row, cfg, enc, masking)
     except (Reject, _OverLength) as err:
         return RowResult(row_no, action="rejected", reason=str(err),
-                         data=err.data if isinstance(err, Reject) else row)
+                         data=err.data if isinstance(err, Reject) else row,
+                         file=getattr(row, "file", None) if isinstance(row, Reject) else None)
     example = {**row, "messages": chat_messages(row, cfg)} if action == "kept" and "messages" in row else None
     return RowResult(row_no, pieces, action, example=example)
 
@@ -193,7 +197,7 @@ def load_source(src: Any, cfg: Any, enc: TextEncoder) -> SourceData:
     """Validate and encode one source; every row is either kept or rejected with a reason."""
     out = SourceData(src.name)
     masking = src.masking or cfg.masking.name
-    for row_no, row in iter_source(src, cfg.data.seed):
+    for row_no, row in iter_source(src, cfg.data.seed, cfg.data.max_row_bytes):
         if src.cap is not None and len(out.input_ids) >= src.cap:
             break  # the cap bounds what enters the mixture; unread rows are not rejects
         out.add(process_row(row_no, row, cfg, enc, masking), cfg, where(src))

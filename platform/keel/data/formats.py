@@ -56,11 +56,12 @@ CALL_ROLES = ("function_call", "tool_call")
 
 
 class Reject(Exception):
-    """A row that cannot be used; ``str()`` is the reason, ``data`` the raw row if any."""
+    """A row that cannot be used; ``str()`` is the reason, ``data`` the raw row if any, ``file`` where it was read."""
 
-    def __init__(self, reason: str, data: Any = None) -> None:
+    def __init__(self, reason: str, data: Any = None, file: str | None = None) -> None:
         super().__init__(reason)
         self.data = data
+        self.file = file
 
 
 # ---------------------------------------------------------------- format and field names
@@ -440,10 +441,33 @@ def _chat_problem(example: dict) -> str | None:
     return _order_problem(messages)
 
 
+def _surrogate_field(value: Any, where: str = "") -> str | None:
+    """Path of the first string (key or value) holding a lone surrogate, or None."""
+    stack = [(where, value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if _bad_unicode(item):
+                return path or "row"
+        elif isinstance(item, dict):
+            for k, v in reversed(list(item.items())):
+                key = f"{path}.{k}" if path else str(k)
+                if isinstance(k, str) and _bad_unicode(k):
+                    return f"{path or 'row'} (a key)"
+                stack.append((key, v))
+        elif isinstance(item, list | tuple):
+            stack += [(f"{path}[{i}]", v) for i, v in reversed(list(enumerate(item)))]
+    return None
+
+
 def validate(example: Any) -> str | None:
     """The reason this canonical example is unusable, or None when it is valid."""
     if not isinstance(example, dict):
         return f"row: wrong type, expected an object, got {_type_name(example)}"
+    # Anywhere (tool calls, tools, system): a lone surrogate cannot be encoded, tokenised or written.
+    bad = _surrogate_field(example)
+    if bad is not None:
+        return f"{bad}: invalid Unicode (lone surrogate)"
     if "text" in example and "messages" not in example:
         text = example["text"]
         if not isinstance(text, str):

@@ -113,8 +113,15 @@ def reason_key(reason: str) -> str:
 
 
 def _short(data: Any) -> str:
+    """A reject's row for display, cut short; lone surrogates (why some rows are rejected) as ``\\udXXX``."""
     text = json.dumps(data, ensure_ascii=False, default=str)
-    return text if len(text) <= REJECT_DATA_CHARS else text[:REJECT_DATA_CHARS] + "…"
+    text = text if len(text) <= REJECT_DATA_CHARS else text[:REJECT_DATA_CHARS] + "…"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def where_row(rej: dict) -> str:
+    """``row N``, or ``FILE row N`` when the reject knows its file (rows are numbered per file)."""
+    return f"{rej['file']} row {rej['row']}" if rej.get("file") else f"row {rej['row']}"
 
 
 def rejects_by_reason(rejects: list[dict]) -> list[dict]:
@@ -124,7 +131,9 @@ def rejects_by_reason(rejects: list[dict]) -> list[dict]:
         group = groups.setdefault(reason_key(rej["reason"]), {"count": 0, "examples": []})
         group["count"] += 1
         if len(group["examples"]) < REJECT_EXAMPLES:
-            group["examples"].append({"row": rej["row"], "reason": rej["reason"], "data": _short(rej["data"])})
+            where = {"file": rej["file"]} if rej.get("file") else {}
+            group["examples"].append({**where, "row": rej["row"], "reason": rej["reason"],
+                                      "data": _short(rej["data"])})
     ordered = sorted(groups.items(), key=lambda kv: -kv[1]["count"])
     return [{"reason": key, **group} for key, group in ordered]
 
@@ -192,7 +201,7 @@ def _rejects_html(groups: list[dict]) -> str:
         return "<p>no rejects</p>"
     rows = []
     for g in groups:
-        shown = "<br>".join(f"row {e['row']}: {html.escape(e['reason'])}<br><code class=raw>"
+        shown = "<br>".join(f"{html.escape(where_row(e))}: {html.escape(e['reason'])}<br><code class=raw>"
                             f"{html.escape(e['data'])}</code>" for e in g["examples"])
         rows.append(f"<tr><td>{html.escape(g['reason'])}</td><td class=num>{g['count']}</td><td>{shown}</td></tr>")
     return f"<table><tr><th>reason</th><th>count</th><th>first rows</th></tr>{''.join(rows)}</table>"

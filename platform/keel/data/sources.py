@@ -6,12 +6,18 @@ Readers for local JSON (a list of rows, or an object holding one under a key suc
 numbered per file from 0 (for JSONL: the line number, blank lines skipped but counted).
 Every row comes out either as a canonical example (see ``keel.data.formats``) or as a
 ``Reject`` carrying the reason: malformed lines and undecodable bytes never raise.
+
+Hostile inputs: a row larger than ``max_row_bytes`` (``data.max_row_bytes``, default 4 MiB) is
+rejected before it is parsed (a JSONL line is never read whole) or, for formats parsed by a
+library (JSON, Parquet, CSV, Hugging Face), before it is converted or tokenised; a glob matches
+each real file once (``**`` follows directory links but never loops); a missing file, a broken
+or looping symbolic link and a file that is not a regular file are errors naming the path.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
+import fnmatch
 import json
 import logging
 import os
@@ -28,6 +34,8 @@ __all__ = ["Reject", "detect_source_format", "iter_raw", "iter_rows", "iter_sour
 log = logging.getLogger(__name__)
 
 HF_PREFIX = "hf:"
+DEFAULT_MAX_ROW_BYTES = 4 * 2**20  # data.max_row_bytes: a 128k-token row in any script fits; 50 MB lines do not
+_SKIP_CHUNK = 2**20  # the rest of an over-long line is skipped in pieces this size
 CONTAINER_KEYS = ("data", "rows", "examples", "train", "instances", "records", "items")
 Row = tuple[int, Any]
 
@@ -45,11 +53,30 @@ def _jsonl_line(raw: bytes, first: bool) -> Any:
         return Reject(f"malformed JSON line: {err}")
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row]:
+def _too_large(size: int | str, limit: int) -> Reject:
+    return Reject(f"row too large: {size} bytes > data.max_row_bytes={limit} (rejected before parsing)")
+
+
+def _skip_line(fh: Any, read: int) -> int:
+    """Read past the rest of the current line without holding it; the line's length (without its end)."""
+    while True:
+        chunk = fh.readline(_SKIP_CHUNK)
+        read += len(chunk.rstrip(b"\r\n"))
+        if not chunk or chunk.endswith(b"\n"):
+            return read
+
+
+def _jsonl_rows(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[Row]:
     with path.open("rb") as fh:
-        for i, raw in enumerate(fh):
-            if raw.strip():
+        i = 0
+        while raw := fh.readline(max_row_bytes + 2):  # never more than the limit (+ "\r\n") in memory
+            if len(raw) == max_row_bytes + 2 and not raw.endswith(b"\n"):
+                yield i, _too_large(_skip_line(fh, len(raw)), max_row_bytes)
+            elif len(raw.rstrip(b"\r\n")) > max_row_bytes:
+                yield i, _too_large(len(raw.rstrip(b"\r\n")), max_row_bytes)
+            elif raw.strip():
                 yield i, _jsonl_line(raw, i == 0)
+            i += 1
 
 
 def _json_container(data: Any) -> list | None:
@@ -63,7 +90,7 @@ def _json_container(data: Any) -> list | None:
     return None
 
 
-def _json_rows(path: Path) -> Iterator[Row]:
+def _json_rows(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[Row]:
     try:
         data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as err:
@@ -71,7 +98,7 @@ def _json_rows(path: Path) -> Iterator[Row]:
         return
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # one JSON value per line in a .json file
-            yield from _jsonl_rows(path)
+            yield from _jsonl_rows(path, max_row_bytes)
         else:
             yield 0, Reject(f"malformed JSON file: {err}")
         return
@@ -82,7 +109,7 @@ def _json_rows(path: Path) -> Iterator[Row]:
     yield from enumerate(rows if rows is not None else [data])
 
 
-def _parquet_rows(path: Path) -> Iterator[Row]:
+def _parquet_rows(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     i = 0
@@ -107,7 +134,10 @@ def _csv_row(header: list[str], values: list[str]) -> Any:
     return dict(zip(header, values))
 
 
-def _csv_rows(path: Path) -> Iterator[Row]:
+def _csv_rows(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[Row]:
+    # The csv module's field limit is process-wide; make it the row limit so a huge field stops
+    # the parser (it is then a reject below) instead of its default 128 KiB.
+    csv.field_size_limit(max_row_bytes)
     with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
@@ -123,7 +153,9 @@ def _csv_rows(path: Path) -> Iterator[Row]:
             except StopIteration:
                 return
             except csv.Error as err:
-                yield i, Reject(f"malformed CSV row: {err}")
+                too_big = "field larger than field limit" in str(err)
+                yield i, _too_large(f"over {max_row_bytes}", max_row_bytes) if too_big else Reject(
+                    f"malformed CSV row: {err}")
                 i += 1
                 continue
             if values:
@@ -131,41 +163,113 @@ def _csv_rows(path: Path) -> Iterator[Row]:
                 i += 1
 
 
-READERS: dict[str, Callable[[Path], Iterator[Row]]] = {
+READERS: dict[str, Callable[[Path, int], Iterator[Row]]] = {
     ".json": _json_rows, ".jsonl": _jsonl_rows, ".ndjson": _jsonl_rows, ".parquet": _parquet_rows,
     ".csv": _csv_rows,
 }
 
 
-def _reader(path: Path) -> Callable[[Path], Iterator[Row]]:
+def _reader(path: Path) -> Callable[[Path, int], Iterator[Row]]:
     suffix = path.suffix.lower()
     if suffix not in READERS:
         raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(READERS)})")
     return READERS[suffix]
 
 
-def read_file(path: str | os.PathLike) -> Iterator[Row]:
-    """Yield (row number, raw row or Reject) from one .json/.jsonl/.ndjson/.parquet/.csv file."""
+def check_file(path: str | os.PathLike) -> Path:
+    """``path`` as a readable regular file; ValueError saying what it is instead (missing, a broken or
+    looping symbolic link, a directory, a FIFO or device, unreadable)."""
     p = Path(path).expanduser()
+    if os.path.islink(p):
+        try:
+            os.path.realpath(p, strict=True)
+        except OSError as err:
+            kind = "a symbolic link loop" if "loop" in str(err).lower() or err.errno == 40 else \
+                f"a broken symbolic link (to {os.readlink(p)!r})"
+            raise ValueError(f"data source file {p}: {kind}") from None
+    if not p.exists():
+        raise ValueError(f"data source file not found: {p} (for a Hugging Face Hub dataset write "
+                         f"'{HF_PREFIX}owner/name')")
     if not p.is_file():
-        raise ValueError(f"data source file not found: {p}")
-    yield from _reader(p)(p)
+        raise ValueError(f"data source file {p}: not a regular file (a directory, FIFO or device)")
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"data source file {p}: permission denied")
+    return p
+
+
+def read_file(path: str | os.PathLike, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[Row]:
+    """Yield (row number, raw row or Reject) from one .json/.jsonl/.ndjson/.parquet/.csv file."""
+    p = check_file(path)
+    yield from _reader(p)(p, max_row_bytes)
 
 
 def _is_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 
 
+def _hidden(name: str, pattern: str) -> bool:
+    """Whether a wildcard skips ``name`` (as glob does: dot files only match a pattern starting with a dot)."""
+    return name.startswith(".") and not pattern.startswith(".")
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path or "."))
+    except OSError:
+        return []
+
+
+def _expand(base: str, parts: list[str], seen: set) -> Iterator[str]:
+    """Paths under ``base`` matching the glob segments ``parts``; ``**`` spans directories, links
+    included, each real directory once per remaining pattern (so a link loop ends)."""
+    if not parts:
+        yield base
+        return
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        try:
+            st = os.stat(base or ".")
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino, len(rest)) in seen:
+            return
+        seen.add((st.st_dev, st.st_ino, len(rest)))
+        yield from _expand(base, rest, seen)
+        for name in _listdir(base):
+            sub = os.path.join(base, name)
+            if not _hidden(name, "") and os.path.isdir(sub):
+                yield from _expand(sub, parts, seen)
+    elif _is_glob(head):
+        for name in _listdir(base):
+            if fnmatch.fnmatchcase(name, head) and not _hidden(name, head):
+                yield from _expand(os.path.join(base, name), rest, seen)
+    elif os.path.lexists(os.path.join(base, head)):
+        yield from _expand(os.path.join(base, head), rest, seen)
+
+
+def glob_files(pattern: str) -> list[str]:
+    """Sorted regular files matching ``pattern``, each real file once (the first of its names)."""
+    root = "/" if pattern.startswith("/") else ""
+    parts = [p for p in pattern.split("/") if p]
+    matches = sorted({f for f in _expand(root, parts, set()) if os.path.isfile(f)})
+    files, real = [], set()
+    for f in matches:
+        if os.path.realpath(f) not in real:
+            real.add(os.path.realpath(f))
+            files.append(f)
+    if len(files) < len(matches):
+        log.warning("%s: %d of %d matches are the same files through symbolic links; each is read once",
+                    pattern, len(matches) - len(files), len(matches))
+    return files
+
+
 def resolve_files(path: str) -> list[str]:
-    """The files ``path`` names: itself, or the sorted matches of a glob."""
+    """The files ``path`` names: itself, or the sorted matches of a glob (each real file once)."""
     expanded = os.path.expanduser(str(path))
     if not _is_glob(expanded):
-        if not Path(expanded).is_file():
-            raise ValueError(f"data source file not found: {expanded} "
-                             f"(for a Hugging Face Hub dataset write '{HF_PREFIX}owner/name')")
-        files = [expanded]
+        files = [str(check_file(expanded))]
     else:
-        files = sorted(f for f in glob.glob(expanded, recursive=True) if Path(f).is_file())
+        files = glob_files(expanded)
         if not files:
             raise ValueError(f"no files match the data source glob {expanded!r}")
     for f in files:
@@ -194,18 +298,43 @@ def _hf_rows(path: str, split: str, subset: str | None, streaming: bool) -> Iter
 # ---------------------------------------------------------------- rows of a source
 
 
-def iter_raw(path: str, *, split: str = "train", subset: str | None = None,
-             streaming: bool = False) -> Iterator[tuple[str, int, Any]]:
+def row_bytes(row: Any, limit: int) -> int:
+    """UTF-8 size of a parsed row's strings (keys included; 8 per other scalar), counted up to just past
+    ``limit``: cheap next to tokenising it."""
+    total, stack = 0, [row]
+    while stack and total <= limit:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item) if item.isascii() else len(item.encode("utf-8", "surrogatepass"))
+        elif isinstance(item, dict):
+            stack += item.keys()
+            stack += item.values()
+        elif isinstance(item, list | tuple):
+            stack += item
+        else:
+            total += 8
+    return total
+
+
+def _bounded(row: Any, limit: int) -> Any:
+    """The row, or a Reject when it is over ``limit`` (checked before conversion and tokenising)."""
+    if isinstance(row, Reject) or row_bytes(row, limit) <= limit:
+        return row
+    return Reject(f"row too large: over data.max_row_bytes={limit} bytes (rejected before tokenising)")
+
+
+def iter_raw(path: str, *, split: str = "train", subset: str | None = None, streaming: bool = False,
+             max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[tuple[str, int, Any]]:
     """Yield (file, row number, raw row or Reject) for a file, glob or Hugging Face dataset."""
     path = str(path)
     if _is_hf(path):
         label = f"{path}[{split}]"
         for i, row in _hf_rows(path, split, subset, streaming):
-            yield label, i, row
+            yield label, i, _bounded(row, max_row_bytes)
         return
     for f in resolve_files(path):
-        for i, row in read_file(f):
-            yield f, i, row
+        for i, row in read_file(f, max_row_bytes):
+            yield f, i, _bounded(row, max_row_bytes)
 
 
 def _convert(raw: Any, fmt: str, fields: Mapping[str, str] | None) -> dict | Reject:
@@ -236,8 +365,8 @@ def _chosen(path: str, raw: Any, fields: Mapping[str, str] | None) -> str | None
 
 
 def iter_rows(path: str, format: str = "auto", fields: Mapping[str, str] | None = None, *,
-              split: str = "train", subset: str | None = None,
-              streaming: bool = False) -> Iterator[tuple[str, int, dict | Reject]]:
+              split: str = "train", subset: str | None = None, streaming: bool = False,
+              max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[tuple[str, int, dict | Reject]]:
     """Yield (file, row number, canonical valid example or Reject) for every row of ``path``."""
     # format="auto" takes the format of the first row that has a known format's fields (logged,
     # see detect_source_format) and applies it to every row; rows before it are held back.
@@ -246,7 +375,7 @@ def iter_rows(path: str, format: str = "auto", fields: Mapping[str, str] | None 
     check_fields(fmt, fields)
     chosen = None if fmt == "auto" else fmt
     pending: list[tuple[str, int, Any]] = []
-    for file, i, raw in iter_raw(path, split=split, subset=subset, streaming=streaming):
+    for file, i, raw in iter_raw(path, split=split, subset=subset, streaming=streaming, max_row_bytes=max_row_bytes):
         if chosen is None:
             chosen = _chosen(str(path), raw, fields)
             if chosen is None:
@@ -280,15 +409,17 @@ def load_conversations(path: str, format: str = "auto", fields: Mapping[str, str
             yield item
 
 
-def iter_source(src: Any, seed: int) -> Iterator[tuple[int, Any]]:
-    """(row number, canonical example or Reject) pairs of one configured source."""
+def iter_source(src: Any, seed: int, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[tuple[int, Any]]:
+    """(row number, canonical example or Reject) pairs of one configured source (a Reject knows its ``file``)."""
     if src.kind == "demo":
         yield from enumerate(demo.generate(src.task, src.num_examples, seed))
         return
     rows = iter_rows(src.path, getattr(src, "format", None) or "auto", getattr(src, "fields", None),
                      split=getattr(src, "split", None) or "train", subset=getattr(src, "subset", None),
-                     streaming=bool(getattr(src, "streaming", False)))
-    for n, (_, i, row) in enumerate(rows):
+                     streaming=bool(getattr(src, "streaming", False)), max_row_bytes=max_row_bytes)
+    for n, (file, i, row) in enumerate(rows):
+        if isinstance(row, Reject):
+            row.file = file  # rows are numbered per file: a glob's reject needs its file
         if src.num_examples != -1 and n >= src.num_examples:
             break
         yield i, row

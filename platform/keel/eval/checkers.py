@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import math
-import os
 import re
-import resource
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Callable
 from fractions import Fraction
-from pathlib import Path
+
+from keel.eval import sandbox
 
 Checker = Callable[[str, str], bool]
+CODE_CHECKERS = ("python",)  # checkers that execute model output: opt-in only
+OPT_IN_HOW = "--allow-code-execution (keel eval passk) or eval.passk.allow_code_execution=true (keel train)"
 
 # ----------------------------------------------------------------------------------------- math
 
@@ -159,76 +154,37 @@ def extract_code(completion: str) -> str:
     return completion
 
 
-def _cap(res: int, value: int) -> None:
-    """Set soft and hard limit to ``value``, never above the current hard limit (that would fail)."""
-    _soft, hard = resource.getrlimit(res)
-    if hard != resource.RLIM_INFINITY:
-        value = min(value, hard)
-    resource.setrlimit(res, (value, value))
+class PythonChecker:
+    """Runs ``code + "\\n" + tests`` in the bubblewrap sandbox (``keel.eval.sandbox``); passes iff it exits 0.
+
+    Model-generated code runs only with explicit opt-in (``KEEL_ALLOW_CODE_EXECUTION=1``, or
+    ``allow_code_execution=True`` from a CLI flag or config key); without it every call raises.
+    """
+
+    def __init__(self, limits: sandbox.Limits | None = None, allow_code_execution: bool = False) -> None:
+        self.limits = limits or sandbox.Limits()
+        self.allow_code_execution = allow_code_execution
+
+    def outcome(self, completion: str, reference: str) -> sandbox.Outcome:
+        """passed / failed / could_not_run (with the limit that stopped it) for one completion."""
+        sandbox.require_opt_in(self.allow_code_execution, OPT_IN_HOW)
+        return sandbox.run(extract_code(completion) + "\n" + reference, self.limits)
+
+    def __call__(self, completion: str, reference: str) -> bool:
+        return self.outcome(completion, reference).passed
 
 
-def _limits(memory_mb: int, cpu_s: int, max_procs: int, fsize_mb: int) -> Callable[[], None]:
-    """preexec_fn that applies resource limits in the child before exec."""
-
-    def apply() -> None:
-        _cap(resource.RLIMIT_AS, memory_mb * 2**20)
-        _cap(resource.RLIMIT_CPU, cpu_s)
-        _cap(resource.RLIMIT_NPROC, max_procs)  # not enforced for root: the group kill is the real guard
-        _cap(resource.RLIMIT_FSIZE, fsize_mb * 2**20)
-        _cap(resource.RLIMIT_CORE, 0)
-
-    return apply
+def make_python_checker(timeout_s: float = 5.0, memory_mb: int = 1024, max_procs: int = 64, fsize_mb: int = 16,
+                        allow_code_execution: bool = False) -> PythonChecker:
+    """A python checker with these limits (wall seconds, MB per process and in total, tasks, MB of files)."""
+    return PythonChecker(sandbox.Limits(timeout_s, memory_mb, max_procs, fsize_mb), allow_code_execution)
 
 
-def _kill_group(pgid: int) -> None:
-    """SIGKILL the whole process group, repeating briefly in case members were mid-fork."""
-    for _ in range(50):
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(0.01)
-
-
-def _clean_env(home: str) -> dict[str, str]:
-    """Minimal environment: nothing inherited, so no tokens or keys leak into untrusted code."""
-    return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
-
-
-def make_python_checker(
-    timeout_s: float = 5.0, memory_mb: int = 1024, max_procs: int = 64, fsize_mb: int = 16
-) -> Checker:
-    """Checker that runs ``code + "\\n" + tests`` in a sandboxed subprocess; passes iff exit code 0."""
-    if timeout_s <= 0 or memory_mb <= 0 or max_procs <= 0 or fsize_mb <= 0:
-        raise ValueError("timeout_s, memory_mb, max_procs and fsize_mb must all be positive")
-    preexec = _limits(memory_mb, math.ceil(timeout_s) + 1, max_procs, fsize_mb)
-
-    def check_python(completion: str, reference: str) -> bool:
-        """True iff the extracted code followed by the reference tests exits 0 within the limits."""
-        program = extract_code(completion) + "\n" + reference
-        with tempfile.TemporaryDirectory(prefix="keel-pycheck-") as tmp:
-            (Path(tmp) / "prog.py").write_text(program, encoding="utf-8")
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "prog.py"],
-                cwd=tmp,
-                env=_clean_env(tmp),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,  # own process group, so one killpg reaches every descendant
-                preexec_fn=preexec,  # limits must be set in the child, before exec
-            )
-            try:
-                rc = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                rc = None
-            finally:
-                # Always kill the group: children forked by passing code may outlive the leader.
-                _kill_group(proc.pid)
-                proc.wait()
-        return rc == 0
-
-    return check_python
+def outcome(check: Checker, completion: str, reference: str) -> sandbox.Outcome:
+    """The checker's verdict as an Outcome (only the python checker can report ``could_not_run``)."""
+    if isinstance(check, PythonChecker):
+        return check.outcome(completion, reference)
+    return sandbox.Outcome("passed" if check(completion, reference) else "failed")
 
 
 # ----------------------------------------------------------------------------------- registry
@@ -247,9 +203,19 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name: str) -> Checker:
-    """The checker registered under ``name``."""
+def get(name: str, allow_code_execution: bool = False) -> Checker:
+    """The checker registered under ``name``; a code-executing one only with opt-in and its sandbox present."""
     try:
-        return _REGISTRY[name]
+        check = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown checker {name!r}; valid: {', '.join(names())}") from None
+    if name in CODE_CHECKERS:
+        require_code_execution(allow_code_execution)
+        return PythonChecker(check.limits, allow_code_execution=True)
+    return check
+
+
+def require_code_execution(allow_code_execution: bool = False) -> None:
+    """Raise (naming KEEL_ALLOW_CODE_EXECUTION) without opt-in, or when the sandbox is not installed."""
+    sandbox.require_opt_in(allow_code_execution, OPT_IN_HOW)
+    sandbox.require_sandbox()

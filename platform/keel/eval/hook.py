@@ -9,7 +9,8 @@ rank 0 logs the result.
   source (same template, masking and length policy). The examples are split over the ranks and
   the NLL sums all-reduced. ``forgetting/ppl_rise`` is relative to the first evaluation.
 - ``eval/pass@k``: ``passk.n`` sampled completions per prompt, prompts rendered with the
-  training template, scored by ``passk.checker``, unbiased estimator (``keel.eval.pass_at_k``).
+  training template, scored by ``passk.checker``, unbiased estimator (``keel.eval.pass_at_k``);
+  ``eval/could_not_run`` counts samples the python checker's sandbox stopped (counted as failures).
   Prompts are split over the ranks; with several ZeRO-3 ranks ``generate`` runs with
   ``synced_gpus`` so a rank that finishes early keeps serving its shards.
 - ``eval/diversity/``: distinct-n, repeated 4-gram rate, mean predictive entropy and length of
@@ -157,17 +158,20 @@ def sample(model: Any, tokenizer: Any, sets: EvalSets, cfg: Any, rank: int, worl
 def score(sets: EvalSets, gathered: list, cfg: Any) -> tuple[dict, list[dict]]:
     """pass@k, diversity and the generations table from every rank's samples."""
     by_prompt = dict(pair for part in gathered for pair in part)
-    check = checkers.get(cfg.eval.passk.checker)
-    results, texts, entropies, table = [], [], [], []
+    check = checkers.get(cfg.eval.passk.checker, cfg.eval.passk.allow_code_execution)
+    results, texts, entropies, table, unrun = [], [], [], [], 0
     for i, prompt in enumerate(sets.prompts):
         samples = by_prompt[i]
-        ok = [bool(check(s.text, prompt.reference)) for s in samples]
+        outcomes = [checkers.outcome(check, s.text, prompt.reference) for s in samples]
+        ok = [o.passed for o in outcomes]
+        unrun += sum(o.status == "could_not_run" for o in outcomes)  # counted as not passing, reported apart
         results.append((len(ok), sum(ok)))
         texts += [s.text for s in samples]
         entropies += [e for s in samples for e in s.entropies]
         if i < cfg.eval.generations:
             table.append({"prompt": prompt.messages[-1]["content"], "completion": samples[0].text, "score": ok[0]})
     row = {f"eval/pass@{k}": v["mean"] for k, v in pass_at_k_report(results, cfg.eval.passk.k).items()}
+    row["eval/could_not_run"] = unrun
     div = diversity_report(texts, entropies)
     row.update({f"eval/diversity/{k}": div[k] for k in ("distinct_1", "distinct_2", "distinct_3",
                                                           "repeated_4gram_rate", "mean_entropy")})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from keel.eval import checkers
 from keel.eval.diversity import diversity_report
 from keel.eval.generate import Prompt, Sample, SamplingConfig, sample_prompts
 from keel.eval.passk import pass_at_k_report, rl_viability
+from keel.eval.sandbox import Outcome
 
 NUM_EXAMPLES = 3  # prompts whose completions are copied into the report
 
@@ -27,47 +29,63 @@ def usable_ks(ks: Sequence[int], n: int) -> tuple[list[int], list[int]]:
     return kept, dropped
 
 
-def score(prompts: Sequence[Prompt], samples: Sequence[Sequence[Sample]], checker: str) -> list[list[bool]]:
-    """Pass/fail of every sample under the named checker."""
-    check = checkers.get(checker)
-    return [[bool(check(s.text, p.reference)) for s in group] for p, group in zip(prompts, samples)]
+def score(prompts: Sequence[Prompt], samples: Sequence[Sequence[Sample]], checker: str,
+          allow_code_execution: bool = False) -> list[list[Outcome]]:
+    """The outcome (passed / failed / could_not_run) of every sample under the named checker."""
+    check = checkers.get(checker, allow_code_execution)
+    return [[checkers.outcome(check, s.text, p.reference) for s in group] for p, group in zip(prompts, samples)]
+
+
+def could_not_run(outcomes: Sequence[Sequence[Outcome]]) -> dict:
+    """Samples that could not run, in total and by reason (counted as not passing in pass@k)."""
+    reasons = Counter(o.reason for group in outcomes for o in group if o.status == "could_not_run")
+    return {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items()))}
 
 
 def _examples(prompts: Sequence[Prompt], samples: Sequence[Sequence[Sample]],
-              passed: Sequence[Sequence[bool]]) -> list[dict]:
+              outcomes: Sequence[Sequence[Outcome]]) -> list[dict]:
     """Prompt, reference and scored completions of the first few prompts."""
     return [
         {"prompt": p.messages, "reference": p.reference,
-         "completions": [{"text": s.text, "tokens": s.num_tokens, "passed": ok} for s, ok in zip(group, flags)]}
-        for p, group, flags in list(zip(prompts, samples, passed))[:NUM_EXAMPLES]
+         "completions": [{"text": s.text, "tokens": s.num_tokens, "passed": o.passed,
+                          **({"could_not_run": o.reason} if o.status == "could_not_run" else {})}
+                         for s, o in zip(group, flags)]}
+        for p, group, flags in list(zip(prompts, samples, outcomes))[:NUM_EXAMPLES]
     ]
 
 
-def build_report(prompts: Sequence[Prompt], samples: Sequence[Sequence[Sample]], passed: Sequence[Sequence[bool]],
-                 ks: Sequence[int]) -> dict:
-    """pass@k per k, per-prompt (n, c), diversity, examples and the RL-viability verdict."""
-    results = [(len(flags), sum(flags)) for flags in passed]
+def build_report(prompts: Sequence[Prompt], samples: Sequence[Sequence[Sample]],
+                 outcomes: Sequence[Sequence[Outcome]], ks: Sequence[int]) -> dict:
+    """pass@k per k, per-prompt (n, c, could_not_run), diversity, examples and the RL-viability verdict.
+
+    A sample that could not run (a sandbox limit or the timeout stopped it) counts as not passing,
+    as in HumanEval: pass@k estimates passing under these limits. Its count is reported apart so
+    that limits too tight for correct programs show up instead of hiding in the failures.
+    """
+    results = [(len(group), sum(o.passed for o in group)) for group in outcomes]
     per_k = pass_at_k_report(results, ks)
     flat = [s for group in samples for s in group]
     diversity = diversity_report([s.text for s in flat], [e for s in flat for e in s.entropies])
     pass1 = per_k[1]["mean"] if 1 in per_k else pass_at_k_report(results, [1])[1]["mean"]
     return {
         "pass_at_k": {str(k): v for k, v in per_k.items()},
-        "per_prompt": [{"n": n, "c": c} for n, c in results],
+        "per_prompt": [{"n": n, "c": c, "could_not_run": sum(o.status == "could_not_run" for o in group)}
+                       for (n, c), group in zip(results, outcomes)],
+        "could_not_run": could_not_run(outcomes),
         "diversity": diversity,
-        "examples": _examples(prompts, samples, passed),
+        "examples": _examples(prompts, samples, outcomes),
         "pass1": pass1,
         "verdict": rl_viability(pass1),
     }
 
 
 def evaluate_passk(model: Any, tokenizer: Any, prompts: Sequence[Prompt], sampling: SamplingConfig,
-                   checker: str, ks: Sequence[int], progress: Any = None) -> dict:
+                   checker: str, ks: Sequence[int], progress: Any = None, allow_code_execution: bool = False) -> dict:
     """Sample, score and report pass@k for ``prompts`` (ks must all be <= sampling.n)."""
-    checkers.get(checker)  # fail on a bad name before spending time sampling
+    checkers.get(checker, allow_code_execution)  # fail on a bad name or a missing opt-in before sampling
     usable_ks(ks, sampling.n)
     samples = sample_prompts(model, tokenizer, prompts, sampling, progress)
-    return build_report(prompts, samples, score(prompts, samples, checker), ks)
+    return build_report(prompts, samples, score(prompts, samples, checker, allow_code_execution), ks)
 
 
 def json_safe(obj: Any) -> Any:
@@ -105,5 +123,12 @@ def format_table(report: dict) -> str:
     lines.append(f"diversity: distinct-1 {_fmt(d['distinct_1'])}  distinct-2 {_fmt(d['distinct_2'])}  "
                  f"repeated-4gram {_fmt(d['repeated_4gram_rate'])}  mean entropy {_fmt(d['mean_entropy'])} nats  "
                  f"mean length {d['length_words']['mean']:.1f} words")
+    cnr = report.get("could_not_run", {"total": 0})
+    if cnr["total"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in cnr["by_reason"].items())
+        total = sum(p["n"] for p in report["per_prompt"])
+        lines.append(f"could not run: {cnr['total']} of {total} samples ({reasons}); counted as not "
+                     "passing: if correct programs hit these limits, pass@k is too low")
     lines.append(report["verdict"])
     return "\n".join(lines)
+

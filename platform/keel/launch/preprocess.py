@@ -41,10 +41,10 @@ def _row_block(batch: list[tuple[int, int, int, bytes]]) -> pa.Table:
                      "row": pa.array(row, pa.int64()), "raw": pa.array(raw, pa.binary())})
 
 
-def _read_rows(k: int, src: Any, seed: int) -> Iterator[pa.Table]:
+def _read_rows(k: int, src: Any, seed: int, max_row_bytes: int) -> Iterator[pa.Table]:
     """Source ``k``'s rows in order (canonical examples or readers' Rejects, pickled) in blocks."""
     batch = []
-    for seq, (row_no, row) in enumerate(iter_source(src, seed)):
+    for seq, (row_no, row) in enumerate(iter_source(src, seed, max_row_bytes)):
         batch.append((k, seq, row_no, pickle.dumps(row)))
         if len(batch) == BLOCK_ROWS:
             yield _row_block(batch)
@@ -53,7 +53,7 @@ def _read_rows(k: int, src: Any, seed: int) -> Iterator[pa.Table]:
         yield _row_block(batch)
 
 
-def _datasource(configs: list, seed: int) -> Any:
+def _datasource(configs: list, seed: int, max_row_bytes: int) -> Any:
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -66,12 +66,13 @@ def _datasource(configs: list, seed: int) -> Any:
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list:
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-            return [ReadTask(lambda k=k, src=src: _read_rows(k, src, seed), meta) for k, src in enumerate(configs)]
+            return [ReadTask(lambda k=k, src=src: _read_rows(k, src, seed, max_row_bytes), meta)
+                    for k, src in enumerate(configs)]
 
     return SourceRows()
 
 
-COLUMNS = ("source", "seq", "row", "action", "reason", "data", "example")
+COLUMNS = ("source", "seq", "row", "action", "reason", "data", "example", "file")
 
 
 class EncodeRows:
@@ -98,11 +99,13 @@ class EncodeRows:
                 first = j == 0
                 for c, v in zip(COLUMNS, (k, seq, row, res.action, res.reason,
                                           pickle.dumps(res.data) if first and res.reason is not None else None,
-                                          pickle.dumps(res.example) if first and keep_example else None)):
+                                          pickle.dumps(res.example) if first and keep_example else None,
+                                          res.file)):
                     out[c].append(v)
                 out["ids"].append(ids)
                 out["targets"].append(targets)
-        types = (pa.int32(), pa.int64(), pa.int64(), pa.string(), pa.string(), pa.binary(), pa.binary())
+        types = (pa.int32(), pa.int64(), pa.int64(), pa.string(), pa.string(), pa.binary(), pa.binary(),
+                 pa.string())
         return pa.table({**{c: pa.array(out[c], t) for c, t in zip(COLUMNS, types)},
                          "ids": _lists(out["ids"]), "targets": _lists(out["targets"])})
 
@@ -134,7 +137,7 @@ def _results(batch: pa.Table) -> Iterator[tuple[int, RowResult]]:
             raw_data, raw_example = cols["data"][n], cols["example"][n]
             current = RowResult(cols["row"][n], [], cols["action"][n], cols["reason"][n],
                                 pickle.loads(raw_data) if raw_data is not None else None,
-                                pickle.loads(raw_example) if raw_example is not None else None)
+                                pickle.loads(raw_example) if raw_example is not None else None, cols["file"][n])
         if current.reason is None:
             current.pieces.append((ids, targets))
     if current is not None:
@@ -152,7 +155,7 @@ def encode_sources(configs: list, cfg: Any, model_path: str, work: Path, rejects
     sources = [SourceData(src.name, Column(work / f"{k}.ids"), Column(work / f"{k}.targets"), SourceRejects(rejects))
                for k, src in enumerate(configs)]
     origins = [where(src) for src in configs]
-    ds = ray.data.read_datasource(_datasource(configs, cfg.data.seed), num_cpus=0)
+    ds = ray.data.read_datasource(_datasource(configs, cfg.data.seed, cfg.data.max_row_bytes), num_cpus=0)
     ds = ds.map_batches(EncodeRows, batch_format="pyarrow", batch_size=None, num_cpus=1,
                         compute=ray.data.ActorPoolStrategy(size=procs),
                         fn_constructor_kwargs={"cfg": to_plain(cfg), "model_path": model_path, "configs": configs,

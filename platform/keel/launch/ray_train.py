@@ -25,7 +25,7 @@ def _worker_env(cfg: Any) -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if not cfg.cluster.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("KEEL_CACHE_DIR", "WANDB_MODE", "WANDB_DIR", "HF_HOME", "HF_HUB_OFFLINE"):
+    for key in ("KEEL_CACHE_DIR", "WANDB_MODE", "WANDB_DIR", "HF_HOME", "HF_HUB_OFFLINE", "KEEL_SECRET_FILES"):
         if os.environ.get(key):
             env[key] = os.environ[key]
     return env
@@ -89,8 +89,10 @@ def train_loop_per_worker(config: dict) -> None:
     """Entry point on every Ray Train worker."""
     import ray.train
 
+    from keel.tracking.secrets import load_secret_files
     from keel.train.loop import WorkerInfo, train
 
+    load_secret_files()  # keel submit --secret-file: each worker reads the files on its own node
     cfg = from_plain(config["cfg"])
     ctx = ray.train.get_context()
     info = WorkerInfo(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import uuid
 from pathlib import Path
@@ -21,25 +20,13 @@ from keel.tracking.context import (
     step_weights,
 )
 from keel.tracking.namespace import STEP, TOKENS_SEEN, define_metrics, wandb_row
+from keel.tracking.secrets import redact
 
 STARTS = "starts.jsonl"
 GENERATIONS = "generations.jsonl"
 EVALS = "eval.jsonl"
 GENERATION_COLUMNS = ("step", "prompt", "completion", "score")
-SECRET_KEY = re.compile(r"(_KEY|_TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
 SOURCE_TOKENS = "data/tokens/"
-
-
-def redact(obj: Any) -> Any:
-    """Copy of a config with secret-looking keys and known secret values blanked."""
-    secrets = [v for k, v in os.environ.items() if SECRET_KEY.search(k) and len(v) >= 8]
-    if isinstance(obj, dict):
-        return {k: "<redacted>" if SECRET_KEY.search(str(k)) else redact(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    if isinstance(obj, str) and any(s in obj for s in secrets):
-        return "<redacted>"
-    return obj
 
 
 def wandb_mode(mode: str) -> str:
