@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from keel.config import KeelConfig
+from keel.config import KeelConfig, require_gpu
 
 ConfigStore.instance().store(name="keel_schema", node=KeelConfig)
 
@@ -26,6 +26,10 @@ def validate(cfg: DictConfig) -> KeelConfig:
 @hydra.main(version_base=None, config_path="pkg://keel.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     keel_cfg = validate(cfg)
+    try:
+        require_gpu(keel_cfg)  # before Ray or any model work
+    except ValueError as err:
+        sys.exit(f"keel: {err}")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     keel_cfg.run_dir = str(run_dir)
     from keel.launch.driver import run_training
