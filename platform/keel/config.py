@@ -103,6 +103,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _one_of(self.dtype, ("float32", "bfloat16"), "model.dtype")
         if self.arch is not None:
+            _require(self.path != "tiny", "model.arch", "has no effect with model.path=tiny (model.tiny is its shape)")
             self.arch.check()
         _one_of(self.attention, ("auto", "sdpa_block", "flex", "torch_varlen", "flash_attn"), "model.attention")
 

@@ -99,6 +99,8 @@ def test_family_specific_arch_keys_are_checked():
         _compose("model=qwen3", "model.arch.attn_logit_softcapping=50")
     with pytest.raises(ValueError, match=r"model\.arch\.num_kv_heads must divide"):
         _compose("model=mistral", "model.arch.num_kv_heads=5")
+    with pytest.raises(ValueError, match=r"model\.arch has no effect with model\.path=tiny"):
+        _compose("model=phi3", "model.path=tiny")
 
 
 def test_cfg_job_shows_the_preset(tmp_path):
