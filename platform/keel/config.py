@@ -410,6 +410,7 @@ class ClusterConfig:
     name: str = MISSING
     num_workers: Optional[int] = 2
     use_gpu: Optional[bool] = None  # None (auto): slurm: gpus_per_node > 0; local: a CUDA device per worker here
+    # (model=tiny stays on CPU); keel train refuses a model but tiny that this leaves on CPU
     cpus_per_worker: int = 1
     address: Optional[str] = None  # None: start (or join via RAY_ADDRESS) a local Ray instance
     max_failures: int = 0
@@ -422,29 +423,44 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         _require(self.num_nodes >= 1, "cluster.num_nodes", f"must be >= 1, got {self.num_nodes}")
         _require(self.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0")
-        # Why use_gpu was decided automatically (None: it was given); not a field, so workers that rebuild
-        # the config from its plain form (from_plain) see the resolved value as given.
-        self.use_gpu_auto: Optional[str] = None
-        if self.use_gpu is None:
-            self.use_gpu, self.use_gpu_auto = self._auto_gpu()
-        if self.num_workers is None:
-            self.num_workers = self.num_nodes * (self.gpus_per_node if self.use_gpu else 1)
-        _require(self.num_workers >= 1, "cluster.num_workers", f"must be >= 1, got {self.num_workers}")
         _require(self.cpus_per_worker >= 1, "cluster.cpus_per_worker", "must be >= 1")
         _require(self.max_failures >= 0, "cluster.max_failures", "must be >= 0")
         _require(self.join_timeout_s >= 0, "cluster.join_timeout_s", "must be >= 0")
         _one_of(self.placement, ("auto", "PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"), "cluster.placement")
+        # Why use_gpu was decided automatically (None: it was given); not a field, so workers that rebuild
+        # the config from its plain form (from_plain) see the resolved value as given.
+        self.use_gpu_auto: Optional[str] = None
+        if self.use_gpu is None and self.name == "slurm":
+            self._resolved(self.gpus_per_node > 0, f"cluster=slurm with cluster.gpus_per_node={self.gpus_per_node}")
+        elif self.use_gpu is not None:
+            self._derive_workers()
+        # cluster=local with use_gpu null waits for the model: KeelConfig calls resolve_local.
+
+    def resolve_local(self, model_name: str) -> None:
+        """``cluster=local``'s auto: GPUs when this host has a CUDA device per worker. The tiny model
+        (float32, the offline CPU demo) stays on CPU unless ``cluster.use_gpu=true`` is given."""
+        if self.use_gpu is not None:
+            return
+        workers = self.num_workers or 1
+        if model_name == "tiny":
+            self._resolved(False, "cluster=local with model=tiny")
+            return
+        devices = cuda_devices()
+        self._resolved(devices >= workers, f"cluster=local: {devices} CUDA device(s) on this host for "
+                       f"cluster.num_workers={workers}")
+
+    def _resolved(self, use_gpu: bool, why: str) -> None:
+        self.use_gpu, self.use_gpu_auto = use_gpu, why
+        self._derive_workers()
+
+    def _derive_workers(self) -> None:
+        """``num_workers: null``: one per GPU of the nodes, or one per node without GPUs; then checked."""
+        if self.num_workers is None:
+            self.num_workers = self.num_nodes * (self.gpus_per_node if self.use_gpu else 1)
+        _require(self.num_workers >= 1, "cluster.num_workers", f"must be >= 1, got {self.num_workers}")
         if self.use_gpu and self.gpus_per_node:
             _require(self.num_workers <= self.num_nodes * self.gpus_per_node, "cluster.num_workers",
                      f"{self.num_workers} exceeds the {self.num_nodes * self.gpus_per_node} GPUs of the nodes")
-
-    def _auto_gpu(self) -> tuple[bool, str]:
-        """``use_gpu: null``: GPUs when the job has them (slurm) or this host has one per worker (local)."""
-        if self.name == "slurm":
-            return self.gpus_per_node > 0, f"cluster=slurm with cluster.gpus_per_node={self.gpus_per_node}"
-        workers = self.num_workers if self.num_workers is not None else 1
-        devices = cuda_devices()
-        return devices >= workers, f"cluster=local: {devices} CUDA device(s) on this host for {workers} worker(s)"
 
     @property
     def ray_placement(self) -> str:
@@ -617,6 +633,7 @@ class KeelConfig:
     run_dir: str = "."
 
     def __post_init__(self) -> None:
+        self.cluster.resolve_local(self.model.name)
         _one_of(self.template.name, TEMPLATES, "template.name")
         self._check_mix_fields()
 
@@ -649,8 +666,9 @@ def require_gpu(cfg: KeelConfig) -> None:
     if c.use_gpu or cfg.model.name == "tiny" or c.use_gpu_auto is None:
         return
     hint = ("submit with GPUs (sbatch --gpus-per-node=N, or --gres=gpu:N where the site needs it)"
-            if c.name == "slurm" else "run on a host with a CUDA device per worker, or cluster.use_gpu=true when "
-            "the Ray workers joined through cluster.address/RAY_ADDRESS have GPUs this host lacks")
+            if c.name == "slurm" else "run where this host has a CUDA device per worker (or lower "
+            "cluster.num_workers), or give cluster.use_gpu=true when the Ray workers joined through "
+            "cluster.address/RAY_ADDRESS have GPUs this host lacks")
     raise ValueError(f"config error: model={cfg.model.name} trains on GPUs, but none were found "
                      f"({c.use_gpu_auto}): {hint}; or set cluster.use_gpu=false to train it on CPU workers "
                      "(slow; meant for tests)")

@@ -61,6 +61,8 @@ def test_headline_command_without_gpus_is_refused_at_validation(tmp_path):
     (["model=qwen3", "cluster.use_gpu=true"], {}, 0, True, False),  # workers joined elsewhere: as given
     (["model=qwen3", "cluster.use_gpu=false"], {}, 0, False, False),
     ([], {}, 0, False, False),  # tiny trains on CPU
+    ([], {}, 8, False, False),  # ... also on a host with GPUs, unless told otherwise
+    (["cluster.use_gpu=true"], {}, 8, True, False),
     (["model=tiny", "model.path=/some/checkpoint"], {}, 0, False, False),
 ])
 def test_use_gpu_auto_and_the_refusal(monkeypatch, overrides, env, cuda, use_gpu, refused):
