@@ -5,9 +5,12 @@
 #   sbatch slurm/sft.sh model=llama3 mix.T=2
 #   sbatch --nodes=4 --gpus-per-node=8 --partition=gpu --time=48:00:00 slurm/sft.sh model=llama3
 #
-# Options given to sbatch override the defaults below. GPUs and partition are site-specific,
-# so none is set here: without GPUs the job runs one CPU worker per node. Site setup (modules,
-# venv/conda, NCCL, caches) lives in slurm/env.sh. Everything the run writes goes to
+# Options given to sbatch override the defaults below. Each node gets 8 GPUs (--gpus-per-node=8;
+# `sbatch --gpus-per-node=4 ...` for other nodes). Sites whose Slurm only takes GRES requests (no
+# --gpus-per-node, e.g. select/cons_res) change that line to `#SBATCH --gres=gpu:8`. A CPU-only job
+# (`sbatch --gpus-per-node=0 ...`) runs one CPU worker per node, and `keel train` then refuses any
+# model but tiny unless cluster.use_gpu=false is given. The partition is site-specific: pass
+# --partition. Site setup (modules, venv/conda, NCCL, caches) lives in slurm/env.sh. Everything the run writes goes to
 # outputs/slurm-<jobid>/ under the submit directory, logs in its logs/ (sft.log: this script
 # and the driver; ray-<node>.log: each Ray node). Slurm's own keel-sft-<jobid>.out only
 # catches what fails before that directory exists (Slurm cannot create directories).
@@ -19,6 +22,7 @@
 #SBATCH --job-name=keel-sft
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
 #SBATCH --signal=B:USR1@120

@@ -39,6 +39,56 @@ class TinyModelConfig:
     init_seed: int = 1234
 
 
+# Hugging Face config keys only some families have: setting one for another family would do nothing.
+ARCH_FAMILY_KEYS = {
+    "sliding_window": ("mistral", "qwen2", "qwen3", "gemma2", "phi3"),
+    "attn_logit_softcapping": ("gemma2",),
+    "final_logit_softcapping": ("gemma2",),
+    "query_pre_attn_scalar": ("gemma2",),
+}
+
+
+@dataclass
+class ArchConfig:
+    """A model's architecture as its published config.json gives it (``model.arch``), so Keel can size it
+    offline (``keel plan``) and build it at reduced width in tests. Keys are Keel's names; keel.model.arch
+    maps them to the family's Hugging Face config. A local ``model.path`` is sized from its own config.json."""
+
+    model_type: str = MISSING  # transformers model_type: llama, mistral, qwen2, qwen3, gemma2, phi3, ...
+    vocab_size: int = MISSING
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
+    num_kv_heads: int = MISSING
+    head_dim: Optional[int] = None  # None: hidden_size // num_heads
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = MISSING
+    rms_norm_eps: float = 1e-5
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict[str, Any]] = None  # e.g. Llama 3.1's {rope_type: llama3, factor: 8, ...}
+    sliding_window: Optional[int] = None  # tokens a query attends back (None: full attention)
+    attn_logit_softcapping: Optional[float] = None  # Gemma 2: cap·tanh(scores/cap)
+    final_logit_softcapping: Optional[float] = None  # Gemma 2: on the output logits
+    query_pre_attn_scalar: Optional[int] = None  # Gemma 2: attention scale 1/sqrt(this)
+    extra: dict[str, Any] = field(default_factory=dict)  # further config.json keys, passed as they are
+
+    def check(self, key: str = "model.arch") -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "max_position_embeddings"):
+            _require(getattr(self, name) >= 1, f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(self.num_heads % self.num_kv_heads == 0, f"{key}.num_kv_heads",
+                 f"must divide num_heads={self.num_heads}, got {self.num_kv_heads}")
+        if self.head_dim is None:
+            _require(self.hidden_size % self.num_heads == 0, f"{key}.head_dim",
+                     f"is required when num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}")
+        for name, families in ARCH_FAMILY_KEYS.items():
+            if getattr(self, name) is not None:
+                _require(self.model_type in families, f"{key}.{name}",
+                         f"has no effect with model_type={self.model_type} (only {list(families)})")
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING
@@ -48,9 +98,13 @@ class ModelConfig:
     attention: str = "auto"
     gradient_checkpointing: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    arch: Optional[ArchConfig] = None  # presets: the architecture, for offline sizing (keel plan)
 
     def __post_init__(self) -> None:
         _one_of(self.dtype, ("float32", "bfloat16"), "model.dtype")
+        if self.arch is not None:
+            _require(self.path != "tiny", "model.arch", "has no effect with model.path=tiny (model.tiny is its shape)")
+            self.arch.check()
         _one_of(self.attention, ("auto", "sdpa_block", "flex", "torch_varlen", "flash_attn"), "model.attention")
 
 
@@ -365,7 +419,8 @@ class ClusterConfig:
 
     name: str = MISSING
     num_workers: Optional[int] = 2
-    use_gpu: Optional[bool] = False  # None: true when gpus_per_node > 0
+    use_gpu: Optional[bool] = None  # None (auto): slurm: gpus_per_node > 0; local: a CUDA device per worker here
+    # (model=tiny stays on CPU); keel train refuses a model but tiny that this leaves on CPU
     cpus_per_worker: int = 1
     address: Optional[str] = None  # None: start (or join via RAY_ADDRESS) a local Ray instance
     max_failures: int = 0
@@ -378,15 +433,41 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         _require(self.num_nodes >= 1, "cluster.num_nodes", f"must be >= 1, got {self.num_nodes}")
         _require(self.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0")
-        if self.use_gpu is None:
-            self.use_gpu = self.gpus_per_node > 0
-        if self.num_workers is None:
-            self.num_workers = self.num_nodes * (self.gpus_per_node if self.use_gpu else 1)
-        _require(self.num_workers >= 1, "cluster.num_workers", f"must be >= 1, got {self.num_workers}")
         _require(self.cpus_per_worker >= 1, "cluster.cpus_per_worker", "must be >= 1")
         _require(self.max_failures >= 0, "cluster.max_failures", "must be >= 0")
         _require(self.join_timeout_s >= 0, "cluster.join_timeout_s", "must be >= 0")
         _one_of(self.placement, ("auto", "PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"), "cluster.placement")
+        # Why use_gpu was decided automatically (None: it was given); not a field, so workers that rebuild
+        # the config from its plain form (from_plain) see the resolved value as given.
+        self.use_gpu_auto: Optional[str] = None
+        if self.use_gpu is None and self.name == "slurm":
+            self._resolved(self.gpus_per_node > 0, f"cluster=slurm with cluster.gpus_per_node={self.gpus_per_node}")
+        elif self.use_gpu is not None:
+            self._derive_workers()
+        # cluster=local with use_gpu null waits for the model: KeelConfig calls resolve_local.
+
+    def resolve_local(self, model_name: str) -> None:
+        """``cluster=local``'s auto: GPUs when this host has a CUDA device per worker. The tiny model
+        (float32, the offline CPU demo) stays on CPU unless ``cluster.use_gpu=true`` is given."""
+        if self.use_gpu is not None:
+            return
+        workers = self.num_workers or 1
+        if model_name == "tiny":
+            self._resolved(False, "cluster=local with model=tiny")
+            return
+        devices = cuda_devices()
+        self._resolved(devices >= workers, f"cluster=local: {devices} CUDA device(s) on this host for "
+                       f"cluster.num_workers={workers}")
+
+    def _resolved(self, use_gpu: bool, why: str) -> None:
+        self.use_gpu, self.use_gpu_auto = use_gpu, why
+        self._derive_workers()
+
+    def _derive_workers(self) -> None:
+        """``num_workers: null``: one per GPU of the nodes, or one per node without GPUs; then checked."""
+        if self.num_workers is None:
+            self.num_workers = self.num_nodes * (self.gpus_per_node if self.use_gpu else 1)
+        _require(self.num_workers >= 1, "cluster.num_workers", f"must be >= 1, got {self.num_workers}")
         if self.use_gpu and self.gpus_per_node:
             _require(self.num_workers <= self.num_nodes * self.gpus_per_node, "cluster.num_workers",
                      f"{self.num_workers} exceeds the {self.num_nodes * self.gpus_per_node} GPUs of the nodes")
@@ -573,6 +654,7 @@ class KeelConfig:
     def __post_init__(self) -> None:
         from keel.data.template import NAMES
 
+        self.cluster.resolve_local(self.model.name)
         _one_of(self.template.name, NAMES, "template.name")
         self._check_mix_fields()
 
@@ -595,6 +677,28 @@ def __getattr__(name: str) -> Any:
 
         return NAMES
     raise AttributeError(name)
+
+
+def cuda_devices() -> int:
+    """CUDA devices this process sees (0 without torch's CUDA build)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def require_gpu(cfg: KeelConfig) -> None:
+    """``keel train``'s device rule: any model but ``tiny`` trains on GPUs unless ``cluster.use_gpu=false``
+    is given; a run that would silently fall back to CPU workers is refused before anything starts."""
+    c = cfg.cluster
+    if c.use_gpu or cfg.model.name == "tiny" or c.use_gpu_auto is None:
+        return
+    hint = ("submit with GPUs (sbatch --gpus-per-node=N, or --gres=gpu:N where the site needs it)"
+            if c.name == "slurm" else "run where this host has a CUDA device per worker (or lower "
+            "cluster.num_workers), or give cluster.use_gpu=true when the Ray workers joined through "
+            "cluster.address/RAY_ADDRESS have GPUs this host lacks")
+    raise ValueError(f"config error: model={cfg.model.name} trains on GPUs, but none were found "
+                     f"({c.use_gpu_auto}): {hint}; or set cluster.use_gpu=false to train it on CPU workers "
+                     "(slow; meant for tests)")
 
 
 def to_plain(cfg: Any) -> dict:

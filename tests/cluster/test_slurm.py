@@ -46,7 +46,9 @@ def _env() -> dict[str, str]:
 
 
 def _sbatch(submit_dir: Path, *args: str, wait: bool = False) -> tuple[str, subprocess.CompletedProcess]:
-    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), str(SFT), "model=tiny", "logger=none",
+    # The local cluster has no GPUs: override the script's --gpus-per-node=8 (Slurm would refuse the job).
+    cmd = ["sbatch", "--parsable", "--gpus-per-node=0", *(["--wait"] if wait else []), str(SFT), "model=tiny",
+           "logger=none",
            "trainer.progress=false", *args]
     out = subprocess.run(cmd, cwd=submit_dir, env=_env(), capture_output=True, text=True, timeout=900)
     job = out.stdout.strip().split(";")[0].splitlines()[0] if out.stdout.strip() else ""

@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM
 pytestmark = pytest.mark.integration
 
 SPLITS = {1: [(4, 1), (2, 2), (1, 4)], 2: [(2, 1), (1, 2)]}  # world -> (micro_batch_size, grad_accum)
+# Also on two ranks: deepspeed.overlap_comm (the GPU presets' setting) reduces the same gradient.
+OVERLAP = {2: (2, 1)}
 
 
 def _rows(count: int = 4, length: int = 48) -> dict:
@@ -66,15 +68,17 @@ def _ds_worker(rank: int, world: int, out_dir: str, port: int) -> None:
             return {}
 
     results = {}
-    for micro, accum in SPLITS[world]:
+    runs = [(m, a, False) for m, a in SPLITS[world]] + ([(*OVERLAP[world], True)] if world in OVERLAP else [])
+    for micro, accum, overlap in runs:
         cfg = _compose([f"trainer.micro_batch_size={micro}", f"trainer.grad_accum={accum}", "trainer.warmup_steps=0",
-                        "trainer.max_grad_norm=0", "logger=none"])
+                        "trainer.max_grad_norm=0", "logger=none", f"deepspeed.overlap_comm={overlap}"])
         info = WorkerInfo(rank, world, Path(out_dir), model_path(cfg), "sdpa_block", [], [], {})
         engine, _ = build_engine(cfg, info, [])
         engine.train()
         recorder = GradRecorder()
         m = train_step(engine, share, cfg, world, plugins=[recorder])
-        results[f"{micro}x{accum}"] = {"loss": m["loss"], "grad_norm": m["grad_norm"], "grads": recorder.grads}
+        key = f"{micro}x{accum}" + ("+overlap_comm" if overlap else "")
+        results[key] = {"loss": m["loss"], "grad_norm": m["grad_norm"], "grads": recorder.grads}
         engine.destroy()
     if rank == 0:
         torch.save(results, Path(out_dir) / f"world{world}.pt")
@@ -95,6 +99,7 @@ def test_micro_batch_accumulation_and_workers_through_deepspeed(tmp_path, tiny_p
     runs = {**torch.load(tmp_path / "world1.pt", weights_only=True),
             **{f"dp2:{k}": v for k, v in torch.load(tmp_path / "world2.pt", weights_only=True).items()}}
     ref = runs.pop("4x1")
+    assert "dp2:2x1+overlap_comm" in runs
     names = [n for n, _ in AutoModelForCausalLM.from_pretrained(tiny_path).named_parameters()]
     assert list(ref["grads"]) == names and ref["grad_norm"] > 0
     for name, run in runs.items():

@@ -88,7 +88,7 @@ def test_shell_scripts_parse(script):
 
 def test_sbatch_script_defaults():
     text = (REPO / "slurm" / "sft.sh").read_text()
-    for directive in ("--signal=B:USR1@120", "--requeue", "--nodes=", "--time="):
+    for directive in ("--signal=B:USR1@120", "--requeue", "--nodes=", "--time=", "--gpus-per-node=8"):
         assert f"#SBATCH {directive}" in text
     assert f"EXIT_PREEMPTED={EXIT_PREEMPTED}" in text  # the code the driver exits with
 

@@ -19,12 +19,14 @@ commands:
   eval      evaluation: `keel eval passk --help`
   diagnose  forgetting vs alignment tax vs healthy, base vs tuned: `keel diagnose --help`
   submit    run `keel train` as a Ray job on a running cluster: `keel submit --help`
+  plan      what the configured run needs per GPU, offline, and whether it fits
+            (`keel plan model=llama3 cluster=slurm cluster.num_nodes=2 cluster.gpus_per_node=8 [--json]`)
 """
 
 # command -> module with a main(argv) (Hydra-based commands read sys.argv themselves)
 COMMANDS = {"train": "keel.cli.train", "inspect": "keel.cli.inspect", "preprocess": "keel.cli.preprocess",
             "eval": "keel.cli.eval",
-            "submit": "keel.cli.submit", "diagnose": "keel.cli.diagnose"}
+            "submit": "keel.cli.submit", "diagnose": "keel.cli.diagnose", "plan": "keel.cli.plan"}
 
 
 def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any],

@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from keel.config import KeelConfig
+from keel.config import KeelConfig, require_gpu
 from keel.eval import checkers
 from keel.tracking.secrets import load_secret_files, redact
 
@@ -51,6 +51,10 @@ def main(cfg: DictConfig) -> None:
         sys.exit(f"keel: {err}")
     write_hydra_record(cfg)
     keel_cfg = validate(cfg)
+    try:
+        require_gpu(keel_cfg)  # before Ray or any model work
+    except ValueError as err:
+        sys.exit(f"keel: {err}")
     if keel_cfg.eval.every_n_steps > 0 and keel_cfg.eval.passk.checker in checkers.CODE_CHECKERS:
         try:
             checkers.require_code_execution(keel_cfg.eval.passk.allow_code_execution)  # bubblewrap, before Ray
