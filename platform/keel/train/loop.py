@@ -28,7 +28,7 @@ from keel.train.deepspeed import ds_config
 from keel.train.flops import device_peak, matmul_params, step_flops
 from keel.train.guards import BadStepGuard, Rollbacks, SpikeDetector, checkpoint_due, is_bad
 from keel.train.loss import backward_scale, token_weights, weighted_loss_sum
-from keel.train.schedule import lr_factor
+from keel.train.schedule import lr_lambda
 from keel.train.watchdog import Watchdog
 
 # Written by the driver on SIGTERM/SIGUSR1; every rank checkpoints after the current step.
@@ -79,8 +79,7 @@ def build_engine(cfg: Any, info: WorkerInfo, plugins: list, load_universal: bool
     t = cfg.trainer
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))  # trainer.lr_schedule
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
     return engine, hf_ds
 
