@@ -108,3 +108,23 @@ def test_the_model_comes_from_the_checkpoint_or_else_the_runs_config(tmp_path, t
 def test_keel_help_lists_export(capsys):
     keel_main(["--help"])
     assert "export    a checkpoint as a Hugging Face model" in capsys.readouterr().out
+
+
+def test_full_export_writes_the_runs_dtype_and_refuses_other_weights(tmp_path, tiny_path):
+    """The fp32 weights a checkpoint holds are written in the run's dtype (bf16 for bf16 runs) on the base's
+    architecture, and load; weights of another architecture are refused naming both."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    weights = {k: v.float() + 0.5 for k, v in AutoModelForCausalLM.from_pretrained(tiny_path).state_dict().items()}
+    record = {"path": tiny_path, "dtype": "bfloat16", "trust_remote_code": False}
+    export._write_full(weights, record, tmp_path / "out", tmp_path / "ckpt")
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert written.keys() == weights.keys() and {v.dtype for v in written.values()} == {torch.bfloat16}
+    assert all(torch.equal(written[k], weights[k].to(torch.bfloat16)) for k in weights)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.dtype == torch.bfloat16 and (tmp_path / "out" / "generation_config.json").is_file()
+    del weights["lm_head.weight"]
+    with pytest.raises(ValueError, match=r"ckpt does not match the model at .*missing \['lm_head\.weight'\]"):
+        export._write_full(weights, record, tmp_path / "other", tmp_path / "ckpt")
