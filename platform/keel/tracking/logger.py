@@ -148,12 +148,14 @@ class RunLogger:
         fresh = not id_file.is_file()
         if fresh:
             id_file.write_text(uuid.uuid4().hex[:12])
+        mode = wandb_mode(cfg.logger.mode)
         run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, dir=str(run_dir),
-                         mode=wandb_mode(cfg.logger.mode), config=redact(plain_cfg), id=id_file.read_text(),
+                         mode=mode, config=redact(plain_cfg), id=id_file.read_text(),
                          resume="allow", name=run_dir.name, group=read_group(run_dir), job_type="sft",
                          tags=run_tags(cfg), reinit="finish_previous")
         define_metrics(run)
-        where = run.url if run.settings.mode == "online" else f"{run.settings.mode} run in {Path(run.dir).parent}"
+        url = getattr(run, "url", None) if mode == "online" else None  # offline runs warn when asked for one
+        where = url or f"{mode} run in {run_dir / 'wandb'}"
         print(f"wandb: {where}", flush=True)
         return run, fresh
 
