@@ -96,6 +96,7 @@ def test_a_worker_sends_its_output_to_its_log_and_keel_lines_to_the_console(tmp_
         from pathlib import Path
         from keel.launch import console
         console.setup_worker(Path({str(tmp_path)!r}), 0)
+        console.setup_worker(Path({str(tmp_path)!r}), 0)  # twice in one process: still one copy per line
         exec("print('workers: vm (ranks 0-1)')", {{"__name__": "keel.launch.ray_train"}})
         print("library chatter")
         os.write(1, b"c-level stdout\\n")

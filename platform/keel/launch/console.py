@@ -95,9 +95,10 @@ def setup_worker(run_dir: Path, rank: int) -> None:
     os.dup2(fd, 1)  # file descriptors: C++ (gloo, NCCL), DeepSpeed op builds and Python alike
     os.dup2(fd, 2)
     os.close(fd)
-    if rank == 0:
+    if rank == 0 and not getattr(builtins.print, "keel_console", False):  # once per process
         console = open(logs_dir(run_dir) / CONSOLE, "a", encoding="utf-8")  # noqa: SIM115 (the process's lifetime)
         builtins.print = keel_print(builtins.print, console)
+        builtins.print.keel_console = True  # type: ignore[attr-defined]
         warn_once(console)
 
 
