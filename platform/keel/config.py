@@ -566,7 +566,9 @@ class TrainerConfig:
     micro_batch_size: int = 2  # packed rows per rank per micro-step
     grad_accum: int = 1
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1
+    lr_schedule: str = "cosine"  # cosine | linear | constant | wsd (keel.train.schedule)
+    min_lr_ratio: Optional[float] = None  # floor of the decay as a fraction of lr; None: 0.1 (not with constant)
+    decay_fraction: Optional[float] = None  # wsd: the last fraction of the post-warmup steps decays; None: 0.2
     warmup_steps: int = 5
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -575,7 +577,9 @@ class TrainerConfig:
     loss_norm: str = "token"  # token | sequence (see keel.train.loss)
     peak_tflops: Optional[float] = None  # per-device peak for MFU; known GPUs are looked up
     save_hf: bool = True
-    progress: bool = True
+    export_every: int = 0  # optimizer steps between HF exports into exports/step_N/ (0: only the final hf/)
+    keep_exports: Optional[int] = None  # newest exports kept (None: all); independent of keep_checkpoints
+    progress: bool = True  # a console line per logger.log_every steps: step, loss, lr, tokens/s, ETA
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: only the final one)
     keep_checkpoints: int = 2  # newest complete checkpoints kept (the newest is never deleted)
     resume: str = "auto"  # auto: continue from the run dir's newest complete checkpoint | none
@@ -593,7 +597,7 @@ class TrainerConfig:
             value = getattr(self, key)
             _require(value >= 1, f"trainer.{key}", f"must be >= 1, got {value}")
         _require(self.lr > 0, "trainer.lr", f"must be > 0, got {self.lr}")
-        _require(0 <= self.min_lr_ratio <= 1, "trainer.min_lr_ratio", "must be in [0, 1]")
+        self._check_lr_schedule()
         _require(self.warmup_steps >= 0, "trainer.warmup_steps", "must be >= 0")
         _require(self.max_grad_norm >= 0, "trainer.max_grad_norm", "must be >= 0 (0 disables clipping)")
         _require(len(self.betas) == 2, "trainer.betas", "must have two values")
@@ -609,6 +613,26 @@ class TrainerConfig:
         _require(self.spike_window >= 0, "trainer.spike_window", "must be >= 0 (0 disables spike detection)")
         _require(self.spike_z > 0, "trainer.spike_z", f"must be > 0, got {self.spike_z}")
         _require(self.step_timeout_s >= 0, "trainer.step_timeout_s", "must be >= 0 (0 disables the watchdog)")
+        _require(self.export_every >= 0, "trainer.export_every", "must be >= 0 (0: only the final export)")
+        if self.keep_exports is not None:
+            _require(self.keep_exports >= 1, "trainer.keep_exports",
+                     f"must be >= 1 (null: all), got {self.keep_exports}")
+            _require(self.export_every > 0, "trainer.keep_exports", "has no effect without trainer.export_every")
+
+    def _check_lr_schedule(self) -> None:
+        """``lr_schedule`` and the settings it uses; one it does not use is an error, never ignored."""
+        from keel.train.schedule import SCHEDULES
+
+        _one_of(self.lr_schedule, SCHEDULES, "trainer.lr_schedule")
+        if self.min_lr_ratio is not None:
+            _require(0 <= self.min_lr_ratio <= 1, "trainer.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+            _require(self.lr_schedule != "constant", "trainer.min_lr_ratio",
+                     "has no effect with trainer.lr_schedule=constant (nothing decays)")
+        if self.decay_fraction is not None:
+            _require(self.lr_schedule == "wsd", "trainer.decay_fraction",
+                     f"has no effect with trainer.lr_schedule={self.lr_schedule} (only wsd has a decay phase)")
+            _require(0 < self.decay_fraction <= 1, "trainer.decay_fraction",
+                     f"must be in (0, 1], got {self.decay_fraction}")
 
 
 # What a checkpoint records about its run; resuming with any of these changed is refused.

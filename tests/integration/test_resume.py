@@ -50,6 +50,10 @@ def _killed_at(run_dir, step: int, *overrides: str) -> str:
            "fault.kill_rank=0", f"fault.at_step={step}"]
     out = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode != 0, out.stdout[-2000:]
+    # The cause reaches the console although the workers' output is not streamed: rank 0's own line as it
+    # happened, and again in the end of each worker's log printed under the failure.
+    assert f"\nfault injector: killing rank 0 after step {step}\n" in out.stdout, out.stdout[-3000:]
+    assert f"rank0 | fault injector: killing rank 0 after step {step}" in out.stdout
     return out.stdout + out.stderr
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from keel.cli.export import main as keel_export
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .conftest import keel_train
@@ -32,9 +34,11 @@ def leaks(run_dir: Path) -> list[str]:
 def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
     # Fake secrets in the environment: none may reach the run dir or the console (test_no_secret_leaks).
+    # A checkpoint and an export at step 6 (test_exports_along_the_way_and_keel_export); progress lines on, as in
+    # a default run (test_console_shows_keel_lines_only).
     summary = keel_train(run_dir, "mix.T=2", "trainer.max_steps=12", "logger=wandb", "eval.every_n_steps=5",
                          "eval.passk.n=2", "eval.passk.k=[1,2]", "eval.passk.prompts=4", "eval.generations=2",
-                         env=SECRETS)
+                         "trainer.checkpoint_every=6", "trainer.export_every=6", "trainer.progress=true", env=SECRETS)
     return run_dir, summary
 
 
@@ -81,11 +85,60 @@ def test_in_training_eval(run):
     assert b"forgetting/ppl_rise" in wandb_file and b"eval/generations" in wandb_file
 
 
-def test_hf_dir_loads_and_generates(run):
-    _, s = run
-    tok = AutoTokenizer.from_pretrained(s["hf_dir"])
-    model = AutoModelForCausalLM.from_pretrained(s["hf_dir"], dtype=torch.float32).eval()
+def _generates(model_dir) -> None:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_hf_dir_loads_and_generates(run):
+    _generates(run[1]["hf_dir"])
+
+
+def _same_model(a: Path, b: Path) -> bool:
+    """Same tensors, bit for bit, and the same config (bar use_cache, which training switches off)."""
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    ca, cb = (json.loads((d / "config.json").read_text()) for d in (a, b))
+    ca.pop("use_cache"), cb.pop("use_cache")
+    return ca == cb and wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_exports_along_the_way_and_keel_export(run, tmp_path):
+    """trainer.export_every=6 wrote exports/step_000006/hf during the run; `keel export` (in this process, on
+    the CPU, no Ray) turns the mid-run checkpoint of the 2 ZeRO-3 ranks into the same model, and the final
+    checkpoint into the run's hf/; the export loads and generates."""
+    run_dir, s = run
+    along = run_dir / "exports" / "step_000006" / "hf"
+    assert sorted(p.name for p in (run_dir / "exports").iterdir()) == ["step_000006"]  # step 12's model is hf/
+    mid, final = tmp_path / "mid", tmp_path / "final"
+    assert keel_export([str(run_dir / "checkpoints" / "step_000006"), "--out", str(mid)])["step"] == 6
+    keel_export([str(run_dir / "checkpoints" / "step_000012"), "--out", str(final)])
+    assert _same_model(mid, along) and _same_model(final, Path(s["hf_dir"]))
+    assert not _same_model(mid, final)
+    assert (mid / "generation_config.json").is_file() and (mid / "tokenizer.json").is_file()
+    _generates(mid)
+
+
+def test_console_shows_keel_lines_only(run):
+    """The console: Keel's own lines (what runs where, data, a progress line per step, the summary) and each
+    library warning once; the workers' output is in logs/. A default run (60 steps: 48 progress lines more than
+    these 12) prints at most 20 KB."""
+    run_dir, _ = run
+    console = run_dir.with_name(run_dir.name + ".console").read_text()
+    lines = console.splitlines()
+    progress = [line for line in lines if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == [f"{i}/12" for i in range(1, 13)]
+    assert len(console.encode()) + 48 * max(len(line) + 1 for line in progress) <= 20_000, len(console.encode())
+    for keel_line in ("launch: 2 Ray Train workers", "lr: warmup 5 steps, then cosine", "workers: ",
+                      "export: step 6 -> ", "wandb: offline run in ", "Keel run summary"):
+        assert keel_line in console, keel_line
+    for noise in ("Running Dataset", "Failed to query Ray Train Controller", "(RayTrainWorker", "(TrainController",
+                  "wandb: Tracking run"):
+        assert noise not in console, noise
+    library_warnings = [line for line in lines if line.startswith("warning: ") and "Warning: " in line]
+    assert len(library_warnings) == len(set(library_warnings))
+    logs = run_dir / "logs"
+    assert "wandb: Tracking run" in (logs / "rank0.log").read_text() and (logs / "rank1.log").stat().st_size

@@ -12,10 +12,13 @@ USAGE = """usage: keel <command> [options | hydra overrides]
 
 commands:
   train     fine-tune per the composed config (e.g. `keel train mix.T=2 trainer.max_steps=5`)
-            `keel train --cfg job` prints the composed config; `keel train --help` lists groups
+            `keel train --cfg job` prints the composed config; `keel train --help` lists groups;
+            `keel train -v` (--verbose) shows every worker's output, not only Keel's lines
   inspect   show rendered examples with trained tokens coloured, and write an HTML report
   preprocess  the data path offline on Ray Data: Parquet shards of packed rows + report.json
             (`keel preprocess --out DIR <overrides>`, then `keel train <overrides> data.preprocessed=DIR`)
+  export    a checkpoint as a Hugging Face model: `keel export CHECKPOINT_DIR --out DIR [--merge]`
+            (full model, or a LoRA run's adapter / merged model; offline, on the CPU)
   eval      evaluation: `keel eval passk --help`
   diagnose  forgetting vs alignment tax vs healthy, base vs tuned: `keel diagnose --help`
   submit    run `keel train` as a Ray job on a running cluster: `keel submit --help`
@@ -25,7 +28,7 @@ commands:
 
 # command -> module with a main(argv) (Hydra-based commands read sys.argv themselves)
 COMMANDS = {"train": "keel.cli.train", "inspect": "keel.cli.inspect", "preprocess": "keel.cli.preprocess",
-            "eval": "keel.cli.eval",
+            "eval": "keel.cli.eval", "export": "keel.cli.export",
             "submit": "keel.cli.submit", "diagnose": "keel.cli.diagnose", "plan": "keel.cli.plan"}
 
 

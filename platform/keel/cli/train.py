@@ -1,7 +1,9 @@
-"""``keel train``: compose the Hydra config, validate it, run."""
+"""``keel train``: compose the Hydra config, validate it, run. ``-v``/``--verbose``: every worker's output on the
+console (keel.launch.console)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -43,8 +45,21 @@ def write_hydra_record(cfg: DictConfig) -> Path:
     return out
 
 
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
+def main() -> None:
+    """``keel train [-v] [hydra options and overrides]``."""
+    if any(a in VERBOSE_FLAGS for a in sys.argv[1:]):
+        from keel.launch.console import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
+        sys.argv = [a for a in sys.argv if a not in VERBOSE_FLAGS]
+    _main()
+
+
 @hydra.main(version_base=None, config_path="pkg://keel.conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     try:
         load_secret_files()  # keel submit --secret-file: read here, so redaction knows the values too
     except ValueError as err:

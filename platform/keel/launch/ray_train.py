@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.config import from_plain, to_plain
+from keel.launch import console
 
 WORKER_RESULT = "worker_result.json"
 
@@ -25,10 +26,11 @@ def _worker_env(cfg: Any) -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if not cfg.cluster.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("KEEL_CACHE_DIR", "WANDB_MODE", "WANDB_DIR", "HF_HOME", "HF_HUB_OFFLINE", "KEEL_SECRET_FILES"):
+    for key in ("KEEL_CACHE_DIR", "WANDB_MODE", "WANDB_DIR", "HF_HOME", "HF_HUB_OFFLINE", "KEEL_SECRET_FILES",
+                console.VERBOSE_ENV):
         if os.environ.get(key):
             env[key] = os.environ[key]
-    return env
+    return {**env, **console.worker_env()}
 
 
 def init_ray(cfg: Any) -> None:
@@ -40,7 +42,7 @@ def init_ray(cfg: Any) -> None:
     env = _worker_env(cfg)
     os.environ.update(env)
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True,
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": console.verbose(),
                               "configure_logging": False}
     if address:
         ray.init(address=address, **kwargs)
@@ -93,8 +95,9 @@ def train_loop_per_worker(config: dict) -> None:
     from keel.train.loop import WorkerInfo, train
 
     load_secret_files()  # keel submit --secret-file: each worker reads the files on its own node
-    cfg = from_plain(config["cfg"])
     ctx = ray.train.get_context()
+    console.setup_worker(Path(config["run_dir"]), ctx.get_world_rank())  # before anything prints
+    cfg = from_plain(config["cfg"])
     info = WorkerInfo(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                       run_dir=Path(config["run_dir"]), model_path=config["model_path"],
                       attention=config["attention"], step_source_tokens=config["step_source_tokens"],
@@ -103,11 +106,22 @@ def train_loop_per_worker(config: dict) -> None:
     batches = shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1)
     bundles = ({k: v[0] for k, v in b.items()} for b in batches)
     nodes = _gather_nodes(info.world_size)
+    if info.rank == 0:
+        print(f"workers: {_where(nodes)}", flush=True)
     result = train(cfg, info, bundles)
     if info.rank == 0:
         result["rank_to_node"] = {str(r): n for r, n in enumerate(nodes)}
         result["nodes"] = sorted(set(nodes))
         (info.run_dir / WORKER_RESULT).write_text(json.dumps(result))
+
+
+def _where(nodes: list[str]) -> str:
+    """Which ranks run on which node, e.g. ``node1 (ranks 0-7), node2 (ranks 8-15)``."""
+    by_node: dict[str, list[int]] = {}
+    for rank, node in enumerate(nodes):
+        by_node.setdefault(node, []).append(rank)
+    return ", ".join(f"{n} (rank{'s' if len(r) > 1 else ''} {r[0]}{f'-{r[-1]}' if len(r) > 1 else ''})"
+                     for n, r in by_node.items())
 
 
 def _shard_name(rank: int) -> str:
@@ -129,6 +143,18 @@ def _datasets(bundles: list[dict], world: int) -> dict[str, Any]:
     # One block per bundle, so the worker's prefetch streams bundles one by one.
     return {_shard_name(rank): ray.data.from_items(mine, override_num_blocks=max(len(mine), 1))
             for rank, mine in by_rank.items()}
+
+
+def _print_launch(cfg: Any, run_dir: Path) -> None:
+    """What runs where, before the workers start."""
+    from keel.train.schedule import describe
+
+    c = cfg.cluster
+    device = "GPU, nccl" if c.use_gpu else "CPU, gloo"
+    logs = "" if console.verbose() else f"; worker logs in {console.logs_dir(run_dir)} (keel train -v shows them here)"
+    print(f"launch: {c.num_workers} Ray Train workers ({device}, {c.cpus_per_worker} CPU each), DeepSpeed "
+          f"ZeRO-{cfg.deepspeed.stage}, {cfg.trainer.max_steps} steps{logs}")
+    print(describe(cfg.trainer), flush=True)
 
 
 def run(cfg: Any, run_dir: Path, model_path: str, attention: str, bundles: list[dict],
@@ -153,5 +179,7 @@ def run(cfg: Any, run_dir: Path, model_path: str, attention: str, bundles: list[
         datasets=_datasets(bundles, cfg.cluster.num_workers),
         dataset_config=DataConfig(datasets_to_split=[]),  # each rank reads only its own dataset
     )
-    trainer.fit()
+    _print_launch(cfg, run_dir)
+    with console.following(run_dir):  # rank 0's console lines; the workers' logs on failure
+        trainer.fit()
     return json.loads((run_dir / WORKER_RESULT).read_text())

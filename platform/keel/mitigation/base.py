@@ -19,9 +19,11 @@ Called on every worker by ``keel.train.loop``:
 - ``wrap_model(model, cfg) -> model``: replace the loaded model (ZeRO-3: its parameters are
   already partitioned) before the optimizer is built over the parameters left trainable
   (LoRA wraps it in PEFT adapters and freezes the base);
-- ``export(engine, cfg, info) -> dict | None``: write the final model artefacts in place of the
-  default full-model HF export (a collective: every rank calls it); returns entries for the
-  run result, ``hf_dir`` included, or None to keep the default export;
+- ``export(engine, cfg, info, out, full) -> dict | None``: write the model artefacts under ``out``
+  (the run dir at the end, ``exports/step_N`` along the way) in place of the default full-model HF
+  export in ``out/hf`` (a collective: every rank calls it); ``full``: whether a full model is wanted
+  (the final export's ``trainer.save_hf``); returns entries for the run result, ``hf_dir``
+  included, or None to keep the default export;
 - ``setup_engine(engine, cfg, info) -> dict``: once the DeepSpeed engine is built and before a
   checkpoint is resumed, so the engine still holds the base weights (a collective: every rank
   calls it); returns run-level facts for the run result (EWC estimates or reloads its Fisher);
@@ -35,6 +37,7 @@ A plugin only overrides what it uses.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -68,7 +71,7 @@ class Mitigation:
     def wrap_model(self, model: Any, cfg: Any) -> Any:
         return model
 
-    def export(self, engine: Any, cfg: Any, info: Any) -> dict | None:
+    def export(self, engine: Any, cfg: Any, info: Any, out: Path, full: bool) -> dict | None:
         return None
 
     def setup_engine(self, engine: Any, cfg: Any, info: Any) -> dict:

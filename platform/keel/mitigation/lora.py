@@ -7,11 +7,14 @@ shapes from ``in_features``/``out_features``, the new adapter parameters are cre
 a partitioned parameter holds only this rank's slice and would be saved empty.
 
 Outputs: ``<run>/adapter/`` (``adapter_model.safetensors`` + ``adapter_config.json``) and,
-with ``merge_export`` and ``trainer.save_hf``, the merged full model in ``<run>/hf/``.
+with ``merge_export`` and ``trainer.save_hf``, the merged full model in ``<run>/hf/``; along the way
+(``trainer.export_every``) the same under ``<run>/exports/step_N/``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,15 +111,27 @@ def merged_model(model_path: str, adapter_dir: Path, dtype: torch.dtype, trust_r
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
+@contextmanager
+def _whole_loads() -> Iterator[None]:
+    """``from_pretrained`` without ZeRO-3's zero.Init inside, the run's setting restored after: a merged export
+    along the way (trainer.export_every) happens mid-training."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref  # transformers keeps the run's HfDeepSpeedConfig only here
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref
+
+
 def export_merged(model_path: str, adapter_dir: Path, out: Path, cfg: Any) -> None:
     """Save base + adapter merged as a plain HF model (safetensors, config, tokenizer) at ``out``."""
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
     from keel.model.build import load_tokenizer
 
-    unset_hf_deepspeed_config()  # training is over: load the base whole, not zero.Init-partitioned
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-    model = merged_model(model_path, adapter_dir, dtype, cfg.model.trust_remote_code)
+    with _whole_loads():  # the base loads whole on rank 0, not zero.Init-partitioned
+        model = merged_model(model_path, adapter_dir, dtype, cfg.model.trust_remote_code)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     load_tokenizer(model_path, cfg.model.trust_remote_code).save_pretrained(str(out))
@@ -146,11 +161,11 @@ class Lora(Mitigation):
     def wrap_model(self, model: Any, cfg: Any) -> Any:
         return wrap(model, self.options, cfg.trainer.seed)
 
-    def export(self, engine: Any, cfg: Any, info: Any) -> dict:
+    def export(self, engine: Any, cfg: Any, info: Any, out: Path, full: bool) -> dict:
         """The adapter, and with ``merge_export`` the merged full model as the HF export."""
-        adapter = info.run_dir / ADAPTER_DIR
+        adapter = out / ADAPTER_DIR
         save_adapter(engine.module, adapter, info.rank)
-        hf_dir = info.run_dir / "hf" if cfg.trainer.save_hf and self.options.merge_export else None
+        hf_dir = out / "hf" if full and self.options.merge_export else None
         if hf_dir is not None and info.rank == 0:
             export_merged(info.model_path, adapter, hf_dir, cfg)
         return {"adapter_dir": str(adapter), "hf_dir": str(hf_dir) if hf_dir else None}

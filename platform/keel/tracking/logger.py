@@ -1,11 +1,13 @@
-"""Run logging on rank 0: ``metrics.jsonl``, a console progress bar and W&B (``logger``)."""
+"""Run logging on rank 0: ``metrics.jsonl``, console progress lines and W&B (``logger``)."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,32 @@ def mix_row(metrics: dict, report: dict) -> dict:
     return row
 
 
+def progress_line(metrics: dict, total: int, eta_s: float | None) -> str:
+    """The console's line for a step: step, loss, lr, tokens/s and the time left."""
+    eta = str(timedelta(seconds=round(eta_s))) if eta_s is not None else "--"
+    return (f"step {metrics['step']}/{total}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.3e}  "
+            f"{metrics['tokens_per_s']:,.0f} tok/s  ETA {eta}")
+
+
+class Progress:
+    """One console line every ``every`` steps and at the last; the ETA runs on the wall clock since the first
+    step this start logged (which pays for warm-up), so evaluations and checkpoints count in it."""
+
+    def __init__(self, total: int, every: int) -> None:
+        self.total, self.every = total, every
+        self.first: tuple[int, float] | None = None
+
+    def line(self, metrics: dict, now: float) -> str | None:
+        step = metrics["step"]
+        if self.first is None:
+            self.first = (step, now)
+        if step % self.every and step != self.total:
+            return None
+        done, t0 = step - self.first[0], self.first[1]
+        eta = (now - t0) / done * (self.total - step) if done else None
+        return progress_line(metrics, self.total, eta)
+
+
 def system_row() -> dict:
     """Peak host memory of this process and, once CUDA is in use, the device memory (GiB)."""
     import resource
@@ -89,11 +117,7 @@ class RunLogger:
             self.run, fresh = self._init_wandb(cfg, run_dir, plain_cfg)
             if fresh:
                 self._log_mixture(start_step)
-        self.bar = None
-        if cfg.trainer.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.progress = Progress(total_steps, self.log_every) if cfg.trainer.progress else None
 
     def totals(self) -> dict:
         """Run-level figures over every step of the run, resumed ones included."""
@@ -111,11 +135,15 @@ class RunLogger:
         fresh = not id_file.is_file()
         if fresh:
             id_file.write_text(uuid.uuid4().hex[:12])
+        mode = wandb_mode(cfg.logger.mode)
         run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, dir=str(run_dir),
-                         mode=wandb_mode(cfg.logger.mode), config=redact(plain_cfg), id=id_file.read_text(),
+                         mode=mode, config=redact(plain_cfg), id=id_file.read_text(),
                          resume="allow", name=run_dir.name, group=read_group(run_dir), job_type="sft",
                          tags=run_tags(cfg), reinit="finish_previous")
         define_metrics(run)
+        url = getattr(run, "url", None) if mode == "online" else None  # offline runs warn when asked for one
+        where = url or f"{mode} run in {run_dir / 'wandb'}"
+        print(f"wandb: {where}", flush=True)
         return run, fresh
 
     def _log_mixture(self, step: int) -> None:
@@ -142,9 +170,9 @@ class RunLogger:
             fh.write(json.dumps(metrics) + "\n")
         if self.run is not None and metrics["step"] % self.log_every == 0:
             self.run.log(self.wandb_row(metrics))
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        line = self.progress.line(metrics, time.monotonic()) if self.progress is not None else None
+        if line is not None:
+            print(line, flush=True)
 
     def log_eval(self, row: dict, generations: list[dict]) -> None:
         """One in-training evaluation: appended to ``eval.jsonl``, and its ``eval/`` and ``forgetting/`` keys
@@ -171,8 +199,6 @@ class RunLogger:
             self.run.log({STEP: step, "eval/generations": table})
 
     def finish(self, summary: dict) -> None:
-        if self.bar is not None:
-            self.bar.close()
         if self.run is not None:
             for k, v in summary.items():
                 if isinstance(v, (int, float, str)):

@@ -23,12 +23,13 @@ from keel.config import to_plain
 from keel.data.masking import IGNORE
 from keel.eval.hook import due
 from keel.train import checkpoint as ckpt
+from keel.train import export as exports
 from keel.train.collectives import all_reduce_sum
 from keel.train.deepspeed import ds_config
 from keel.train.flops import device_peak, matmul_params, step_flops
 from keel.train.guards import BadStepGuard, Rollbacks, SpikeDetector, checkpoint_due, is_bad
 from keel.train.loss import backward_scale, token_weights, weighted_loss_sum
-from keel.train.schedule import lr_factor
+from keel.train.schedule import lr_lambda
 from keel.train.watchdog import Watchdog
 
 # Written by the driver on SIGTERM/SIGUSR1; every rank checkpoints after the current step.
@@ -79,8 +80,7 @@ def build_engine(cfg: Any, info: WorkerInfo, plugins: list, load_universal: bool
     t = cfg.trainer
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))  # trainer.lr_schedule
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
     return engine, hf_ds
 
@@ -217,7 +217,7 @@ def _step_metrics(m: dict, dt: float, t_data: float, flops: float, peak: float |
 
 
 def _save(engine: Any, cfg: Any, info: WorkerInfo, step: int) -> Path:
-    meta = {"world_size": info.world_size, **info.run_meta}
+    meta = {"world_size": info.world_size, **info.run_meta, "model": exports.model_record(cfg, info.model_path)}
     return ckpt.save(engine, info.run_dir, step, info.rank, cfg.trainer.keep_checkpoints, meta)
 
 
@@ -294,6 +294,9 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
             last_saved, last_ckpt_t = step + 1, time.monotonic()
         if preempted:
             break
+        if exports.due(step + 1, cfg.trainer.export_every, cfg.trainer.max_steps):
+            exports.save_along(info.run_dir, step + 1, info.rank, cfg.trainer.keep_exports,
+                               lambda out: _export(engine, cfg, info, plugins, out))
         _maybe_fault(cfg, info, step + 1)
         dog.disarm()
     dog.close()
@@ -396,15 +399,18 @@ def _reload(engine: Any, info: WorkerInfo, path: Path, universal: bool) -> int:
     return ckpt.load(engine, ckpt.universal_dir(path) if universal else path, info.rank)
 
 
-def _export(engine: Any, cfg: Any, info: WorkerInfo, plugins: list) -> dict:
-    """Final model artefacts: a plugin's own export (LoRA adapters) or the full HF model."""
+def _export(engine: Any, cfg: Any, info: WorkerInfo, plugins: list, out: Path | None = None) -> dict:
+    """Model artefacts under ``out`` (None: the final ones, in the run dir): a plugin's own export (LoRA
+    adapters) or the full HF model in ``hf/`` (the final one only with trainer.save_hf)."""
+    full = out is not None or cfg.trainer.save_hf
+    out = info.run_dir if out is None else out
     for plugin in plugins:
-        out = plugin.export(engine, cfg, info)
-        if out is not None:
-            return out
-    if not cfg.trainer.save_hf:
+        result = plugin.export(engine, cfg, info, out, full)
+        if result is not None:
+            return result
+    if not full:
         return {"hf_dir": None}
-    hf_dir = info.run_dir / "hf"
+    hf_dir = out / "hf"
     ckpt.save_hf(engine, info.model_path, hf_dir, info.rank)
     return {"hf_dir": str(hf_dir)}
 
