@@ -34,7 +34,7 @@ def run(tmp_path_factory):
     # Fake secrets in the environment: none may reach the run dir or the console (test_no_secret_leaks).
     summary = keel_train(run_dir, "mix.T=2", "trainer.max_steps=12", "logger=wandb", "eval.every_n_steps=5",
                          "eval.passk.n=2", "eval.passk.k=[1,2]", "eval.passk.prompts=4", "eval.generations=2",
-                         env=SECRETS)
+                         "data.val_fraction=0.05", "trainer.save_best=true", env=SECRETS)
     return run_dir, summary
 
 
@@ -89,3 +89,26 @@ def test_hf_dir_loads_and_generates(run):
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_validation_loss_and_the_best_checkpoint(run):
+    """data.val_fraction=0.05: val/loss overall and per source at every evaluation (eval.jsonl and W&B, all
+    ranks together), best_step and best_val_loss in summary.json, and checkpoints/best holding that step."""
+    from keel.train import checkpoint as ckpt
+
+    run_dir, s = run
+    rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    names = ("arithmetic", "strings", "text")
+    for r in rows:
+        assert r["val/tokens"] > 0 and all(r[f"val/loss/{n}"] > 0 for n in names)
+        assert min(r[f"val/loss/{n}"] for n in names) <= r["val/loss"] <= max(r[f"val/loss/{n}"] for n in names)
+    assert rows[-1]["val/loss"] < rows[0]["val/loss"] - 1.0
+    best = min(rows[1:], key=lambda r: r["val/loss"])  # step 0 is the baseline, not a checkpoint
+    assert (s["best_step"], s["best_val_loss"], s["early_stopped"]) == (best["step"], best["val/loss"], False)
+    kept = ckpt.best(run_dir)
+    assert kept in ckpt.complete(run_dir) and ckpt.state(kept)["step"] == s["best_step"]
+    report = json.loads((run_dir / "data_report.json").read_text())
+    assert all(report["sources"][n]["val_examples"] == report["validation"]["sources"][n]["examples"] > 0
+               for n in names)
+    wandb_file = next((run_dir / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert b"val/loss/arithmetic" in wandb_file
