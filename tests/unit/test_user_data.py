@@ -349,3 +349,92 @@ def test_chat_mix_is_a_documented_public_mixture(tmp_path, tokenizer):
         assert s["available"] == 20 and s["tokens"] > 0, name
     text = plan.report["sources"]["replay"]
     assert text["trained_tokens"] == pytest.approx(text["tokens"], abs=text["examples"])  # replay: every token
+
+
+# ---------------------------------------------------------------- the loop: save_best and early stopping
+
+
+class _Engine:
+    """Stands in for the DeepSpeed engine: a fixed embedding, no update, every step applied."""
+
+    def __init__(self) -> None:
+        import torch
+
+        torch.manual_seed(0)
+        self.module = torch.nn.Embedding(8, 8)
+        self.lr_scheduler = type("S", (), {"get_last_lr": lambda self: [0.1], "step": lambda self: None})()
+
+    def __call__(self, input_ids, position_ids):
+        return type("O", (), {"logits": self.module(input_ids)})()
+
+    def train(self):
+        pass
+
+    def backward(self, loss, scale_wrt_gas):
+        pass
+
+    def step(self):
+        pass
+
+    def get_global_grad_norm(self):
+        return 1.0
+
+
+def _bundles(steps: int):
+    ids = np.array([[0, 1, 2, 3]] * 2)
+    for step in range(steps):
+        yield {"input_ids": ids, "targets": np.array([[1, 2, 3, IGNORE]] * 2), "step": step, "slot": 0,
+               "position_ids": np.tile(np.arange(4), (2, 1)), "seq_lens": np.array([[4]] * 2)}
+
+
+def _run_loop(tmp_path, monkeypatch, val_losses: list[float], *overrides):
+    """keel.train.loop.train on a stand-in engine, the validation loss scripted per evaluation."""
+    from keel.eval import hook
+    from keel.train import loop, validation
+
+    saved: list[int] = []
+
+    def save(engine, cfg, info, step):
+        saved.append(step)
+        d = ckpt.root(info.run_dir) / f"{ckpt.PREFIX}{step:06d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / ckpt.MANIFEST).write_text("{}")
+        (d / ckpt.STATE).write_text(json.dumps({"step": step}))
+        return d
+
+    losses = iter(val_losses)
+    monkeypatch.setattr(loop, "build_engine", lambda cfg, info, plugins, load_universal=False: (_Engine(), None))
+    monkeypatch.setattr(loop, "_flops_counter", lambda model, cfg: lambda tokens, sum_sq: 0.0)
+    monkeypatch.setattr(loop, "_check_backend", lambda name: None)
+    monkeypatch.setattr(loop, "_save", save)
+    monkeypatch.setattr(loop, "_export", lambda engine, cfg, info, plugins: {"hf_dir": None})
+    monkeypatch.setattr(loop, "_eval_sets", lambda cfg, info: (None, None))
+    monkeypatch.setattr(hook, "evaluate", lambda *a: None)
+    monkeypatch.setattr(hook, "with_rise", lambda row, baseline: row)
+    monkeypatch.setattr(validation, "measure", lambda model, batches, names: {"val/loss": next(losses)})
+    cfg = _cfg("logger=none", "trainer.progress=false", "trainer.step_timeout_s=0", "data.val_fraction=0.1",
+               "trainer.micro_batch_size=2", "cluster.num_workers=1", *overrides)
+    info = loop.WorkerInfo(0, 1, tmp_path, "", "sdpa", [[8]] * cfg.trainer.max_steps, ["mine"], {}, val_batches=[])
+    result = loop.train(cfg, info, _bundles(cfg.trainer.max_steps))
+    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    return result, saved, evals
+
+
+def test_the_loop_keeps_the_best_checkpoint_and_stops_early(tmp_path, monkeypatch, capsys):
+    # evaluations at steps 0 (baseline) 1..10; the best is step 3; patience 3 ends the run after step 6
+    result, saved, evals = _run_loop(tmp_path, monkeypatch, [9.0, 5.0, 4.0, 3.0, 3.5, 3.1, 3.2, 2.0],
+                                     "trainer.max_steps=10", "eval.every_n_steps=1", "trainer.save_best=true",
+                                     "trainer.early_stopping_patience=3", "trainer.keep_checkpoints=1",
+                                     "trainer.checkpoint_every=5")
+    assert [r["step"] for r in evals] == [0, 1, 2, 3, 4, 5, 6]
+    assert saved == [1, 2, 3, 5, 6]  # each new best (1, 2, 3), the periodic 5, the final 6
+    assert (result["best_step"], result["best_val_loss"], result["early_stopped"]) == (3, 3.0, True)
+    assert result["steps"] == 6 and result["val_loss_last"] == 3.2
+    assert ckpt.best(tmp_path).name == "step_000003" and "early stopping: val/loss did not improve for 3" in \
+        capsys.readouterr().out
+
+
+def test_validation_without_periodic_evaluation_runs_at_the_end(tmp_path, monkeypatch):
+    result, saved, evals = _run_loop(tmp_path, monkeypatch, [4.0], "trainer.max_steps=3", "trainer.save_best=true")
+    assert [r["step"] for r in evals] == [3] and saved == [3]  # the best's checkpoint is the final one, once
+    assert (result["best_step"], result["early_stopped"]) == (3, False)
