@@ -110,10 +110,14 @@ class SourceConfig:
             self.num_examples = None
             return
         _require(n >= 1, f"{key}.num_examples", f"must be >= 1 or -1, got {n}")
-        self.cap = n if self.cap is None else min(self.cap, n)
         self.num_examples = None  # resolved here, once: the workers' copies carry the cap only
-        warnings.warn(f"{key}.num_examples={n} on a file source is deprecated: it caps the source at "
-                      f"{self.cap} examples, as {key}.cap={self.cap} does (files are read whole unless capped)",
+        if self.cap is not None:  # e.g. a demo source's default size, left over when kind became file
+            warnings.warn(f"{key}.num_examples={n} has no effect on a file source with {key}.cap={self.cap} "
+                          f"(num_examples sizes demo sources; set it to null)", UserWarning, stacklevel=2)
+            return
+        self.cap = n
+        warnings.warn(f"{key}.num_examples={n} on a file source is deprecated: it caps the source at {n} "
+                      f"examples, as {key}.cap={n} does (files are read whole unless capped)",
                       FutureWarning, stacklevel=2)
 
     def _check_validation(self, key: str) -> None:

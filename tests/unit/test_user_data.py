@@ -77,6 +77,10 @@ def test_num_examples_caps_a_file_only_as_a_deprecated_cap(tmp_path):
     with pytest.warns(FutureWarning, match=r"num_examples=5 on a file source is deprecated.*cap=5"):
         cfg = _cfg(_source(path, extra=", num_examples: 5"))
     assert cfg.data.sources[0].cap == 5 and cfg.data.sources[0].num_examples is None
+    with pytest.warns(UserWarning, match=r"num_examples=32 has no effect on a file source with .*cap=8"):
+        forgetting = _cfg("eval.forgetting.source.kind=file", f"eval.forgetting.source.path={path}",
+                          "eval.forgetting.source.cap=8").eval.forgetting.source  # the demo default left over
+    assert (forgetting.cap, forgetting.num_examples) == (8, None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # -1 (all rows) is what a file does anyway: no warning
         assert _cfg(_source(path, extra=", num_examples: -1")).data.sources[0].cap is None
@@ -257,9 +261,9 @@ def test_val_loss_on_packed_rows_equals_the_examples_one_by_one(tmp_path, tokeni
     from keel.train.loss import token_loss_sum
     from keel.train.validation import measure
 
-    two = (f"data.sources=[{{name: a, kind: demo, task: arithmetic, num_examples: 200}}, "
-           f"{{name: b, kind: file, path: '{_chats(tmp_path / 'b.jsonl', 200)}'}}]")
-    cfg = _cfg(two, "data.val_fraction=0.2", "trainer.max_steps=2")
+    two = (f"data.sources=[{{name: a, kind: demo, task: arithmetic, num_examples: 100}}, "
+           f"{{name: b, kind: file, path: '{_chats(tmp_path / 'b.jsonl', 100)}'}}]")
+    cfg = _cfg(two, "data.val_fraction=0.15", "trainer.max_steps=2")
     plan, _ = pipeline.build(cfg, tokenizer)
     model = load_model(tiny_path, cfg, "sdpa_block").eval()
     row = measure(model, micro_batches(plan.val, 1, 3)[0], plan.source_names)
@@ -438,3 +442,38 @@ def test_validation_without_periodic_evaluation_runs_at_the_end(tmp_path, monkey
     result, saved, evals = _run_loop(tmp_path, monkeypatch, [4.0], "trainer.max_steps=3", "trainer.save_best=true")
     assert [r["step"] for r in evals] == [3] and saved == [3]  # the best's checkpoint is the final one, once
     assert (result["best_step"], result["early_stopped"]) == (3, False)
+
+
+def test_a_preprocessed_directory_keeps_the_epochs_and_the_validation_rows(tmp_path, tokenizer):
+    """data.preprocessed: the directory's planned steps serve the same trainer.epochs, its validation rows the
+    same validation settings; other settings are refused naming them."""
+    from keel.config import to_plain
+    from keel.data import preprocessed
+    from keel.data.shards import VAL_SHARD, write_shard
+
+    source = _source(_chats(tmp_path / "mine.jsonl", 400))
+    made = _cfg(source, "trainer.max_steps=null", "trainer.epochs=1", "data.val_fraction=0.1")
+    plan, _ = pipeline.build(made, tokenizer)
+    fields = ("input_ids", "targets", "position_ids", "seq_lens", "source_ids")
+    out = tmp_path / "pre"
+    out.mkdir()
+    write_shard(out, 0, {k: getattr(plan, k) for k in fields})
+    write_shard(out, 0, {k: getattr(plan.val, k) for k in fields}, name=VAL_SHARD)
+    (out / "report.json").write_text(json.dumps({
+        "rows": plan.input_ids.shape[0], "shards": 1, "val_shards": 1, "source_names": plan.source_names,
+        "compat": preprocessed.compat(made, tokenizer), "data_report": plan.report, "config": to_plain(made)}))
+
+    def load(*overrides):
+        cfg = _cfg(source, f"data.preprocessed={out}", *overrides)
+        return cfg, preprocessed.load(cfg, tokenizer, to_plain(cfg))[0]
+
+    cfg, rows = load("trainer.max_steps=null", "trainer.epochs=1", "data.val_fraction=0.1")
+    assert np.array_equal(rows.input_ids, plan.input_ids) and np.array_equal(rows.val.targets, plan.val.targets)
+    pipeline.settle_length(cfg, rows.report)
+    assert cfg.trainer.max_steps == plan.report["length"]["steps"]
+    with pytest.raises(ValueError, match="planned for trainer.epochs=1.0 .* asks trainer.epochs=2.0"):
+        load("trainer.max_steps=null", "trainer.epochs=2", "data.val_fraction=0.1")
+    with pytest.raises(ValueError, match="holds the validation rows of"):
+        load("trainer.max_steps=2", "data.val_fraction=0.2")
+    _, first = load("trainer.max_steps=2", "data.val_fraction=0.1")  # a shorter run: the first rows
+    assert first.report["length"]["steps"] == 2 and first.input_ids.shape[0] == 2 * pipeline.rows_per_step(cfg)
