@@ -130,8 +130,8 @@ def _preprocessed(cfg: Any, tokenizer: Any, run_dir: Path) -> tuple[Any, int]:
 
 def _summary_table(summary: dict) -> str:
     keys = ("world_size", "nodes", "zero_stage", "steps", "restarts", "preempted", "bad_steps", "loss_spikes",
-            "rollbacks", "rolled_back_steps", "loss_first", "loss_last", "val_loss_last", "best_step", "best_val_loss",
-            "early_stopped",
+            "rollbacks", "rolled_back_steps", "loss_first", "loss_last",
+            *(("val_loss_last", "best_step", "best_val_loss", "early_stopped") if "best_step" in summary else ()),
             "tokens_trained", "tokens_per_s", "packing_efficiency", "trainable_params", "total_params", "wall_s",
             "hf_dir")
     lines = ["", "Keel run summary", "-" * 60]

@@ -310,9 +310,8 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
         print(f"early stopping: val/loss did not improve for {best.since} evaluations "
               f"(trainer.early_stopping_patience={best.patience}); the run ends at step {end}, "
               f"best step {best.step} (val/loss {best.loss:.4f})", flush=True)
-    result = _finish(engine, cfg, info, logger, plugins, start, last_saved, preempted, time.perf_counter() - t_start,
-                     {**plugin_info, **counts, **_best_summary(best, stopped)}, end=end)
-    return result
+    return _finish(engine, cfg, info, logger, plugins, start, last_saved, preempted, time.perf_counter() - t_start,
+                   {**plugin_info, **counts, **_best_summary(best, stopped)}, end=end)
 
 
 def _best_summary(best: Any, stopped: bool) -> dict:
