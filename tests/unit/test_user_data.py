@@ -477,3 +477,15 @@ def test_a_preprocessed_directory_keeps_the_epochs_and_the_validation_rows(tmp_p
         load("trainer.max_steps=2", "data.val_fraction=0.2")
     _, first = load("trainer.max_steps=2", "data.val_fraction=0.1")  # a shorter run: the first rows
     assert first.report["length"]["steps"] == 2 and first.input_ids.shape[0] == 2 * pipeline.rows_per_step(cfg)
+
+
+def test_keel_preprocess_prints_rows_read_and_available(tmp_path, capsys):
+    from keel.cli.preprocess import print_report
+
+    source = {"format": "messages", "rows_read": 7000, "available": 6300, "examples": 6300, "val_examples": 700,
+              "rejected": 0, "tokens": 123, "trained_fraction": 0.5}
+    print_report({"rows": 4, "shards": 1, "packing_efficiency": 0.9, "sources": {"mine": source},
+                  "rejects_by_reason": {}, "data_report": {"self_check": {"notes": []}}}, tmp_path)
+    lines = capsys.readouterr().out.splitlines()
+    assert "rows read" in lines[1] and "available" in lines[1] and "held out" in lines[1]
+    assert lines[2].split()[:6] == ["mine", "messages", "7000", "6300", "0", "700"]
