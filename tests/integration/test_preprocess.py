@@ -60,8 +60,9 @@ def test_preprocess_equals_the_in_memory_path_and_trains_the_same_rows(tmp_path)
     held = tmp_path / "held.jsonl"  # the strings source's own validation rows, one of them rejected
     held.write_text('{"messages": [{"role": "user", "content": "reverse abc"}, {"role": "assistant", '
                     '"content": "cba"}]}\n[1]\n')
-    overrides = ["trainer.max_steps=3", "cluster.num_workers=1", "packing.max_len=256", "data.overlength=split",
-                 "mitigation=replay", "mitigation.replay.source.num_examples=50", "data.val_fraction=0.2",
+    overrides = ["trainer.max_steps=null", "trainer.epochs=0.1", "cluster.num_workers=1", "packing.max_len=256",
+                 "data.overlength=split", "mitigation=replay", "mitigation.replay.source.num_examples=50",
+                 "data.val_fraction=0.2",
                  f"data.sources=[{{name: arith, kind: demo, task: arithmetic, num_examples: 300}}, "
                  f"{{name: messy, kind: file, path: '{messy}', num_examples: -1}}, "
                  f"{{name: strings, kind: demo, task: strings, num_examples: 200, cap: 120, val_path: '{held}'}}]"]
@@ -93,9 +94,12 @@ def test_preprocess_equals_the_in_memory_path_and_trains_the_same_rows(tmp_path)
     assert report["sources"]["strings"]["examples"] == 120  # the cap: unread rows are neither kept nor rejected
 
     run = tmp_path / "run"
+    steps = report["data_report"]["length"]["steps"]  # trainer.epochs: planned alike in both paths
+    assert steps == cfg.trainer.max_steps and 2 <= steps <= 8 and abs(report["data_report"]["length"]["epochs"]
+                                                                     - 0.1) < 0.05
     s = keel_train(run, *overrides, f"data.preprocessed={out}", "logger=none", "trainer.save_hf=false")
-    assert s["steps"] == 3 and s["tokens_per_source"] == {k: v["tokens"] for k, v in plan.report["sources"].items()}
-    assert s["best_step"] == 3 and s["best_val_loss"] > 0  # validated at the end, on the directory's rows
+    assert s["steps"] == steps and s["tokens_per_source"] == {k: v["tokens"] for k, v in plan.report["sources"].items()}
+    assert s["best_step"] == steps and s["best_val_loss"] > 0  # validated at the end, on the directory's rows
     saved = ckpt.state(ckpt.complete(run)[-1])
     assert saved["data_fingerprint"] == driver.run_meta(cfg, plan, tokenizer)["data_fingerprint"]
     assert (run / "rejects.jsonl").read_text() == (out / "rejects.jsonl").read_text()
