@@ -9,6 +9,7 @@ wrong type fails at composition time. Value checks that types cannot express liv
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -108,6 +109,9 @@ class ModelConfig:
         _one_of(self.attention, ("auto", "sdpa_block", "flex", "torch_varlen", "flash_attn"), "model.attention")
 
 
+DEMO_EXAMPLES = 1000  # examples a demo source generates when num_examples is not given
+
+
 @dataclass
 class SourceConfig:
     """One dataset in the mixture."""
@@ -121,10 +125,12 @@ class SourceConfig:
     split: str = "train"
     subset: Optional[str] = None
     streaming: bool = False
-    num_examples: int = 1000  # demo: how many to generate; file: cap (-1 = all)
+    num_examples: Optional[int] = None  # demo: how many to generate (default 1000); a file is read whole
     masking: Optional[str] = None  # per-source override of the masking group
     quality: Optional[float] = None  # q_k for mix=quality (p_k ∝ (N_k·q_k)^(1/T))
     cap: Optional[int] = None  # at most this many examples of the source enter N_k and sampling
+    val_path: Optional[str] = None  # validation rows from this file/glob/hf: (same format and fields)
+    val_split: Optional[str] = None  # validation rows from this split of the (hf: or dataset-folder) path
 
     def check(self, key: str) -> None:
         _one_of(self.kind, ("demo", "file"), f"{key}.kind")
@@ -140,12 +146,45 @@ class SourceConfig:
             raise ValueError(f"config error: {key}.format/fields: {err}") from err
         if self.masking is not None:
             _one_of(self.masking, MASKINGS, f"{key}.masking")
-        _require(self.num_examples == -1 or self.num_examples > 0, f"{key}.num_examples",
-                 f"must be > 0 or -1, got {self.num_examples}")
+        self._check_count(key)
         if self.quality is not None:
             _require(self.quality >= 0, f"{key}.quality", f"must be >= 0, got {self.quality}")
         if self.cap is not None:
             _require(self.cap >= 1, f"{key}.cap", f"must be >= 1, got {self.cap}")
+        self._check_validation(key)
+
+    def _check_count(self, key: str) -> None:
+        """``num_examples`` sizes a demo source; on a file it is the deprecated spelling of ``cap``."""
+        n = self.num_examples
+        if self.kind == "demo":
+            self.num_examples = DEMO_EXAMPLES if n is None else n
+            _require(self.num_examples >= 1, f"{key}.num_examples", f"must be >= 1, got {n}")
+            return
+        if n is None or n == -1:  # -1 (all rows) is what a file source does anyway
+            self.num_examples = None
+            return
+        _require(n >= 1, f"{key}.num_examples", f"must be >= 1 or -1, got {n}")
+        self.num_examples = None  # resolved here, once: the workers' copies carry the cap only
+        if self.cap is not None:  # e.g. a demo source's default size, left over when kind became file
+            warnings.warn(f"{key}.num_examples={n} has no effect on a file source with {key}.cap={self.cap} "
+                          f"(num_examples sizes demo sources; set it to null)", UserWarning, stacklevel=2)
+            return
+        self.cap = n
+        warnings.warn(f"{key}.num_examples={n} on a file source is deprecated: it caps the source at {n} "
+                      f"examples, as {key}.cap={n} does (files are read whole unless capped)",
+                      FutureWarning, stacklevel=2)
+
+    def _check_validation(self, key: str) -> None:
+        if self.val_path is None and self.val_split is None:
+            return
+        _require(self.val_path is None or self.val_split is None, f"{key}.val_path",
+                 f"and {key}.val_split are both set; give one place for the validation rows")
+        if self.val_split is not None:
+            from keel.data.sources import names_dataset
+
+            _require(self.kind == "file" and names_dataset(self.path), f"{key}.val_split",
+                     f"needs a Hugging Face dataset path (hf:owner/name or a dataset folder), got {self.path!r}; "
+                     f"for a file use {key}.val_path")
 
 
 @dataclass
@@ -157,10 +196,12 @@ class DataConfig:
     overlength: str = "drop"  # drop | truncate | split (multi-turn chats at turn boundaries)
     preprocessed: Optional[str] = None  # a `keel preprocess` output dir: train from its packed rows
     max_row_bytes: int = 4 * 2**20  # a larger line/row is rejected before parsing or tokenising
+    val_fraction: float = 0.0  # held out of each source (by a hash of the row) for validation; 0: none
 
     def __post_init__(self) -> None:
         _one_of(self.on_error, ("reject", "raise"), "data.on_error")
         _require(self.max_row_bytes >= 1024, "data.max_row_bytes", f"must be >= 1024, got {self.max_row_bytes}")
+        _require(0 <= self.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         _one_of(self.overlength, ("drop", "truncate", "split"), "data.overlength")
         _require(len(self.sources) > 0, "data.sources", "must list at least one source")
         names = [s.name for s in self.sources]
@@ -364,8 +405,9 @@ class EwcConfig:
         _require(self.lam > 0 and math.isfinite(self.lam), "mitigation.ewc.lam", f"must be > 0, got {self.lam}")
         self.data.check("mitigation.ewc.data")
         n = self.data.num_examples
-        _require(n == -1 or n >= self.samples, "mitigation.ewc.data.num_examples",
-                 f"must be >= mitigation.ewc.samples={self.samples} (or -1), got {n}")
+        if self.data.kind == "demo":
+            _require(n >= self.samples, "mitigation.ewc.data.num_examples",
+                     f"must be >= mitigation.ewc.samples={self.samples}, got {n}")
 
 
 @dataclass
@@ -562,7 +604,8 @@ class EvalConfig:
 @dataclass
 class TrainerConfig:
     name: str = MISSING
-    max_steps: int = 60
+    max_steps: Optional[int] = 60  # the run's length; null when trainer.epochs sets it
+    epochs: Optional[float] = None  # the run's length in passes over the sources' natural size (see docs)
     micro_batch_size: int = 2  # packed rows per rank per micro-step
     grad_accum: int = 1
     lr: float = 1e-3
@@ -591,9 +634,13 @@ class TrainerConfig:
     spike_z: float = 6.0  # z-score above which a loss is a spike (warned, counted as loss_spikes)
     spike_rollback: bool = False  # on a spike, reload the newest checkpoint and go on with the data after it
     step_timeout_s: float = 1800  # a loop iteration stalled this long dumps every rank's stacks and fails (0: off)
+    save_best: bool = False  # keep the checkpoint of the best val/loss (checkpoints/best), pruning aside
+    early_stopping_patience: int = 0  # stop after this many evaluations without a better val/loss (0: off)
+    early_stopping_min_delta: float = 0.0  # an evaluation improves when val/loss < best - min_delta
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "micro_batch_size", "grad_accum"):
+        self._check_length()
+        for key in ("micro_batch_size", "grad_accum"):
             value = getattr(self, key)
             _require(value >= 1, f"trainer.{key}", f"must be >= 1, got {value}")
         _require(self.lr > 0, "trainer.lr", f"must be > 0, got {self.lr}")
@@ -618,6 +665,8 @@ class TrainerConfig:
             _require(self.keep_exports >= 1, "trainer.keep_exports",
                      f"must be >= 1 (null: all), got {self.keep_exports}")
             _require(self.export_every > 0, "trainer.keep_exports", "has no effect without trainer.export_every")
+        _require(self.early_stopping_patience >= 0, "trainer.early_stopping_patience", "must be >= 0 (0: off)")
+        _require(self.early_stopping_min_delta >= 0, "trainer.early_stopping_min_delta", "must be >= 0")
 
     def _check_lr_schedule(self) -> None:
         """``lr_schedule`` and the settings it uses; one it does not use is an error, never ignored."""
@@ -633,6 +682,20 @@ class TrainerConfig:
                      f"has no effect with trainer.lr_schedule={self.lr_schedule} (only wsd has a decay phase)")
             _require(0 < self.decay_fraction <= 1, "trainer.decay_fraction",
                      f"must be in (0, 1], got {self.decay_fraction}")
+
+    def _check_length(self) -> None:
+        """Exactly one of ``max_steps`` and ``epochs`` gives the run's length (``keel train`` lets the
+        default or a preset's ``max_steps`` give way to an ``epochs`` the user set)."""
+        _require(self.max_steps is None or self.epochs is None, "trainer.epochs",
+                 f"and trainer.max_steps are both set ({self.epochs} and {self.max_steps}); the run's length "
+                 "comes from one of them: drop one (trainer.max_steps=null to size the run in epochs)")
+        _require(self.max_steps is not None or self.epochs is not None, "trainer.max_steps",
+                 "or trainer.epochs must be set (the run's length)")
+        if self.max_steps is not None:
+            _require(self.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {self.max_steps}")
+        if self.epochs is not None:
+            _require(self.epochs > 0 and math.isfinite(self.epochs), "trainer.epochs",
+                     f"must be > 0, got {self.epochs}")
 
 
 # What a checkpoint records about its run; resuming with any of these changed is refused.
@@ -681,6 +744,15 @@ class KeelConfig:
         self.cluster.resolve_local(self.model.name)
         _one_of(self.template.name, NAMES, "template.name")
         self._check_mix_fields()
+        self._check_validation()
+
+    def _check_validation(self) -> None:
+        """``save_best`` and early stopping judge the validation loss: they need validation rows."""
+        validates = self.data.val_fraction > 0 or any(s.val_path or s.val_split for s in self.data.sources)
+        for key, on in (("trainer.save_best", self.trainer.save_best),
+                        ("trainer.early_stopping_patience", self.trainer.early_stopping_patience > 0)):
+            _require(validates or not on, key, "needs validation rows: set data.val_fraction (or a source's "
+                     "val_path / val_split)")
 
     def _check_mix_fields(self) -> None:
         """Per-source mixture fields must match the mix mode, never be silently ignored."""

@@ -13,7 +13,7 @@ import keel.cli.train  # noqa: F401
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
-from keel.data.shards import read_rows
+from keel.data.shards import VAL_SHARD, read_rows
 from keel.launch import driver
 from keel.mitigation import configured
 from keel.train import checkpoint as ckpt
@@ -57,11 +57,15 @@ def _messy_file(path: Path) -> None:
 def test_preprocess_equals_the_in_memory_path_and_trains_the_same_rows(tmp_path):
     messy = tmp_path / "messy.jsonl"
     _messy_file(messy)
-    overrides = ["trainer.max_steps=3", "cluster.num_workers=1", "packing.max_len=256", "data.overlength=split",
-                 "mitigation=replay", "mitigation.replay.source.num_examples=50",
+    held = tmp_path / "held.jsonl"  # the strings source's own validation rows, one of them rejected
+    held.write_text('{"messages": [{"role": "user", "content": "reverse abc"}, {"role": "assistant", '
+                    '"content": "cba"}]}\n[1]\n')
+    overrides = ["trainer.max_steps=null", "trainer.epochs=0.1", "cluster.num_workers=1", "packing.max_len=256",
+                 "data.overlength=split", "mitigation=replay", "mitigation.replay.source.num_examples=50",
+                 "data.val_fraction=0.2",
                  f"data.sources=[{{name: arith, kind: demo, task: arithmetic, num_examples: 300}}, "
                  f"{{name: messy, kind: file, path: '{messy}', num_examples: -1}}, "
-                 "{name: strings, kind: demo, task: strings, num_examples: 200, cap: 120}]"]
+                 f"{{name: strings, kind: demo, task: strings, num_examples: 200, cap: 120, val_path: '{held}'}}]"]
     out = tmp_path / "pre"
     report = _preprocess(out, overrides)
 
@@ -73,6 +77,10 @@ def test_preprocess_equals_the_in_memory_path_and_trains_the_same_rows(tmp_path)
     rows = read_rows(out, report["shards"], report["rows"], cfg.packing.max_len)
     for k in ("input_ids", "targets", "position_ids", "source_ids"):
         assert np.array_equal(rows[k], getattr(plan, k)), k
+    val = read_rows(out, report["val_shards"], plan.val.input_ids.shape[0], cfg.packing.max_len, name=VAL_SHARD)
+    for k in ("input_ids", "targets", "position_ids", "source_ids", "seq_lens"):
+        assert np.array_equal(val[k], getattr(plan.val, k)), k
+    assert report["sources"]["arith"]["val_examples"] > 0 and report["sources"]["strings"]["val_examples"] == 1
     direct_report = {k: v for k, v in plan.report.items() if k != "replay_token_share"}  # added by the train checks
     assert report["data_report"] == json.loads(json.dumps(direct_report))
     assert report["source_names"] == ["arith", "messy", "strings", "replay"]
@@ -81,11 +89,17 @@ def test_preprocess_equals_the_in_memory_path_and_trains_the_same_rows(tmp_path)
     assert messy_stats["rows_read"] == 45 and messy_stats["rejected"] == 4 and report["data_report"]["sources"][
         "messy"]["split"] == 1
     assert sum(report["rejects_by_reason"]["messy"].values()) == 4
+    assert report["val_rejects_by_reason"]["strings"] and report["data_report"]["validation"]["sources"]["strings"][
+        "rejected"] == 1
     assert report["sources"]["strings"]["examples"] == 120  # the cap: unread rows are neither kept nor rejected
 
     run = tmp_path / "run"
+    steps = report["data_report"]["length"]["steps"]  # trainer.epochs: planned alike in both paths
+    assert steps == cfg.trainer.max_steps and 2 <= steps <= 8 and abs(report["data_report"]["length"]["epochs"]
+                                                                     - 0.1) < 0.05
     s = keel_train(run, *overrides, f"data.preprocessed={out}", "logger=none", "trainer.save_hf=false")
-    assert s["steps"] == 3 and s["tokens_per_source"] == {k: v["tokens"] for k, v in plan.report["sources"].items()}
+    assert s["steps"] == steps and s["tokens_per_source"] == {k: v["tokens"] for k, v in plan.report["sources"].items()}
+    assert s["best_step"] == steps and s["best_val_loss"] > 0  # validated at the end, on the directory's rows
     saved = ckpt.state(ckpt.complete(run)[-1])
     assert saved["data_fingerprint"] == driver.run_meta(cfg, plan, tokenizer)["data_fingerprint"]
     assert (run / "rejects.jsonl").read_text() == (out / "rejects.jsonl").read_text()

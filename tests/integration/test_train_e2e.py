@@ -35,10 +35,13 @@ def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
     # Fake secrets in the environment: none may reach the run dir or the console (test_no_secret_leaks).
     # A checkpoint and an export at step 6 (test_exports_along_the_way_and_keel_export); progress lines on, as in
-    # a default run (test_console_shows_keel_lines_only).
+    # a default run (test_console_shows_keel_lines_only); a validation split with the best checkpoint kept
+    # (test_validation_loss_and_the_best_checkpoint), so 4 checkpoints are kept for the export test's step 6.
     summary = keel_train(run_dir, "mix.T=2", "trainer.max_steps=12", "logger=wandb", "eval.every_n_steps=5",
                          "eval.passk.n=2", "eval.passk.k=[1,2]", "eval.passk.prompts=4", "eval.generations=2",
-                         "trainer.checkpoint_every=6", "trainer.export_every=6", "trainer.progress=true", env=SECRETS)
+                         "trainer.checkpoint_every=6", "trainer.export_every=6", "trainer.progress=true",
+                         "data.val_fraction=0.05", "trainer.save_best=true", "trainer.keep_checkpoints=4",
+                         env=SECRETS)
     return run_dir, summary
 
 
@@ -142,3 +145,26 @@ def test_console_shows_keel_lines_only(run):
     assert len(library_warnings) == len(set(library_warnings))
     logs = run_dir / "logs"
     assert "wandb: Tracking run" in (logs / "rank0.log").read_text() and (logs / "rank1.log").stat().st_size
+
+
+def test_validation_loss_and_the_best_checkpoint(run):
+    """data.val_fraction=0.05: val/loss overall and per source at every evaluation (eval.jsonl and W&B, all
+    ranks together), best_step and best_val_loss in summary.json, and checkpoints/best holding that step."""
+    from keel.train import checkpoint as ckpt
+
+    run_dir, s = run
+    rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    names = ("arithmetic", "strings", "text")
+    for r in rows:
+        assert r["val/tokens"] > 0 and all(r[f"val/loss/{n}"] > 0 for n in names)
+        assert min(r[f"val/loss/{n}"] for n in names) <= r["val/loss"] <= max(r[f"val/loss/{n}"] for n in names)
+    assert rows[-1]["val/loss"] < rows[0]["val/loss"] - 1.0
+    best = min(rows[1:], key=lambda r: r["val/loss"])  # step 0 is the baseline, not a checkpoint
+    assert (s["best_step"], s["best_val_loss"], s["early_stopped"]) == (best["step"], best["val/loss"], False)
+    kept = ckpt.best(run_dir)
+    assert kept in ckpt.complete(run_dir) and ckpt.state(kept)["step"] == s["best_step"]
+    report = json.loads((run_dir / "data_report.json").read_text())
+    assert all(report["sources"][n]["val_examples"] == report["validation"]["sources"][n]["examples"] > 0
+               for n in names)
+    wandb_file = next((run_dir / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert b"val/loss/arithmetic" in wandb_file

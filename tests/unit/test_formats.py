@@ -330,8 +330,9 @@ def test_iter_source_reads_files_for_the_pipeline(tmp_path):
     out = list(iter_source(src, seed=0))
     assert [r for r, _ in out] == [0, 1, 2] and isinstance(out[1][1], Reject)
     assert validate(out[0][1]) is None
-    capped = SimpleNamespace(kind="file", path=str(path), num_examples=2, format="gsm8k")
-    assert len(list(iter_source(capped, seed=0))) == 2
+    # a file is read whole (num_examples sizes demo sources; a cap applies to the examples kept, in load_source)
+    whole = SimpleNamespace(kind="file", path=str(path), num_examples=2, format="gsm8k")
+    assert len(list(iter_source(whole, seed=0))) == 3
 
 
 # ---------------------------------------------------------------- shared data (when present)

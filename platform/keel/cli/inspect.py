@@ -19,6 +19,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from keel.cli.explicit import user_keys
 from keel.cli.train import validate
 from keel.config import KeelConfig, SourceConfig
 from keel.data import inspect as view
@@ -55,7 +56,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def file_source(path: str, fmt: str) -> dict:
     """A ``kind=file`` source reading every row of ``path``."""
     name = Path(path).stem.split("*")[0] or "file"
-    return {"name": name, "kind": "file", "path": path, "format": fmt, "num_examples": -1}
+    return {"name": name, "kind": "file", "path": path, "format": fmt}
 
 
 def load_config(overrides: list[str], file: str | None, fmt: str) -> KeelConfig:
@@ -63,11 +64,12 @@ def load_config(overrides: list[str], file: str | None, fmt: str) -> KeelConfig:
     try:
         with initialize_config_module(config_module="keel.conf", version_base=None):
             cfg: DictConfig = compose(config_name="config", overrides=overrides)
+            explicit = user_keys("config", overrides)
         if file is not None:
             cfg.data.sources = [OmegaConf.merge(OmegaConf.structured(SourceConfig), file_source(file, fmt))]
     except (HydraException, OmegaConfBaseException) as err:
         sys.exit(f"keel: {err}")
-    return validate(cfg)
+    return validate(cfg, explicit)
 
 
 def load_sources(cfg: KeelConfig) -> tuple[Any, list[Any]]:

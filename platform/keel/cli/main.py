@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         sys.exit(f"keel: unknown command {command!r}\n\n{USAGE}")
     module = importlib.import_module(COMMANDS[command])
-    sys.argv = [f"keel {command}", *rest]
+    sys.argv = [f"keel {command}", *getattr(module, "argv", list)(rest)]  # a command may order its arguments
     module.main()
 
 

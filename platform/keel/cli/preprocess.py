@@ -48,11 +48,11 @@ def print_report(report: dict, out: Path) -> None:
     """The headline numbers for the terminal."""
     print(f"preprocess: {report['rows']} packed rows in {report['shards']} shards, "
           f"packing efficiency {report['packing_efficiency']:.1%}")
-    print(f"  {'source':<18}{'format':<10}{'rows read':>10}{'examples':>10}{'rejected':>10}{'tokens':>12}"
-          f"{'trained':>9}")
+    print(f"  {'source':<18}{'format':<10}{'rows read':>10}{'available':>10}{'rejected':>10}{'held out':>9}"
+          f"{'tokens':>12}{'trained':>9}")
     for name, s in report["sources"].items():
-        print(f"  {name:<18}{s['format']:<10}{s['rows_read']:>10}{s['examples']:>10}{s['rejected']:>10}"
-              f"{s['tokens']:>12}{s['trained_fraction']:>9.1%}")
+        print(f"  {name:<18}{s['format']:<10}{s['rows_read']:>10}{s['available']:>10}{s['rejected']:>10}"
+              f"{s['val_examples']:>9}{s['tokens']:>12}{s['trained_fraction']:>9.1%}")
     for name, reasons in report["rejects_by_reason"].items():
         for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
             print(f"  {name}: rejected {count}x: {reason}")

@@ -19,9 +19,36 @@ from keel.tracking.secrets import load_secret_files, redact
 ConfigStore.instance().store(name="keel_schema", node=KeelConfig)
 
 
-def validate(cfg: DictConfig) -> KeelConfig:
-    """Typed, value-checked config; a user error exits with the offending key named."""
+# Hydra's own flags that take a value; `keel train` accepts them anywhere among the overrides.
+VALUE_FLAGS = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--cfg", "-c",
+               "--package", "-p", "--experimental-rerun")
+INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def argv(args: list[str]) -> list[str]:
+    """Hydra's flags first, then the overrides: Hydra's parser takes its flags only before the overrides, and
+    a launcher such as slurm/sft.sh puts its own overrides before the user's ``--config-dir my_conf
+    +experiment=NAME``."""
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        arg = args[i]
+        takes = arg in VALUE_FLAGS or (arg in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in INFO_TOPICS)
+        if arg.startswith("-") and takes and i + 1 < len(args):
+            flags += args[i:i + 2]
+            i += 2
+            continue
+        (flags if arg.startswith("-") else overrides).append(arg)
+        i += 1
+    return flags + overrides
+
+
+def validate(cfg: DictConfig, explicit: set[str] | None = None) -> KeelConfig:
+    """Typed, value-checked config; a user error exits with the offending key named. ``explicit``: the
+    length keys the user set (``keel.cli.explicit``), which decide between trainer.epochs and max_steps."""
+    from keel.cli.explicit import settle_length
+
     try:
+        settle_length(cfg, explicit or set())
         return OmegaConf.to_object(cfg)
     except ValueError as err:
         sys.exit(f"keel: {err}")
@@ -45,6 +72,14 @@ def write_hydra_record(cfg: DictConfig) -> Path:
     return out
 
 
+def _explicit() -> set[str]:
+    """The length keys this run's user set (command line, their own config files)."""
+    from keel.cli.explicit import user_keys
+
+    hc = HydraConfig.get()
+    return user_keys(hc.job.config_name, [*hc.overrides.hydra, *hc.overrides.task])
+
+
 VERBOSE_FLAGS = ("-v", "--verbose")
 
 
@@ -65,7 +100,7 @@ def _main(cfg: DictConfig) -> None:
     except ValueError as err:
         sys.exit(f"keel: {err}")
     write_hydra_record(cfg)
-    keel_cfg = validate(cfg)
+    keel_cfg = validate(cfg, _explicit())
     try:
         require_gpu(keel_cfg)  # before Ray or any model work
     except ValueError as err:

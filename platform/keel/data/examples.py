@@ -8,6 +8,8 @@ a source in row order, whether they are computed here (``load_source``) or by pa
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import MutableSequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +19,7 @@ import numpy as np
 from keel.data import selfcheck, tokenizer_eos
 from keel.data.formats import validate
 from keel.data.masking import IGNORE, apply_mask
-from keel.data.sources import Reject, iter_source
+from keel.data.sources import Reject, iter_source, validation_source
 from keel.data.template import TextEncoder, from_config, render_chat, render_text
 
 Piece = tuple[np.ndarray, np.ndarray]  # input ids, shifted targets (targets[i] = labels[i + 1])
@@ -53,6 +55,7 @@ class SourceData:
     split: int = 0  # over-length examples split into several (data.overlength=split)
     samples: list = field(default_factory=list)  # (row, example, ids, targets) of the first kept chats: self-checks
     _lengths: np.ndarray | None = field(default=None, repr=False, compare=False)  # of a list: planning reads it often
+    val: SourceData | None = None  # its validation examples (data.val_fraction, val_path or val_split), never trained
 
     def lengths(self) -> np.ndarray:
         """Token count of every example."""
@@ -63,8 +66,9 @@ class SourceData:
             self._lengths = np.fromiter(map(len, self.input_ids), np.int64, len(self.input_ids))
         return self._lengths
 
-    def add(self, res: RowResult, cfg: Any, where: str) -> None:
-        """Record one row's result (``data.on_error=raise``: a reject is a ValueError naming source and row)."""
+    def add(self, res: RowResult, cfg: Any, where: str, held_out: bool = False) -> None:
+        """Record one row's result (``data.on_error=raise``: a reject is a ValueError naming source and row);
+        a ``held_out`` row's examples go to ``val``."""
         self.rows_read += 1
         if res.reason is not None:
             if cfg.data.on_error == "raise":
@@ -73,13 +77,35 @@ class SourceData:
             self.rejects.append({"source": self.name, **where_from, "row": res.row, "reason": res.reason,
                                  "data": res.data})
             return
-        self.truncated += res.action == "truncated"
-        self.split += res.action == "split"
+        dest = self.val if held_out else self
+        dest.truncated += res.action == "truncated"
+        dest.split += res.action == "split"
         if res.example is not None and len(self.samples) < selfcheck.SAMPLE:
             self.samples.append((res.row, res.example, *res.pieces[0]))
         for ids, targets in res.pieces:
-            self.input_ids.append(ids)
-            self.targets.append(targets)
+            dest.input_ids.append(ids)
+            dest.targets.append(targets)
+
+
+def held_out(row: Any, fraction: float) -> bool:
+    """Whether a source row is a validation row: a hash of its canonical content below ``fraction``.
+
+    The same row is on the same side in every run, at every world size and in every source that holds
+    it (duplicates never straddle the split); rows a reader rejected are never held out.
+    """
+    if fraction <= 0 or not isinstance(row, dict):
+        return False
+    text = json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+def val_fraction(src: Any, cfg: Any) -> float:
+    """The share of ``src``'s rows held out: ``data.val_fraction`` unless the source has its own validation
+    rows (``val_path``/``val_split``); 0 for the sources plugins add (replay, progressive)."""
+    if validation_source(src) is not None or src.name not in {s.name for s in cfg.data.sources}:
+        return 0.0
+    return cfg.data.val_fraction
 
 
 def where(src: Any) -> str:
@@ -193,12 +219,32 @@ def process_row(row_no: int, row: Any, cfg: Any, enc: TextEncoder, masking: str)
     return RowResult(row_no, pieces, action, example=example)
 
 
+def validates(src: Any, cfg: Any) -> bool:
+    """Whether ``src`` has validation rows (held out of it, or its own)."""
+    return val_fraction(src, cfg) > 0 or validation_source(src) is not None
+
+
 def load_source(src: Any, cfg: Any, enc: TextEncoder) -> SourceData:
-    """Validate and encode one source; every row is either kept or rejected with a reason."""
+    """Validate and encode one source; every row is either kept or rejected with a reason. With
+    ``data.val_fraction`` the held-out rows' examples go to ``.val`` (``load_validation`` adds a
+    ``val_path``/``val_split``'s)."""
     out = SourceData(src.name)
+    if validates(src, cfg):
+        out.val = SourceData(f"{src.name}/val")
+    fraction = val_fraction(src, cfg)
     masking = src.masking or cfg.masking.name
     for row_no, row in iter_source(src, cfg.data.seed, cfg.data.max_row_bytes):
         if src.cap is not None and len(out.input_ids) >= src.cap:
             break  # the cap bounds what enters the mixture; unread rows are not rejects
-        out.add(process_row(row_no, row, cfg, enc, masking), cfg, where(src))
+        out.add(process_row(row_no, row, cfg, enc, masking), cfg, where(src), held_out(row, fraction))
     return out
+
+
+def load_validation(src: Any, data: SourceData, cfg: Any, enc: TextEncoder) -> None:
+    """Encode a source's own validation rows (``val_path`` or ``val_split``) into ``data.val``."""
+    vsrc = validation_source(src)
+    if vsrc is None:
+        return
+    masking = src.masking or cfg.masking.name
+    for row_no, row in iter_source(vsrc, cfg.data.seed, cfg.data.max_row_bytes):
+        data.val.add(process_row(row_no, row, cfg, enc, masking), cfg, where(vsrc))

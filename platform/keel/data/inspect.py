@@ -150,6 +150,7 @@ def source_stats(source: Any, bins: int = 10) -> dict:
     return {
         "name": source.name, "rows_read": source.rows_read, "examples": len(source.input_ids),
         "rejected": len(source.rejects), "tokens": tokens, "trained_tokens": trained,
+        "val_examples": len(source.val.input_ids) if getattr(source, "val", None) is not None else 0,  # held out
         "trained_fraction": trained / tokens if tokens else 0.0,
         "length": {"min": int(lengths.min()) if len(lengths) else 0,
                    "mean": float(lengths.mean()) if len(lengths) else 0.0,

@@ -12,6 +12,7 @@ itself, so every row belongs to one segment and lands in that segment's steps.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -20,14 +21,14 @@ from typing import Any
 import numpy as np
 
 from keel.data import selfcheck
-from keel.data.examples import SourceData, chat_messages, load_source
+from keel.data.examples import SourceData, chat_messages, load_source, load_validation, validates
 from keel.data.masking import IGNORE
 from keel.data.mixing import Schedule, mixture_weights, sample_plan, segment_plans
 from keel.data.packing import pack
 from keel.data.template import TextEncoder, from_config
 
 __all__ = ["Layout", "RowPlan", "SourceData", "build", "chat_messages", "fill_rows", "layout_report",
-           "load_source", "mean_lengths", "plan_sources", "row_tokens"]
+           "load_source", "mean_lengths", "plan_sources", "row_tokens", "settle_length", "validation_rows"]
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RowPlan:
     source_ids: np.ndarray  # [R, L] int16, source of each token (-1 padding)
     source_names: list[str]
     report: dict
+    val: RowPlan | None = None  # the validation rows (one source per row), when the run validates
 
 
 def mean_lengths(sources: list[SourceData]) -> list[float]:
@@ -59,12 +61,12 @@ def rows_per_step(cfg: Any) -> int:
     return cfg.cluster.num_workers * cfg.trainer.grad_accum * cfg.trainer.micro_batch_size
 
 
-def _plan_bins(sources: list[SourceData], weights: list[float], cfg: Any, needed: int):
+def _plan_bins(sources: list[SourceData], weights: list[float], cfg: Any, needed: int, seed: int | None = None):
     sizes = [len(s.input_ids) for s in sources]
     mean_len = sum(w * m for w, m in zip(weights, mean_lengths(sources)) if w > 0)
     total = math.ceil(needed * cfg.packing.max_len / mean_len * 1.05) + 16
     while True:
-        plan = sample_plan(sizes, weights, total, cfg.data.seed)
+        plan = sample_plan(sizes, weights, total, cfg.data.seed if seed is None else seed)
         lengths = _pick_lengths(sources, plan)
         bins = pack(lengths, cfg.packing.max_len, strategy=cfg.packing.strategy, window=cfg.packing.window)
         if len(bins) >= needed:
@@ -135,6 +137,70 @@ def _static_rows(sources: list[SourceData], weights: list[float], cfg: Any, need
     return plan, [bins[b] for b in order], max(len(b) for b in bins)
 
 
+def _pack(sources: list[SourceData], plan: list[tuple[int, int]], cfg: Any) -> list[list[int]]:
+    return pack(_pick_lengths(sources, plan), cfg.packing.max_len, strategy=cfg.packing.strategy,
+                window=cfg.packing.window)
+
+
+def _epoch_plan(sources: list[SourceData], weights: list[float], cfg: Any) -> tuple[list, list[list[int]], int]:
+    """``trainer.epochs`` natural sizes of the task sources: their picks, the bins they pack into, and the
+    steps those bins make (their count over the rows per step, rounded to the nearest, at least 1).
+
+    The natural size is every example of ``data.sources`` once (the sources plugins add, replay and
+    progressive, come on top at their weight): E epochs draw E x natural / (task weight) picks at the
+    mixture, so the task sources together get E natural sizes and source k ``p_k x picks`` (its own
+    epochs, reported). A source's picks run in passes without replacement.
+    """
+    natural = sum(len(s.input_ids) for s in sources[: len(cfg.data.sources)])
+    task = sum(weights[: len(cfg.data.sources)])
+    if natural == 0 or task == 0:
+        raise ValueError("trainer.epochs counts passes over data.sources, but none of them has usable examples "
+                         "with a weight above 0 (see rejects.jsonl)")
+    total = max(1, round(cfg.trainer.epochs * natural / task))
+    plan = sample_plan([len(s.input_ids) for s in sources], weights, total, cfg.data.seed)
+    bins = _pack(sources, plan, cfg)
+    return plan, bins, max(1, round(len(bins) / rows_per_step(cfg)))
+
+
+def _epoch_rows(sources: list[SourceData], weights: list[float], cfg: Any):
+    """Like ``_static_rows`` for a run sized by ``trainer.epochs``: the steps, the plan, its rows, the widest.
+
+    Rounding the steps down leaves a few bins out (chosen at random); rounding up fills the missing rows
+    (fewer than half a step's) with examples drawn again at the mixture, from a seed of their own.
+    """
+    plan, bins, steps = _epoch_plan(sources, weights, cfg)
+    needed = steps * rows_per_step(cfg)
+    if needed > len(bins):
+        fill_seed = int(np.random.SeedSequence([cfg.data.seed, 1]).generate_state(1)[0])
+        extra, _, extra_bins = _plan_bins(sources, weights, cfg, needed - len(bins), seed=fill_seed)
+        bins += [[len(plan) + i for i in b] for b in extra_bins[: needed - len(bins)]]
+        plan += extra
+    order = np.random.default_rng(cfg.data.seed).permutation(len(bins))[:needed]
+    return steps, plan, [bins[b] for b in order], max(len(b) for b in bins)
+
+
+def _scheduled_steps(sources: list[SourceData], schedule: Schedule, cfg: Any) -> int:
+    """The steps in which a changing mixture draws ``trainer.epochs`` natural sizes of the task sources.
+
+    Every segment has as many rows; one holds ``L x packing efficiency / mean length`` examples, of which
+    the task sources' weight is theirs. So the task examples per row averaged over the segments, at the
+    packing efficiency of the whole run's mean mixture, give the rows the epochs need.
+    """
+    plan, bins, _ = _epoch_plan(sources, schedule.mean(0.0, 1.0), cfg)
+    L, task = cfg.packing.max_len, len(cfg.data.sources)
+    efficiency = sum(_pick_lengths(sources, plan)) / (len(bins) * L)
+    means, n = mean_lengths(sources), cfg.mix.segments
+    per_row = np.mean([sum(w[:task]) / sum(wk * m for wk, m in zip(w, means))
+                       for w in (schedule.mean(s / n, (s + 1) / n) for s in range(n))]) * L * efficiency
+    natural = sum(len(s.input_ids) for s in sources[:task])
+    return max(1, round(cfg.trainer.epochs * natural / per_row / rows_per_step(cfg)))
+
+
+def with_steps(cfg: Any, steps: int) -> Any:
+    """``cfg`` with the run's length fixed at ``steps`` (what a run sized by ``trainer.epochs`` trains)."""
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=steps, epochs=None))
+
+
 def _scheduled_rows(sources: list[SourceData], schedule: Schedule, cfg: Any):
     """Like ``_static_rows`` per segment: segment s fills exactly the rows of its steps."""
     steps, per_step = cfg.trainer.max_steps, rows_per_step(cfg)
@@ -191,22 +257,29 @@ class Layout:
     width: int  # the most examples in one row
     weights: list[float]  # the mixture the rows realise (expected, for a schedule)
     schedule: dict | None = None  # the schedule's report, for a changing mixture
+    steps: int = 0  # the optimizer steps the rows make (trainer.max_steps, or what trainer.epochs came to)
 
 
 def plan_layout(sources: list[SourceData], cfg: Any, weights: list[float] | None,
                 schedule: Schedule | None = None) -> Layout:
-    """Mix and pack exactly the rows ``trainer.max_steps`` steps will consume.
+    """Mix and pack exactly the rows ``trainer.max_steps`` steps will consume (or, with ``trainer.epochs``,
+    the steps that many epochs make: ``Layout.steps``).
 
     ``weights`` is the fixed mixture; a non-static ``schedule`` replaces it (``weights`` unused).
     """
     if not any(len(s.input_ids) for s in sources):
         raise ValueError("no usable examples in any data source (see rejects.jsonl)")
+    if schedule is None and cfg.trainer.max_steps is None:
+        steps, plan, used, width = _epoch_rows(sources, weights, cfg)
+        return Layout(plan, used, width, list(weights), steps=steps)
     if schedule is None:
         plan, used, width = _static_rows(sources, weights, cfg, cfg.trainer.max_steps * rows_per_step(cfg))
-        return Layout(plan, used, width, list(weights))
+        return Layout(plan, used, width, list(weights), steps=cfg.trainer.max_steps)
+    if cfg.trainer.max_steps is None:
+        cfg = with_steps(cfg, _scheduled_steps(sources, schedule, cfg))
     plan, used, width, seg_weights = _scheduled_rows(sources, schedule, cfg)
     sched = _schedule_report(sources, schedule, seg_weights, plan, used, cfg)
-    return Layout(plan, used, width, sched.pop("expected"), sched)
+    return Layout(plan, used, width, sched.pop("expected"), sched, steps=cfg.trainer.max_steps)
 
 
 def fill_rows(layout: Layout, sources: list[SourceData], lo: int, hi: int, max_len: int, pad_id: int) -> dict:
@@ -241,8 +314,10 @@ def layout_report(sources: list[SourceData], layout: Layout, tokens: np.ndarray,
     report = {
         "rows": len(layout.rows), "max_len": L, "real_tokens": real,
         "packing_efficiency": real / (len(layout.rows) * L),
+        "length": _length_report(sources, layout, examples, cfg),
         "sources": {s.name: {"available": len(s.input_ids), "rows_read": s.rows_read,
                              "rejected": len(s.rejects), "truncated": s.truncated, "split": s.split,
+                             "val_examples": len(s.val.input_ids) if s.val is not None else 0,
                              "weight": layout.weights[k],
                              "examples": examples.get(k, 0),
                              "example_share": examples.get(k, 0) / max(1, len(used_items)),
@@ -253,6 +328,26 @@ def layout_report(sources: list[SourceData], layout: Layout, tokens: np.ndarray,
     if layout.schedule is not None:
         report["schedule"] = _with_token_shares(layout.schedule, tokens, cfg)
     return report
+
+
+def _length_report(sources: list[SourceData], layout: Layout, examples: Counter, cfg: Any) -> dict:
+    """The run's length: steps, rows per step, and the epochs over the task sources' natural size."""
+    task = range(len(cfg.data.sources))
+    natural = sum(len(sources[k].input_ids) for k in task)
+    used = sum(examples.get(k, 0) for k in task)
+    return {"steps": layout.steps, "rows_per_step": rows_per_step(cfg), "epochs_asked": cfg.trainer.epochs,
+            "natural_size": natural, "epochs": used / max(1, natural)}
+
+
+def settle_length(cfg: Any, report: dict) -> None:
+    """Fix ``trainer.max_steps`` at the steps the data report planned (a run sized by ``trainer.epochs``):
+    the workers, the LR schedule and the checkpoints see an ordinary ``max_steps`` run."""
+    length = report.get("length")  # absent from a directory preprocessed before runs had epochs
+    if cfg.trainer.max_steps is None:
+        if length is None:
+            raise ValueError("trainer.epochs: this data report has no planned length; set trainer.max_steps")
+        cfg.trainer.max_steps, cfg.trainer.epochs = length["steps"], None
+    assert length is None or cfg.trainer.max_steps == length["steps"], (cfg.trainer.max_steps, length)
 
 
 def _schedule_report(sources, schedule: Schedule, seg_weights, plan, used, cfg) -> dict:
@@ -357,12 +452,53 @@ def build(cfg: Any, tokenizer: Any, extra_sources: tuple = (), adjust: Any = Non
     enc = TextEncoder(tokenizer)
     configs = [*cfg.data.sources, *extra_sources]
     sources = [load_source(src, cfg, enc) for src in configs]
+    for src, data in zip(configs, sources):  # after every training row, as keel preprocess reads them
+        load_validation(src, data, cfg, enc)
     layout, notes = plan_sources(cfg, sources, configs, enc, adjust, schedule)
     arrays = fill_rows(layout, sources, 0, len(layout.rows), cfg.packing.max_len, pad_id(tokenizer))
     report = layout_report(sources, layout, *row_tokens(arrays, len(sources)), cfg)
     report["self_check"] = self_check_report(sources, notes)
     plan = RowPlan(source_names=[s.name for s in sources], report=report, **arrays)
-    return plan, [r for s in sources for r in s.rejects]
+    plan.val = validation_rows(sources, configs, cfg, pad_id(tokenizer))
+    if plan.val is not None:
+        report["validation"] = plan.val.report
+    rejects = [r for s in sources for r in s.rejects]
+    return plan, rejects + [r for s in sources if s.val is not None for r in s.val.rejects]  # as preprocess reads
+
+
+def validation_rows(sources: list[SourceData], configs: list, cfg: Any, pad: int) -> RowPlan | None:
+    """Each source's validation examples packed apart (a row holds one source's), in source order; None
+    when no source validates. ``source_ids`` index ``sources``, as in the training rows."""
+    if not any(validates(src, cfg) for src in configs):
+        return None
+    vals = [s.val if s.val is not None else SourceData(s.name) for s in sources]
+    picks: list[tuple[int, int]] = []
+    rows: list[list[int]] = []
+    for k, data in enumerate(vals):
+        for b in pack(data.lengths().tolist(), cfg.packing.max_len, strategy=cfg.packing.strategy,
+                      window=cfg.packing.window) if len(data.input_ids) else []:
+            rows.append([len(picks) + i for i in range(len(b))])
+            picks += [(k, i) for i in b]
+    if not rows:
+        raise ValueError("validation: no usable validation examples in any source (data.val_fraction="
+                         f"{cfg.data.val_fraction}; see rejects.jsonl)")
+    layout = Layout(picks, rows, max(len(r) for r in rows), [])
+    arrays = fill_rows(layout, vals, 0, len(rows), cfg.packing.max_len, pad)
+    tokens, trained = row_tokens(arrays, len(vals))
+    report = {"rows": len(rows), "fraction": cfg.data.val_fraction,
+              "sources": {s.name: {"from": _val_origin(src, cfg), "examples": len(v.input_ids),
+                                   "rows_read": v.rows_read, "rejected": len(v.rejects),
+                                   "tokens": int(tokens[:, k].sum()), "trained_tokens": int(trained[:, k].sum())}
+                          for k, (s, src, v) in enumerate(zip(sources, configs, vals)) if validates(src, cfg)}}
+    return RowPlan(source_names=[s.name for s in sources], report=report, **arrays)
+
+
+def _val_origin(src: Any, cfg: Any) -> str:
+    if getattr(src, "val_path", None):
+        return f"val_path={src.val_path}"
+    if getattr(src, "val_split", None):
+        return f"val_split={src.val_split}"
+    return f"data.val_fraction={cfg.data.val_fraction}"
 
 
 def _self_check(sources: list[SourceData], configs: list, enc: TextEncoder, cfg: Any) -> list[str]:

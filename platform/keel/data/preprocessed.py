@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from keel.data.pipeline import RowPlan, row_tokens, rows_per_step
-from keel.data.shards import read_rows
+from keel.data.pipeline import RowPlan, row_tokens, rows_per_step, with_steps
+from keel.data.shards import VAL_SHARD, read_rows
 
 REPORT = "report.json"
 # Config that chooses the rows; report.json records it and a run that differs is told so.
@@ -84,7 +84,7 @@ def check_compat(report: dict, cfg: Any, tokenizer: Any, directory: str) -> None
                              f"{value!r}; preprocess again with this run's settings")
 
 
-def _prefix_report(report: dict, arrays: dict, names: list[str]) -> dict:
+def _prefix_report(report: dict, arrays: dict, names: list[str], cfg: Any) -> dict:
     """The data report of the first rows only: what this run trains on."""
     out = json.loads(json.dumps(report))
     tokens, trained = row_tokens(arrays, len(names))
@@ -98,7 +98,49 @@ def _prefix_report(report: dict, arrays: dict, names: list[str]) -> dict:
                  epochs=float(examples[k] / max(1, s["available"])), tokens=int(tokens[:, k].sum()),
                  trained_tokens=int(trained[:, k].sum()))
     out.pop("schedule", None)  # its segments are those of the whole directory's steps
+    if "length" in out:
+        task = [k for k, name in enumerate(names) if name in {src.name for src in cfg.data.sources}]
+        out["length"].update(steps=cfg.trainer.max_steps, epochs_asked=None,
+                             epochs=float(sum(examples[k] for k in task) / max(1, out["length"]["natural_size"])))
     return out
+
+
+def _steps(report: dict, cfg: Any, directory: str) -> int:
+    """This run's steps: ``trainer.max_steps``, or, sized by ``trainer.epochs``, the steps the directory was
+    planned with for those epochs."""
+    if cfg.trainer.max_steps is not None:
+        return cfg.trainer.max_steps
+    length = report["data_report"].get("length", {})
+    if length.get("epochs_asked") != cfg.trainer.epochs or length.get("rows_per_step") != rows_per_step(cfg):
+        raise ValueError(f"data.preprocessed={directory} was planned for trainer.epochs={length.get('epochs_asked')} "
+                         f"at {length.get('rows_per_step')} rows per step; this run asks trainer.epochs="
+                         f"{cfg.trainer.epochs} at {rows_per_step(cfg)}: preprocess with this run's settings, "
+                         "or set trainer.max_steps")
+    return length["steps"]
+
+
+VALIDATION_KEYS = ("val_fraction", "val_path", "val_split")
+
+
+def _validation_settings(data: dict) -> dict:
+    """What chose a data config's validation rows."""
+    return {"val_fraction": data.get("val_fraction", 0.0),
+            "sources": {s["name"]: {k: s.get(k) for k in VALIDATION_KEYS[1:]} for s in data.get("sources", [])}}
+
+
+def _validation(report: dict, current: dict, directory: str, max_len: int) -> RowPlan | None:
+    """The directory's validation rows; a run whose validation settings differ from its own is refused
+    (save_best and early stopping judge by them)."""
+    then = _validation_settings(report.get("config", {}).get("data") or {})
+    now = _validation_settings(current.get("data") or {})
+    if then != now:
+        raise ValueError(f"data.preprocessed={directory} holds the validation rows of {then}; this run asks for "
+                         f"{now}: preprocess with this run's data.val_fraction / val_path / val_split")
+    if not report.get("val_shards"):
+        return None
+    val = report["data_report"]["validation"]
+    arrays = read_rows(directory, report["val_shards"], val["rows"], max_len, name=VAL_SHARD)
+    return RowPlan(source_names=report["source_names"], report=val, **arrays)
 
 
 def load(cfg: Any, tokenizer: Any, current: dict) -> tuple[RowPlan, list[str]]:
@@ -109,6 +151,8 @@ def load(cfg: Any, tokenizer: Any, current: dict) -> tuple[RowPlan, list[str]]:
     directory = cfg.data.preprocessed
     report = read_report(directory)
     check_compat(report, cfg, tokenizer, directory)
+    val = _validation(report, current, directory, cfg.packing.max_len)
+    cfg = _with_steps(cfg, _steps(report, cfg, directory))
     needed = cfg.trainer.max_steps * rows_per_step(cfg)
     if needed > report["rows"]:
         raise ValueError(f"data.preprocessed={directory} holds {report['rows']} packed rows; this run needs "
@@ -117,10 +161,14 @@ def load(cfg: Any, tokenizer: Any, current: dict) -> tuple[RowPlan, list[str]]:
     arrays = read_rows(directory, report["shards"], needed, cfg.packing.max_len)
     names = report["source_names"]
     data_report = report["data_report"] if needed == report["rows"] else _prefix_report(report["data_report"],
-                                                                                        arrays, names)
+                                                                                        arrays, names, cfg)
     notes = [f"data.preprocessed: training on {needed} of the {report['rows']} packed rows of {directory}"]
     changed = differing(report["config"], current)
     if changed:
         notes.append(f"data.preprocessed: the rows come from {directory}; these settings differ from those it was "
                      f"preprocessed with and do not apply: {', '.join(changed)}")
-    return RowPlan(source_names=names, report=data_report, **arrays), notes
+    return RowPlan(source_names=names, report=data_report, val=val, **arrays), notes
+
+
+def _with_steps(cfg: Any, steps: int) -> Any:
+    return cfg if cfg.trainer.max_steps == steps else with_steps(cfg, steps)

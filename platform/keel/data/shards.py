@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SHARD = "rows-{:05d}.parquet"
+VAL_SHARD = "val-{:05d}.parquet"  # the validation rows (data.val_fraction, val_path, val_split), same layout
 TOKEN_COLUMNS = {"input_ids": np.int32, "targets": np.int32, "source_ids": np.int16}
 
 
@@ -33,19 +34,19 @@ def _ragged(padded: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(padded[padded > 0].astype(np.int32)))
 
 
-def write_shard(directory: str | os.PathLike, index: int, arrays: dict) -> Path:
+def write_shard(directory: str | os.PathLike, index: int, arrays: dict, name: str = SHARD) -> Path:
     """Write rows (``keel.data.pipeline.fill_rows`` arrays) as shard ``index``; returns its path."""
     table = pa.table({**{k: _fixed(arrays[k]) for k in TOKEN_COLUMNS}, "seq_lens": _ragged(arrays["seq_lens"])})
-    path = Path(directory) / SHARD.format(index)
+    path = Path(directory) / name.format(index)
     tmp = path.with_suffix(".tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)  # a shard is either complete or absent
     return path
 
 
-def shard_paths(directory: str | os.PathLike, count: int) -> list[Path]:
+def shard_paths(directory: str | os.PathLike, count: int, name: str = SHARD) -> list[Path]:
     """The ``count`` shards of a preprocessed directory, in row order; ValueError naming a missing one."""
-    paths = [Path(directory) / SHARD.format(i) for i in range(count)]
+    paths = [Path(directory) / name.format(i) for i in range(count)]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise ValueError(f"data.preprocessed: {missing[0]} is missing ({len(missing)} of {count} shards); "
@@ -79,10 +80,10 @@ def _read_table(table: pa.Table, max_len: int) -> dict:
     return out
 
 
-def read_rows(directory: str | os.PathLike, shards: int, rows: int, max_len: int) -> dict:
+def read_rows(directory: str | os.PathLike, shards: int, rows: int, max_len: int, name: str = SHARD) -> dict:
     """The first ``rows`` rows of a preprocessed directory as row arrays (as ``fill_rows`` gives them)."""
     parts, have = [], 0
-    for path in shard_paths(directory, shards):
+    for path in shard_paths(directory, shards, name):
         if have >= rows:
             break
         table = pq.read_table(path)

@@ -29,7 +29,7 @@ from keel.data import demo
 from keel.data.formats import FORMATS, Reject, check_fields, check_format, detect_format, to_canonical, validate
 
 __all__ = ["Reject", "detect_source_format", "iter_raw", "iter_rows", "iter_source", "load_conversations",
-           "read_file", "resolve_files", "source_format"]
+           "names_dataset", "read_file", "resolve_files", "source_format", "validation_source"]
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +284,12 @@ def _is_hf(path: str) -> bool:
     return str(path).startswith(HF_PREFIX) or Path(os.path.expanduser(str(path))).is_dir()
 
 
+def names_dataset(path: str) -> bool:
+    """Whether ``path`` names a Hugging Face dataset (``hf:`` or a folder) rather than data files; by its
+    spelling alone, so a config checks the same on every node."""
+    return str(path).startswith(HF_PREFIX) or Path(str(path)).suffix.lower() not in READERS
+
+
 def _hf_rows(path: str, split: str, subset: str | None, streaming: bool) -> Iterator[Row]:
     from datasets import load_dataset
 
@@ -410,19 +416,30 @@ def load_conversations(path: str, format: str = "auto", fields: Mapping[str, str
 
 
 def iter_source(src: Any, seed: int, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[tuple[int, Any]]:
-    """(row number, canonical example or Reject) pairs of one configured source (a Reject knows its ``file``)."""
+    """(row number, canonical example or Reject) pairs of one configured source: a demo source's
+    ``num_examples`` generated rows, or every row of a file source (``cap`` is applied by the reader's caller;
+    a Reject knows its ``file``)."""
     if src.kind == "demo":
         yield from enumerate(demo.generate(src.task, src.num_examples, seed))
         return
     rows = iter_rows(src.path, getattr(src, "format", None) or "auto", getattr(src, "fields", None),
                      split=getattr(src, "split", None) or "train", subset=getattr(src, "subset", None),
                      streaming=bool(getattr(src, "streaming", False)), max_row_bytes=max_row_bytes)
-    for n, (file, i, row) in enumerate(rows):
+    for file, i, row in rows:
         if isinstance(row, Reject):
             row.file = file  # rows are numbered per file: a glob's reject needs its file
-        if src.num_examples != -1 and n >= src.num_examples:
-            break
         yield i, row
+
+
+def validation_source(src: Any) -> Any | None:
+    """The source's own validation rows as a source (``val_path`` or ``val_split``), or None."""
+    import dataclasses
+
+    if getattr(src, "val_path", None):  # a file of validation rows, whatever the training rows come from
+        return dataclasses.replace(src, kind="file", path=src.val_path, val_path=None, cap=None, num_examples=None)
+    if getattr(src, "val_split", None):
+        return dataclasses.replace(src, split=src.val_split, val_split=None, cap=None)
+    return None
 
 
 def source_format(src: Any) -> str:

@@ -23,12 +23,28 @@ def _write_rejects(run_dir: Path, rejects: list[dict]) -> None:
 def _print_mixture(report: dict) -> None:
     print(f"data: {report['rows']} packed rows of {report['max_len']} tokens, "
           f"packing efficiency {report['packing_efficiency']:.1%}")
-    print(f"  {'source':<14}{'weight':>8}{'share':>8}{'examples':>10}{'tokens':>10}{'trained':>10}{'rejected':>10}")
+    print(f"  {'source':<14}{'rows read':>10}{'available':>10}{'rejected':>9}{'weight':>8}{'share':>7}"
+          f"{'examples':>9}{'epochs':>7}{'tokens':>10}{'trained':>10}")
     for name, s in report["sources"].items():
-        print(f"  {name:<14}{s['weight']:>8.3f}{s['example_share']:>8.3f}{s['examples']:>10}"
-              f"{s['tokens']:>10}{s['trained_tokens']:>10}{s['rejected']:>10}")
+        print(f"  {name:<14}{s.get('rows_read', '-'):>10}{s['available']:>10}{s['rejected']:>9}{s['weight']:>8.3f}"
+              f"{s['example_share']:>7.3f}{s['examples']:>9}{s['epochs']:>7.2f}{s['tokens']:>10}"
+              f"{s['trained_tokens']:>10}")
+    if "length" in report:
+        _print_length(report["length"])
+    if "validation" in report:
+        v = report["validation"]
+        held = ", ".join(f"{k} {s['examples']} ({s['from']})" for k, s in v["sources"].items())
+        print(f"  validation: {v['rows']} packed rows, never trained: {held}")
     if "schedule" in report:
         _print_schedule(report["schedule"])
+
+
+def _print_length(length: dict) -> None:
+    """How long the run is, and, when trainer.epochs sized it, what the epochs came to."""
+    asked = length.get("epochs_asked")
+    how = f"trainer.epochs={asked:g}: " if asked is not None else ""
+    print(f"  length: {how}{length['steps']} steps of {length['rows_per_step']} rows, "
+          f"{length['epochs']:.3f} epochs of the sources' natural size ({length['natural_size']} examples)")
 
 
 def _print_schedule(sched: dict) -> None:
@@ -86,6 +102,7 @@ def prepare_data(cfg: Any, run_dir: Path, plugins: list) -> tuple[str, Any, Any]
         plan, rows = pipeline.build(cfg, tokenizer, extra, adjust_hook(plugins), schedule_hook(plugins))
         _write_rejects(run_dir, rows)
         rejects = len(rows)
+    pipeline.settle_length(cfg, plan.report)  # trainer.epochs: max_steps is now the planned steps
     # Preprocessed rows already hold (or lack) replay and progressive mixing: those plugins have no rows to check.
     checked = [p for p in plugins if not (cfg.data.preprocessed and p.shapes_rows)]
     for warning in warnings_for(cfg, checked, plan.report):
@@ -114,6 +131,7 @@ def _preprocessed(cfg: Any, tokenizer: Any, run_dir: Path) -> tuple[Any, int]:
 def _summary_table(summary: dict) -> str:
     keys = ("world_size", "nodes", "zero_stage", "steps", "restarts", "preempted", "bad_steps", "loss_spikes",
             "rollbacks", "rolled_back_steps", "loss_first", "loss_last",
+            *(("val_loss_last", "best_step", "best_val_loss", "early_stopped") if "best_step" in summary else ()),
             "tokens_trained", "tokens_per_s", "packing_efficiency", "trainable_params", "total_params", "wall_s",
             "hf_dir")
     lines = ["", "Keel run summary", "-" * 60]
@@ -122,6 +140,15 @@ def _summary_table(summary: dict) -> str:
         lines.append(f"  {k:<20} {v:.4f}" if isinstance(v, float) else f"  {k:<20} {v}")
     lines.append(f"  {'tokens_per_source':<20} {summary['tokens_per_source']}")
     return "\n".join(lines)
+
+
+def val_batches(val: Any, cfg: Any) -> list[list[dict]] | None:
+    """Per rank, its validation micro-batches (``keel.train.validation.micro_batches``); None without validation."""
+    if val is None:
+        return None
+    from keel.train.validation import micro_batches
+
+    return micro_batches(val, cfg.cluster.num_workers, cfg.trainer.micro_batch_size)
 
 
 def run_meta(cfg: Any, plan: Any, tokenizer: Any) -> dict:
@@ -234,7 +261,8 @@ def run_training(cfg: Any, run_dir: Path) -> dict:
     _on_preemption(run_dir)  # after ray.init, which installs its own SIGTERM handler
     started = time.time()
     try:
-        result = ray_train.run(cfg, run_dir, path, attention, bundles, sst, plan.source_names, meta)
+        result = ray_train.run(cfg, run_dir, path, attention, bundles, sst, plan.source_names, meta,
+                               val_batches(plan.val, cfg))
     except Exception as err:
         from keel.train import watchdog
 

@@ -22,11 +22,11 @@ import numpy as np
 import pyarrow as pa
 
 from keel.config import from_plain, to_plain
-from keel.data.examples import RowResult, SourceData, process_row, where
-from keel.data.pipeline import Layout, layout_report, pad_id, plan_sources, self_check_report
+from keel.data.examples import RowResult, SourceData, held_out, process_row, val_fraction, validates, where
+from keel.data.pipeline import Layout, layout_report, pad_id, plan_sources, self_check_report, validation_rows
 from keel.data.preprocessed import REPORT, compat
-from keel.data.shards import write_shard
-from keel.data.sources import iter_source, source_format
+from keel.data.shards import VAL_SHARD, write_shard
+from keel.data.sources import iter_source, source_format, validation_source
 from keel.data.store import Column, RejectSink, SourceRejects
 from keel.tracking.logger import redact
 
@@ -72,13 +72,13 @@ def _datasource(configs: list, seed: int, max_row_bytes: int) -> Any:
     return SourceRows()
 
 
-COLUMNS = ("source", "seq", "row", "action", "reason", "data", "example", "file")
+COLUMNS = ("source", "seq", "row", "action", "reason", "data", "example", "file", "held")
 
 
 class EncodeRows:
     """Ray Data actor: source rows to encoded pieces (one output row per piece, or per reject)."""
 
-    def __init__(self, cfg: dict, model_path: str, configs: list, samples: int) -> None:
+    def __init__(self, cfg: dict, model_path: str, configs: list, samples: int, fractions: list[float]) -> None:
         from keel.data.template import TextEncoder
         from keel.model.build import load_tokenizer
 
@@ -86,12 +86,15 @@ class EncodeRows:
         self.enc = TextEncoder(load_tokenizer(model_path, self.cfg.model.trust_remote_code))
         self.masking = [src.masking or self.cfg.masking.name for src in configs]
         self.samples = samples
+        self.fractions = fractions  # per read task, the share of its rows held out for validation
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out: dict[str, list] = {k: [] for k in (*COLUMNS, "ids", "targets")}
         samples: dict[int, int] = {}
         for k, seq, row, raw in zip(*(batch.column(c).to_pylist() for c in ("source", "seq", "row", "raw"))):
-            res = process_row(row, pickle.loads(raw), self.cfg, self.enc, self.masking[k])
+            example = pickle.loads(raw)
+            held = held_out(example, self.fractions[k])
+            res = process_row(row, example, self.cfg, self.enc, self.masking[k])
             keep_example = res.example is not None and samples.get(k, 0) < self.samples
             samples[k] = samples.get(k, 0) + keep_example
             empty = np.zeros(0, np.int32)
@@ -100,12 +103,12 @@ class EncodeRows:
                 for c, v in zip(COLUMNS, (k, seq, row, res.action, res.reason,
                                           pickle.dumps(res.data) if first and res.reason is not None else None,
                                           pickle.dumps(res.example) if first and keep_example else None,
-                                          res.file)):
+                                          res.file, held)):
                     out[c].append(v)
                 out["ids"].append(ids)
                 out["targets"].append(targets)
         types = (pa.int32(), pa.int64(), pa.int64(), pa.string(), pa.string(), pa.binary(), pa.binary(),
-                 pa.string())
+                 pa.string(), pa.bool_())
         return pa.table({**{c: pa.array(out[c], t) for c, t in zip(COLUMNS, types)},
                          "ids": _lists(out["ids"]), "targets": _lists(out["targets"])})
 
@@ -124,16 +127,16 @@ def _pieces(column: pa.ChunkedArray | pa.Array) -> Iterator[np.ndarray]:
         yield values[lo:hi]
 
 
-def _results(batch: pa.Table) -> Iterator[tuple[int, RowResult]]:
-    """(source, RowResult) back from an encoded block (output rows of the same source row merge)."""
+def _results(batch: pa.Table) -> Iterator[tuple[int, RowResult, bool]]:
+    """(source, RowResult, held out) back from an encoded block (output rows of the same source row merge)."""
     cols = {c: batch.column(c).to_pylist() for c in COLUMNS}
     current: RowResult | None = None
-    key = None
+    key, held = None, False
     for n, (ids, targets) in enumerate(zip(_pieces(batch.column("ids")), _pieces(batch.column("targets")))):
         if (cols["source"][n], cols["seq"][n]) != key:
             if current is not None:
-                yield key[0], current
-            key = (cols["source"][n], cols["seq"][n])
+                yield key[0], current, held
+            key, held = (cols["source"][n], cols["seq"][n]), cols["held"][n]
             raw_data, raw_example = cols["data"][n], cols["example"][n]
             current = RowResult(cols["row"][n], [], cols["action"][n], cols["reason"][n],
                                 pickle.loads(raw_data) if raw_data is not None else None,
@@ -141,32 +144,45 @@ def _results(batch: pa.Table) -> Iterator[tuple[int, RowResult]]:
         if current.reason is None:
             current.pieces.append((ids, targets))
     if current is not None:
-        yield key[0], current
+        yield key[0], current, held
+
+
+def _source_data(name: str, work: Path, tag: str, rejects: RejectSink) -> SourceData:
+    return SourceData(name, Column(work / f"{tag}.ids"), Column(work / f"{tag}.targets"), SourceRejects(rejects))
 
 
 def encode_sources(configs: list, cfg: Any, model_path: str, work: Path, rejects: RejectSink,
                    procs: int) -> list[SourceData]:
     """Every source through one Ray Data pipeline into on-disk columns under ``work``; rejects stream to
-    ``rejects``. Results come back in source and row order, so each source's rows keep their order."""
+    ``rejects``. Results come back in source and row order, so each source's rows keep their order; the
+    sources' own validation rows (``val_path``/``val_split``) are read after all of them, as ``pipeline.build``
+    reads them."""
     import ray.data
 
     from keel.data import selfcheck
 
-    sources = [SourceData(src.name, Column(work / f"{k}.ids"), Column(work / f"{k}.targets"), SourceRejects(rejects))
-               for k, src in enumerate(configs)]
-    origins = [where(src) for src in configs]
-    ds = ray.data.read_datasource(_datasource(configs, cfg.data.seed, cfg.data.max_row_bytes), num_cpus=0)
+    sources = [_source_data(src.name, work, str(k), rejects) for k, src in enumerate(configs)]
+    for k, (src, data) in enumerate(zip(configs, sources)):
+        if validates(src, cfg):
+            data.val = _source_data(f"{src.name}/val", work, f"{k}.val", rejects)
+    owners = [k for k, src in enumerate(configs) if validation_source(src) is not None]
+    tasks = [*configs, *(validation_source(configs[k]) for k in owners)]
+    fractions = [val_fraction(src, cfg) for src in configs] + [0.0] * len(owners)
+    ds = ray.data.read_datasource(_datasource(tasks, cfg.data.seed, cfg.data.max_row_bytes), num_cpus=0)
     ds = ds.map_batches(EncodeRows, batch_format="pyarrow", batch_size=None, num_cpus=1,
                         compute=ray.data.ActorPoolStrategy(size=procs),
-                        fn_constructor_kwargs={"cfg": to_plain(cfg), "model_path": model_path, "configs": configs,
-                                               "samples": selfcheck.SAMPLE})
+                        fn_constructor_kwargs={"cfg": to_plain(cfg), "model_path": model_path, "configs": tasks,
+                                               "samples": selfcheck.SAMPLE, "fractions": fractions})
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
-        for k, res in _results(batch):
+        for k, res, held in _results(batch):
+            if k >= len(configs):  # a source's own validation rows
+                sources[owners[k - len(configs)]].val.add(res, cfg, where(tasks[k]))
+                continue
             cap = configs[k].cap
             if cap is not None and len(sources[k].input_ids) >= cap:
                 continue  # the cap bounds what enters the mixture: rows past it count as unread (as in load_source)
-            sources[k].add(res, cfg, origins[k])
-    for data in sources:
+            sources[k].add(res, cfg, where(configs[k]), held)
+    for data in [*sources, *(s.val for s in sources if s.val is not None)]:
         data.input_ids.close()
         data.targets.close()
     return sources
@@ -250,11 +266,25 @@ def _summary(report: dict, configs: list) -> dict:
     """report.json's headline numbers per source, with the format it was read as (what format=auto chose)."""
     out = {}
     for src, (name, s) in zip(configs, report["sources"].items()):
-        out[name] = {"format": source_format(src), "rows_read": s["rows_read"], "examples": s["available"],
+        out[name] = {"format": source_format(src), "rows_read": s["rows_read"], "available": s["available"],
+                     "examples": s["available"], "val_examples": s["val_examples"],
                      "rejected": s["rejected"], "truncated": s["truncated"], "split": s["split"], "tokens": s["tokens"],
                      "trained_tokens": s["trained_tokens"],
                      "trained_fraction": s["trained_tokens"] / s["tokens"] if s["tokens"] else 0.0}
     return out
+
+
+def _write_validation(sources: list[SourceData], configs: list, cfg: Any, pad: int, out: Path, report: dict) -> int:
+    """The validation rows (as ``pipeline.build`` packs them) as ``val-NNNNN.parquet`` shards; their count."""
+    val = validation_rows(sources, configs, cfg, pad)
+    if val is None:
+        return 0
+    report["validation"] = val.report
+    fields = ("input_ids", "targets", "position_ids", "seq_lens", "source_ids")
+    starts = range(0, val.input_ids.shape[0], SHARD_ROWS)
+    for s, lo in enumerate(starts):
+        write_shard(out, s, {f: getattr(val, f)[lo:lo + SHARD_ROWS] for f in fields}, name=VAL_SHARD)
+    return len(starts)
 
 
 def preprocess(cfg: Any, out: Path, procs: int) -> dict:
@@ -281,10 +311,13 @@ def preprocess(cfg: Any, out: Path, procs: int) -> dict:
     shards, tokens, trained = write_rows(layout, sources, work, out, cfg, pad_id(tokenizer), procs)
     data_report = layout_report(sources, layout, tokens, trained, cfg)
     data_report["self_check"] = self_check_report(sources, notes)
-    report = {"rows": len(layout.rows), "shards": shards, "shard_rows": SHARD_ROWS,
+    val_shards = _write_validation(sources, configs, cfg, pad_id(tokenizer), out, data_report)
+    report = {"rows": len(layout.rows), "shards": shards, "shard_rows": SHARD_ROWS, "val_shards": val_shards,
               "source_names": [s.name for s in sources], "compat": compat(cfg, tokenizer),
               "packing_efficiency": data_report["packing_efficiency"], "sources": _summary(data_report, configs),
               "rejects_by_reason": {s.name: dict(rejects.by_source.get(s.name, {})) for s in sources},
+              "val_rejects_by_reason": {s.name: dict(rejects.by_source.get(s.val.name, {})) for s in sources
+                                        if s.val is not None},
               "data_report": data_report, "config": redact(to_plain(cfg))}
     (out / REPORT).write_text(json.dumps(report, indent=2, default=str))
     shutil.rmtree(work)

@@ -102,6 +102,10 @@ def train_loop_per_worker(config: dict) -> None:
                       run_dir=Path(config["run_dir"]), model_path=config["model_path"],
                       attention=config["attention"], step_source_tokens=config["step_source_tokens"],
                       source_names=config["source_names"], run_meta=config["run_meta"])
+    if config.get("val_refs"):
+        import ray
+
+        info.val_batches = ray.get(config["val_refs"][info.rank])  # this rank's validation micro-batches
     shard = ray.train.get_dataset_shard(_shard_name(info.rank))
     batches = shard.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1)
     bundles = ({k: v[0] for k, v in b.items()} for b in batches)
@@ -157,16 +161,24 @@ def _print_launch(cfg: Any, run_dir: Path) -> None:
     print(describe(cfg.trainer), flush=True)
 
 
+def _put(val_batches: list[list[dict]] | None) -> list[Any] | None:
+    """Each rank's validation micro-batches in the object store (every worker fetches only its own, once)."""
+    import ray
+
+    return None if val_batches is None else [ray.put(mine) for mine in val_batches]
+
+
 def run(cfg: Any, run_dir: Path, model_path: str, attention: str, bundles: list[dict],
-        step_source_tokens: list[list[int]], source_names: list[str], run_meta: dict) -> dict:
-    """Run distributed training; returns rank 0's result."""
+        step_source_tokens: list[list[int]], source_names: list[str], run_meta: dict,
+        val_batches: list[list[dict]] | None = None) -> dict:
+    """Run distributed training (``val_batches``: each rank's validation micro-batches); returns rank 0's result."""
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     init_ray(cfg)
     loop_config = {"cfg": to_plain(cfg), "run_dir": str(run_dir), "model_path": model_path,
                    "attention": attention, "step_source_tokens": step_source_tokens,
-                   "source_names": source_names, "run_meta": run_meta}
+                   "source_names": source_names, "run_meta": run_meta, "val_refs": _put(val_batches)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

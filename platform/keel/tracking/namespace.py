@@ -1,14 +1,14 @@
 """W&B names of the ``metrics.jsonl`` keys, the shared x-axes and the run summaries.
 
 ``metrics.jsonl`` keeps its flat keys (``step``, ``loss``, ``tokens``...); only what is sent
-to W&B is namespaced: ``train/``, ``data/``, ``mix/``, ``eval/``, ``forgetting/``, ``system/``.
+to W&B is namespaced: ``train/``, ``data/``, ``mix/``, ``eval/``, ``forgetting/``, ``system/``, ``val/``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-NAMESPACES = ("train", "data", "mix", "eval", "forgetting", "system")
+NAMESPACES = ("train", "data", "mix", "eval", "forgetting", "system", "val")
 STEP = "train/step"
 TOKENS_SEEN = "train/tokens_seen"  # cumulative tokens over the run (resumed steps included): the other x-axis
 
@@ -35,6 +35,7 @@ SUMMARIES: dict[str, str] = {
     "train/loss": "min,last",
     "train/tokens_per_s": "max,mean",
     "train/mfu": "max,mean",
+    "val/loss": "min,last",  # the validation split (data.val_fraction): its best and its last
     TOKENS_SEEN: "max",
 }
 

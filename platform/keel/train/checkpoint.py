@@ -26,6 +26,7 @@ PREFIX = "step_"
 MANIFEST = "manifest.json"
 STATE = "keel_state.json"
 UNIVERSAL = "universal"  # checkpoints converted for a resume on another world size
+BEST = "best"  # checkpoints/best -> step_N: the best val/loss (trainer.save_best), exempt from pruning
 
 
 class CheckpointCorruption(RuntimeError):
@@ -115,9 +116,27 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
 
 
+def best(run_dir: Path) -> Path | None:
+    """The checkpoint ``checkpoints/best`` names (``trainer.save_best``), or None."""
+    link = root(run_dir) / BEST
+    return root(run_dir) / os.readlink(link) if link.is_symlink() else None
+
+
+def mark_best(run_dir: Path, step: int, rank: int) -> None:
+    """Point ``checkpoints/best`` at checkpoint ``step`` (rank 0; atomic): pruning keeps it from now on."""
+    if rank != 0:
+        return
+    tmp = root(run_dir) / f".tmp-{BEST}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(f"{PREFIX}{step:06d}", tmp)
+    os.replace(tmp, root(run_dir) / BEST)
+
+
 def _prune(run_dir: Path, keep: int) -> None:
+    kept = best(run_dir)  # the best checkpoint outlives keep_checkpoints
     for old in complete(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def save(engine: Any, run_dir: Path, step: int, rank: int, keep: int, meta: dict) -> Path:

@@ -28,7 +28,7 @@ from keel.train.collectives import all_reduce_sum
 from keel.train.deepspeed import ds_config
 from keel.train.flops import device_peak, matmul_params, step_flops
 from keel.train.guards import BadStepGuard, Rollbacks, SpikeDetector, checkpoint_due, is_bad
-from keel.train.loss import backward_scale, token_weights, weighted_loss_sum
+from keel.train.loss import backward_scale, micro_loss_sum, token_weights
 from keel.train.schedule import lr_lambda
 from keel.train.watchdog import Watchdog
 
@@ -48,6 +48,7 @@ class WorkerInfo:
     step_source_tokens: list[list[int]]
     source_names: list[str]
     run_meta: dict  # fingerprints stored with every checkpoint (see keel.launch.driver)
+    val_batches: list[dict] | None = None  # this rank's validation micro-batches (keel.train.validation)
 
 
 def _seed_all(seed: int) -> None:
@@ -118,8 +119,7 @@ def train_step(engine: Any, bundle: dict, cfg: Any, world: int, stop_requested: 
     loss_sum, loss_total, extra = 0.0, 0.0, {}
     for a in range(cfg.trainer.grad_accum):
         sl = slice(a * micro, (a + 1) * micro)
-        logits = engine(input_ids=ids[sl], position_ids=pos[sl]).logits
-        part = weighted_loss_sum(logits, targets[sl], weights[sl])
+        part = micro_loss_sum(engine, ids[sl], pos[sl], targets[sl], weights[sl])
         if poison and a == 0:
             part = part * float("nan")
         if spike and a == 0:
@@ -253,12 +253,14 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
     last_ckpt_t, nan_steps, spike_steps = time.monotonic(), set(cfg.fault.nan_at_steps), set(cfg.fault.spike_at_steps)
     rolls = Rollbacks.carried(logger.history if logger is not None else [])
     restore = (chosen, elastic)  # what a spike rollback reloads: the newest checkpoint this group loaded or wrote
-    evaluator = _evaluator(cfg, info, logger)
+    best = _best(cfg, info, logger)  # the best val/loss (None without validation rows)
+    evaluator = _evaluator(cfg, info, logger, best)
     dog = Watchdog(cfg.trainer.step_timeout_s, info.run_dir, info.rank)
-    if evaluator and start == 0:
+    if evaluator and start == 0 and cfg.eval.every_n_steps:
         with dog.watch(0, "evaluation"):
             evaluator(engine, 0)  # the baseline: the model before any update
-    for step in range(start, cfg.trainer.max_steps):
+    stopped, end = best is not None and best.stop, start  # stopped: an early-stopped run, resumed
+    for step in range(start, start if stopped else cfg.trainer.max_steps):
         dog.arm(step + 1)  # data wait, step, evaluation and checkpoint of this iteration
         t0 = time.perf_counter()
         bundle = _next_bundle(bundles, step, info.rank)
@@ -285,14 +287,19 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
                         "bad_step": bad, "bad_steps": guard.total, "loss_spikes": spikes.total, **rolled,
                         **{f"data/tokens/{k}": v for k, v in src.items()}})
         guard.check(step + 1)  # same decision on every rank: it rests on all-reduced values
-        if evaluator and not preempted and due(step + 1, cfg.eval.every_n_steps, cfg.trainer.max_steps):
-            evaluator(engine, step + 1)  # before the checkpoint: a resume from it keeps this evaluation
+        improved = False
+        if evaluator and not preempted and _eval_due(step + 1, cfg, best):
+            improved = evaluator(engine, step + 1)  # before the checkpoint: a resume from it keeps this evaluation
         every = cfg.trainer.checkpoint_every
         periodic = bool(every) and (step + 1) % every == 0
-        if preempted or ((periodic or timed) and step + 1 < cfg.trainer.max_steps):
+        keep_best = improved and cfg.trainer.save_best  # the best step needs its checkpoint, now
+        if preempted or keep_best or ((periodic or timed) and step + 1 < cfg.trainer.max_steps):
             restore = (_save(engine, cfg, info, step + 1), False)
             last_saved, last_ckpt_t = step + 1, time.monotonic()
-        if preempted:
+        if keep_best:
+            ckpt.mark_best(info.run_dir, step + 1, info.rank)
+        end, stopped = step + 1, best is not None and best.stop
+        if preempted or stopped:
             break
         if exports.due(step + 1, cfg.trainer.export_every, cfg.trainer.max_steps):
             exports.save_along(info.run_dir, step + 1, info.rank, cfg.trainer.keep_exports,
@@ -302,15 +309,45 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
     dog.close()
     counts = {"bad_steps": guard.total, "loss_spikes": spikes.total if spikes else 0, "rollbacks": rolls.count,
               "rolled_back_steps": rolls.steps}
+    if stopped and info.rank == 0:
+        print(f"early stopping: val/loss did not improve for {best.since} evaluations "
+              f"(trainer.early_stopping_patience={best.patience}); the run ends at step {end}, "
+              f"best step {best.step} (val/loss {best.loss:.4f})", flush=True)
     return _finish(engine, cfg, info, logger, plugins, start, last_saved, preempted, time.perf_counter() - t_start,
-                   {**plugin_info, **counts})
+                   {**plugin_info, **counts, **_best_summary(best, stopped)}, end=end)
 
 
-def _evaluator(cfg: Any, info: WorkerInfo, logger: Any) -> Any:
-    """``evaluator(engine, step)`` for ``eval.every_n_steps`` (None when off): every rank measures, rank 0
-    warns and logs (keel.eval.hook)."""
-    if cfg.eval.every_n_steps == 0:
+def _best_summary(best: Any, stopped: bool) -> dict:
+    """``summary.json``'s validation fields: the best step and val/loss, and whether the run stopped early."""
+    if best is None:
+        return {}
+    return {**best.summary(), "early_stopped": stopped}
+
+
+def _eval_due(step: int, cfg: Any, best: Any) -> bool:
+    """Evaluation points: every ``eval.every_n_steps`` and the last step; with validation, the last step too."""
+    last = step == cfg.trainer.max_steps
+    return due(step, cfg.eval.every_n_steps, cfg.trainer.max_steps) or (best is not None and last)
+
+
+def _best(cfg: Any, info: WorkerInfo, logger: Any) -> Any:
+    """The best-val/loss tracker, carried on from the evaluations before a resume (rank 0 reads them and
+    every rank takes its state: a collective); None when the run has no validation rows."""
+    if info.val_batches is None:
         return None
+    from keel.train.collectives import all_gather
+    from keel.train.validation import Best
+
+    t = cfg.trainer
+    best = Best(t.early_stopping_patience, t.early_stopping_min_delta)
+    if logger is not None:
+        best.replay(logger.eval_history)
+    best.step, best.loss, best.since, best.last = all_gather((best.step, best.loss, best.since, best.last))[0]
+    return best
+
+
+def _eval_sets(cfg: Any, info: WorkerInfo) -> tuple[Any, Any]:
+    """The tokenizer and the sets of keel.eval.hook (forgetting text, pass@k prompts)."""
     from keel.eval import hook
     from keel.model.build import load_tokenizer
 
@@ -320,16 +357,38 @@ def _evaluator(cfg: Any, info: WorkerInfo, logger: Any) -> Any:
         reasons = sorted({r["reason"] for r in sets.rejected})
         print(f"warning: eval.forgetting.source: {len(sets.rejected)} rows not evaluated ({'; '.join(reasons)[:300]}); "
               f"perplexity uses the {len(sets.sequences)} others", flush=True)
+    return tokenizer, sets
 
-    def run(engine: Any, step: int) -> None:
-        out = hook.evaluate(engine.module, tokenizer, sets, cfg, step, info.rank, info.world_size)
-        if out is None or logger is None:
-            return
-        baseline = logger.eval_history[0] if logger.eval_history else None
-        row = hook.with_rise(out[0], baseline)
-        for warning in hook.warnings(row, baseline, cfg):
-            print(f"warning: step {step}: {warning}", flush=True)
-        logger.log_eval(row, out[1])
+
+def _evaluator(cfg: Any, info: WorkerInfo, logger: Any, best: Any) -> Any:
+    """``evaluator(engine, step) -> improved`` for ``eval.every_n_steps`` and the validation loss (None when
+    both are off): every rank measures, rank 0 warns and logs (keel.eval.hook, keel.train.validation);
+    ``improved``: this evaluation's val/loss is the best so far (``best`` updated alike on every rank)."""
+    hooks = cfg.eval.every_n_steps > 0
+    if not hooks and best is None:
+        return None
+    from keel.eval import hook
+    from keel.train import validation
+
+    tokenizer, sets = _eval_sets(cfg, info) if hooks else (None, None)
+
+    def run(engine: Any, step: int) -> bool:
+        val = validation.measure(engine.module, info.val_batches, info.source_names) if best is not None else {}
+        improved = bool(val) and step > 0 and best.update(step, val["val/loss"])
+        out = hook.evaluate(engine.module, tokenizer, sets, cfg, step, info.rank, info.world_size) if hooks else None
+        if logger is None:
+            return improved
+        row, table = ({"step": step}, []) if out is None else out
+        if hooks:
+            baseline = next((r for r in logger.eval_history if "forgetting/ppl" in r), None)
+            row = hook.with_rise(row, baseline)
+            for warning in hook.warnings(row, baseline, cfg):
+                print(f"warning: step {step}: {warning}", flush=True)
+        if val:
+            print(f"validation: step {step}: val/loss {val['val/loss']:.4f}" + (
+                f"; best {best.loss:.4f} at step {best.step}" if best.step else ""), flush=True)
+        logger.log_eval({**row, **val}, table)
+        return improved
 
     return run
 
@@ -416,14 +475,16 @@ def _export(engine: Any, cfg: Any, info: WorkerInfo, plugins: list, out: Path | 
 
 
 def _finish(engine: Any, cfg: Any, info: WorkerInfo, logger: Any, plugins: list, start: int, last_saved: int,
-            preempted: bool, train_s: float, plugin_info: dict | None = None) -> dict:
-    """Final checkpoint and model export (skipped when preempted); rank 0's run result."""
+            preempted: bool, train_s: float, plugin_info: dict | None = None, end: int | None = None) -> dict:
+    """Final checkpoint at ``end`` (the last step trained; max_steps unless stopped early) and model export
+    (skipped when preempted); rank 0's run result."""
     from keel.model.build import param_counts
 
     exported = {"hf_dir": None}
+    end = cfg.trainer.max_steps if end is None else end
     if not preempted:
-        if last_saved < cfg.trainer.max_steps:
-            _save(engine, cfg, info, cfg.trainer.max_steps)
+        if last_saved < end:
+            _save(engine, cfg, info, end)
         exported = _export(engine, cfg, info, plugins)
     if logger is None:
         return {}

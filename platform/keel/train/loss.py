@@ -53,3 +53,10 @@ def backward_scale(normaliser: float, world_size: int) -> float:
     undoes that, so the result is Σ(weighted token losses) / global normaliser.
     """
     return world_size / max(normaliser, 1.0)
+
+
+def micro_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                   targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One micro-batch's forward and Σ weight · cross-entropy: the loss training and validation share."""
+    logits = model(input_ids=input_ids, position_ids=position_ids).logits
+    return weighted_loss_sum(logits, targets, weights)
