@@ -73,7 +73,8 @@ def test_local_ray_listens_on_loopback_only_with_a_fresh_token(tmp_path):
         assert seen["auth_mode"] == "token" and len(seen["token"] or "") >= 32
         (tmp_path / "home").mkdir()  # no ~/.ray/auth_token to fall back on
         # A local client without the token (on loopback, where the GCS listens) is turned away.
-        client = {**env, "HOME": str(tmp_path / "home"), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        client = {**env, "HOME": str(tmp_path / "home"), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                  "RAY_gcs_rpc_server_connect_timeout_s": "3"}  # it retries: give up sooner
         joined = subprocess.run([sys.executable, "-c", JOIN, seen["gcs"]], capture_output=True, text=True,
                                 timeout=120, env=client, cwd=tmp_path)
         assert joined.returncode != 0 and "InvalidAuthToken" in joined.stderr, joined.stderr[-3000:]
