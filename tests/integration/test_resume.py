@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -29,9 +30,50 @@ def _rows_seen(run_dir) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("ref") / "run"
-    keel_train(run_dir, *COMMON)
+    """The uninterrupted run. It starts beside a stale torch-extension build lock (what a build killed mid-compile
+    leaves: runs used to wait on it forever), and while it runs a second `keel train` into its run directory is
+    started (judged in test_a_second_run_in_a_run_dir_in_use_is_refused_at_once)."""
+    base = tmp_path_factory.mktemp("ref")
+    run_dir, ext = base / "run", base / "torch_extensions"
+    (ext / "deepspeed_shm_comm").mkdir(parents=True)
+    (ext / "deepspeed_shm_comm" / "lock").touch()  # FileBaton's lock, never removed by its killed holder
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "WANDB_MODE": "offline",
+           "TORCH_EXTENSIONS_DIR": str(ext)}
+    first = subprocess.Popen([KEEL, "train", f"hydra.run.dir={run_dir}", "trainer.progress=false", *COMMON], cwd=base,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while f'"pid": {first.pid},' not in _read(run_dir / "keel.lock") and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first run holds the lock from its start, before its data and Ray
+    t0 = time.monotonic()
+    second = subprocess.run([KEEL, "train", f"hydra.run.dir={run_dir}", "trainer.progress=false", *COMMON,
+                             "trainer.seed=7"], cwd=base, env=env, capture_output=True, text=True, timeout=300)
+    (base / "second.json").write_text(json.dumps({"rc": second.returncode, "stderr": second.stderr,
+                                                  "s": time.monotonic() - t0, "first_pid": first.pid}))
+    out, _ = first.communicate(timeout=900)
+    (base / "run.console").write_text(out)
+    assert first.returncode == 0, out[-4000:]
     return run_dir
+
+
+def _read(path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def test_a_second_run_in_a_run_dir_in_use_is_refused_at_once(reference):
+    """The second run is refused within seconds, naming the first; the first (reference) finished normally."""
+    second = json.loads((reference.parent / "second.json").read_text())
+    assert second["rc"] == 1 and f"is in use by keel train (pid {second['first_pid']} on host" in second["stderr"]
+    assert second["s"] < 120, second  # seconds on an idle machine: before any data or Ray work
+    assert "trainer.seed=7" not in (reference / ".hydra" / "overrides.yaml").read_text()  # .hydra/ untouched
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["restarts"] == 0
+    m = json.loads((reference / "checkpoints" / "step_000004" / "manifest.json").read_text())
+    owners = {rel: meta["rank"] for rel, meta in m["files"].items()}
+    assert m["attempt"] and owners["zero_pp_rank_1_mp_rank_00_optim_states.pt"] == 1  # hashed by the rank writing it
+    assert owners["rng_rank1.pt"] == 1 and owners["zero_pp_rank_0_mp_rank_00_optim_states.pt"] == 0
 
 
 def test_killed_worker_restarts_from_checkpoint(tmp_path, reference):
@@ -75,8 +117,35 @@ def test_elastic_resume_two_one_two_workers(tmp_path, reference):
     assert [json.loads(line)["step"] for line in (run_dir / "eval.jsonl").read_text().splitlines()] == [2]
     s = keel_train(run_dir, *COMMON, allow)
     assert s["resumed_from_step"] == 2 and s["world_size"] == 2 and s["restarts"] == 0
-    assert (run_dir / "checkpoints" / "universal" / "step_000002" / "zero").is_dir()  # written by 1 worker
+    assert "resume: elastic: the checkpoint was written by 1 workers, this run has 2" in (
+        run_dir.with_name("run.console").read_text())
+    # pruned with step 2 (keep_checkpoints=2: steps 3 and 4 kept)
+    assert not [p for p in (run_dir / "checkpoints" / "universal").glob("step_*")]
     assert _losses(run_dir) == pytest.approx(_losses(reference), abs=1e-5)
     assert _rows_seen(run_dir) == _rows_seen(reference)
     ours, ref = load_file(f"{s['hf_dir']}/model.safetensors"), load_file(f"{reference / 'hf'}/model.safetensors")
     assert max((ours[k] - ref[k]).abs().max().item() for k in ref) < 1e-5
+
+
+def test_an_altered_shard_found_by_its_rank_makes_every_rank_fall_back(tmp_path, reference):
+    """Rank 1's optimizer file of the newest checkpoint altered in place (same size: only hashing sees it). The
+    driver's structure check passes it; rank 1 finds it hashing the files it loads; every rank falls back to the
+    checkpoint before (the driver shipped the rows from there), replaces the newest one, and ends where the
+    uninterrupted run did."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", run_dir / "checkpoints")
+    shutil.copyfile(reference / "metrics.jsonl", run_dir / "metrics.jsonl")
+    shard = run_dir / "checkpoints" / "step_000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    s = keel_train(run_dir, *COMMON, "trainer.resume_fallback=previous")
+    assert s["resumed_from_step"] == 3 and s["steps"] == 4
+    console = run_dir.with_name("run.console").read_text()
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is truncated or altered" in console
+    assert _losses(run_dir) == pytest.approx(_losses(reference), abs=1e-6)
+    from keel.train import checkpoint as ckpt
+
+    ckpt.verify(run_dir / "checkpoints" / "step_000004")  # rewritten by this run, replacing the altered one

@@ -29,10 +29,14 @@ def test_newest_complete_checkpoint_wins(tmp_path):
 def test_corrupt_newest_fails_or_falls_back(tmp_path):
     _fake(tmp_path, 2)
     newest = _fake(tmp_path, 4)
-    (newest / "shard.pt").write_bytes(b"z" * 100)
+    (newest / "shard.pt").write_bytes(b"z" * 100)  # same size: only hashing sees it, on the rank that loads it
+    assert ckpt.choose(tmp_path).name == "step_000004"  # the driver checks structure and sizes only
     with pytest.raises(ckpt.CheckpointCorruption, match="step_000004"):
+        ckpt.choose(tmp_path, rank=0, world=1)
+    assert ckpt.choose(tmp_path, fallback="previous", rank=0, world=1).name == "step_000002"
+    (newest / "shard.pt").write_bytes(b"z" * 99)  # a truncation the driver sees without reading content
+    with pytest.raises(ckpt.CheckpointCorruption, match="shard.pt is truncated"):
         ckpt.choose(tmp_path)
-    assert ckpt.choose(tmp_path, fallback="previous").name == "step_000002"
 
 
 def test_resume_refuses_changed_fingerprints():
@@ -88,3 +92,20 @@ def test_prune_keeps_the_newest(tmp_path):
         _fake(tmp_path, s)
     ckpt._prune(tmp_path, keep=1)
     assert [p.name for p in ckpt.complete(tmp_path)] == ["step_000006"]
+
+
+def test_corruption_found_by_a_rank_is_reported_as_a_user_error():
+    """Ray Train reports a worker's CheckpointCorruption inside its own error: the driver names the file and the fix."""
+    from keel.launch.driver import corruption_in
+
+    worker = RuntimeError("Traceback (most recent call last):\n  ...\nkeel.train.integrity.CheckpointCorruption: "
+                          "checkpoint /r/checkpoints/step_000004: x.pt is truncated or altered (checksum mismatch)\n")
+    try:
+        try:
+            raise worker
+        except RuntimeError as err:
+            raise RuntimeError("Training failed due to worker errors") from err
+    except RuntimeError as reported:
+        assert corruption_in(reported) == "checkpoint /r/checkpoints/step_000004: x.pt is truncated or altered " \
+                                          "(checksum mismatch)"
+    assert corruption_in(ValueError("something else")) is None

@@ -37,11 +37,19 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            sys.exit(f"keel: {out} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Lock ``out`` for this process's life (a second `keel preprocess` into it, or a `keel train` reading it, is
+    refused naming the holder), then empty it if allowed (the lock file stays: it is the lock)."""
+    from keel.launch.runlock import LOCK_FILE, DirectoryInUse, acquire
+
+    try:
+        acquire(out, "keel preprocess")
+    except DirectoryInUse as err:
+        sys.exit(f"keel: {err}")
+    old = [p for p in out.iterdir() if p.name != LOCK_FILE]
+    if old and not overwrite:
+        sys.exit(f"keel: {out} exists and is not empty; pass --overwrite to replace it")
+    for p in old:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def print_report(report: dict, out: Path) -> None:

@@ -120,11 +120,16 @@ def _preprocessed(cfg: Any, tokenizer: Any, run_dir: Path) -> tuple[Any, int]:
     import shutil
 
     from keel.data import preprocessed
+    from keel.launch import runlock
 
-    plan, notes = preprocessed.load(cfg, tokenizer, redact(to_plain(cfg)))  # as report.json records it
+    reading = runlock.acquire_shared(Path(cfg.data.preprocessed))  # refused while `keel preprocess` writes it
+    try:
+        plan, notes = preprocessed.load(cfg, tokenizer, redact(to_plain(cfg)))  # as report.json records it
+        shutil.copyfile(Path(cfg.data.preprocessed) / "rejects.jsonl", run_dir / "rejects.jsonl")
+    finally:
+        runlock.release(reading)
     for note in notes:
         print(note)
-    shutil.copyfile(Path(cfg.data.preprocessed) / "rejects.jsonl", run_dir / "rejects.jsonl")
     return plan, sum(s["rejected"] for s in plan.report["sources"].values())
 
 
@@ -176,12 +181,19 @@ def check_resumable(saved: dict, meta: dict, allowed: list[str]) -> None:
 
 
 def _start_step(cfg: Any, run_dir: Path, meta: dict) -> int:
+    """The first step the workers may resume at (their rows are shipped from there on). The driver checks the
+    checkpoint's structure; the workers hash its content, each the files it loads, and may fall back to the one
+    before (trainer.resume_fallback=previous), whose step is then returned."""
     from keel.train import checkpoint as ckpt
 
     if cfg.trainer.resume != "auto":
         return 0
     try:
         chosen = ckpt.choose(run_dir, cfg.trainer.resume_fallback)
+        world = cfg.cluster.num_workers
+        if chosen is not None and ckpt.other_world(chosen, world):
+            _check_elastic(cfg, ckpt.state(chosen), world)
+            out = ckpt.to_universal(chosen)  # verifies every file first: the conversion reads them all
     except ckpt.CheckpointCorruption as err:
         raise ValueError(f"{err}; set trainer.resume_fallback=previous to use the checkpoint before it") from err
     if chosen is None:
@@ -189,15 +201,57 @@ def _start_step(cfg: Any, run_dir: Path, meta: dict) -> int:
     saved = ckpt.state(chosen)
     check_resumable(saved, meta, cfg.trainer.resume_allow_changes)
     print(f"resume: continuing from {chosen} (step {saved['step']})")
-    world = cfg.cluster.num_workers
     if ckpt.other_world(chosen, world):
-        if cfg.deepspeed.stage not in (1, 2, 3):
-            raise ValueError(f"cannot resume on {world} workers a checkpoint written by {saved['world_size']}: "
-                             "deepspeed.stage 0 has no universal checkpoint")
-        out = ckpt.to_universal(chosen)
         print(f"resume: elastic: the checkpoint was written by {saved['world_size']} workers, this run has {world}; "
               f"loading DeepSpeed's universal checkpoint {out} (per-parameter fp32 weights and Adam moments)")
+    earlier = [c for c in ckpt.complete(run_dir) if c.name < chosen.name]
+    if cfg.trainer.resume_fallback == "previous" and earlier:
+        return ckpt.state(earlier[-1])["step"]
     return saved["step"]
+
+
+def _check_elastic(cfg: Any, saved: dict, world: int) -> None:
+    if cfg.deepspeed.stage not in (1, 2, 3):
+        raise ValueError(f"cannot resume on {world} workers a checkpoint written by {saved['world_size']}: "
+                         "deepspeed.stage 0 has no universal checkpoint")
+
+
+def _hold_run_dir(run_dir: Path) -> Any:
+    """One run per run directory: its lock (held since Hydra's start for `keel train`, by keel.cli.hydra_callbacks),
+    then what a crashed run left in checkpoints/ finished or undone (safe only under the lock)."""
+    from keel.launch import runlock
+    from keel.train.checkpoint import clean_stale
+
+    lock = runlock.acquire(run_dir, "keel train")
+    for note in clean_stale(run_dir):
+        print(f"checkpoint: {note}")
+    return lock
+
+
+def _explained(err: Exception, run_dir: Path, started: float) -> Exception:
+    """The error to report for a failed worker group: the stalled ranks, a corrupt checkpoint, or ``err`` itself."""
+    from keel.train import watchdog
+
+    dumps = watchdog.reports(run_dir, since=started)
+    if dumps:  # the workers ended themselves after a stall: say where, not just "actor died"
+        return RuntimeError(watchdog.stalled_message(dumps))
+    corrupt = corruption_in(err)
+    if corrupt:  # found by the ranks hashing what they load: a user decision, not a traceback
+        return ValueError(f"{corrupt}; set trainer.resume_fallback=previous to use the checkpoint before it")
+    return err
+
+
+def corruption_in(err: BaseException) -> str | None:
+    """The CheckpointCorruption message a worker raised, from the error (or its causes) Ray Train reports."""
+    import re
+
+    seen: BaseException | None = err
+    while seen is not None:
+        m = re.search(r"CheckpointCorruption: (checkpoint [^\n]+)", str(seen))
+        if m:
+            return m.group(1)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 # Exit status of a run stopped by preemption after checkpointing (EX_TEMPFAIL): a launcher
@@ -238,7 +292,7 @@ def run_training(cfg: Any, run_dir: Path) -> dict:
     from keel.model.attention import resolve
 
     t0 = time.perf_counter()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = _hold_run_dir(run_dir)
     attention = resolve(cfg.model.attention, cfg.cluster.use_gpu)
     print(f"attention backend: {attention} (model.attention={cfg.model.attention})")
     from keel.mitigation import configured
@@ -261,15 +315,14 @@ def run_training(cfg: Any, run_dir: Path) -> dict:
     _on_preemption(run_dir)  # after ray.init, which installs its own SIGTERM handler
     started = time.time()
     try:
-        result = ray_train.run(cfg, run_dir, path, attention, bundles, sst, plan.source_names, meta,
+        result = ray_train.run(cfg, run_dir, path, attention, bundles, sst, plan.source_names,
+                               {**meta, "attempt": lock.attempt},  # every checkpoint names the run that wrote it
                                val_batches(plan.val, cfg))
     except Exception as err:
-        from keel.train import watchdog
-
-        dumps = watchdog.reports(run_dir, since=started)
-        if dumps:  # the workers ended themselves after a stall: say where, not just "actor died"
-            raise RuntimeError(watchdog.stalled_message(dumps)) from err
-        raise
+        explained = _explained(err, run_dir, started)
+        if explained is err:
+            raise
+        raise explained from err
     restarts = len((run_dir / STARTS).read_text().splitlines()) - 1
     summary = {"world_size": world, "zero_stage": cfg.deepspeed.stage, **result, "restarts": restarts,
                "packing_efficiency": plan.report["packing_efficiency"],

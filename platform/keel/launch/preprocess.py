@@ -254,6 +254,9 @@ def init_ray(cfg: Any, procs: int) -> None:
 
         ray_train.init_ray(cfg)
     elif not ray.is_initialized():
+        from keel.launch.ray_train import secure_local_start
+
+        secure_local_start()  # loopback only, token auth
         ray.init(num_cpus=procs, object_store_memory=cfg.cluster.object_store_memory_mb * 2**20,
                  include_dashboard=False, log_to_driver=True, configure_logging=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})

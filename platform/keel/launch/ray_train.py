@@ -26,15 +26,41 @@ def _worker_env(cfg: Any) -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if not cfg.cluster.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("KEEL_CACHE_DIR", "WANDB_MODE", "WANDB_DIR", "HF_HOME", "HF_HUB_OFFLINE", "KEEL_SECRET_FILES",
-                console.VERBOSE_ENV):
+    for key in ("KEEL_CACHE_DIR", "WANDB_MODE", "WANDB_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR",
+                "KEEL_SECRET_FILES", console.VERBOSE_ENV):
         if os.environ.get(key):
             env[key] = os.environ[key]
+    if "TORCH_EXTENSIONS_DIR" not in env:  # JIT builds per environment, not in a cache every environment shares
+        from keel.model.tiny import cache_root
+        from keel.train.startup import extensions_dir
+
+        env["TORCH_EXTENSIONS_DIR"] = str(extensions_dir(cache_root()))
     return {**env, **console.worker_env()}
 
 
+def secure_local_start() -> None:
+    """Before ``ray.init`` starts a single-node instance: its servers listen on loopback only and it requires a
+    fresh token (Ray >= 2.52; this process and the Ray processes it starts inherit it)."""
+    import secrets
+
+    import ray._private.ray_constants as ray_constants
+
+    # Ray takes a routable interface as the node address on Linux, and binds the GCS, raylet, workers and
+    # agents to it (or to all interfaces); with "clusters" off it uses 127.0.0.1, as it does on macOS.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read when Ray was imported: this process needs it set too
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    # Ray read its config and token when it was imported; it refreshes them so when it enables auth itself.
+    import ray._raylet as raylet
+
+    raylet.Config.initialize("")
+    raylet.AuthenticationTokenLoader.instance().reset_cache()
+
+
 def init_ray(cfg: Any) -> None:
-    """Start or join Ray; the dashboard stays on 127.0.0.1."""
+    """Start or join Ray; a local instance listens on 127.0.0.1 only and requires a fresh token."""
     import ray
 
     if ray.is_initialized():
@@ -51,6 +77,7 @@ def init_ray(cfg: Any) -> None:
     if cfg.cluster.name == "slurm":
         raise ValueError("cluster=slurm joins the Ray cluster that slurm/sft.sh starts on the job's nodes, "
                          "but neither RAY_ADDRESS nor cluster.address is set")
+    secure_local_start()  # every Ray server on 127.0.0.1, token auth with a fresh token
     # Logical CPUs: one per worker plus headroom for Ray Data's coordinator tasks.
     ray.init(num_cpus=cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 2,
              object_store_memory=cfg.cluster.object_store_memory_mb * 2**20,

@@ -1,19 +1,23 @@
-"""Checkpoints: atomic, verified DeepSpeed states of every rank, and a consolidated HF dir.
+"""Checkpoints: atomic, durable, verified DeepSpeed states of every rank, and a consolidated HF dir.
 
-A checkpoint is written to ``checkpoints/.tmp-step_N`` and renamed to ``step_N`` by rank 0
-only after every rank has finished writing and a manifest of sizes and SHA-256 checksums is
-in place, so a crash mid-write leaves the previous checkpoint as the newest complete one.
-It holds the DeepSpeed ZeRO state (parameters, optimizer, scheduler), every rank's RNG
-states and ``keel_state.json`` (step = the data position: the run resumes with exactly the
-rows of step N+1, since the row plan is a pure function of the config).
+A checkpoint is written to ``checkpoints/.tmp-step_N-<attempt>`` (the attempt id of the run that
+writes it: two runs never share a folder), each rank hashing and fsyncing what it writes
+(``keel.train.integrity``). Once every rank has written, rank 0 merges their digests (all of one
+attempt) into ``manifest.json``, fsyncs the folder and renames it to ``step_N``; a committed
+``step_N`` it replaces is renamed aside first and deleted only after the new one is in place, so a
+crash at any point leaves a complete checkpoint. It holds the DeepSpeed ZeRO state (parameters,
+optimizer, scheduler), every rank's RNG states and ``keel_state.json`` (step = the data position:
+the run resumes with exactly the rows of step N+1, since the row plan is a pure function of the
+config; attempt, world size, ZeRO stage). Resuming checks the structure on the driver and the
+content on the ranks, each hashing only the files it loads (:func:`choose`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,15 +26,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from keel.train import integrity
+from keel.train.integrity import MANIFEST, CheckpointCorruption
+
 PREFIX = "step_"
-MANIFEST = "manifest.json"
 STATE = "keel_state.json"
 UNIVERSAL = "universal"  # checkpoints converted for a resume on another world size
+_AT_REST = re.compile(r"^\.(tmp|old)-(step_\d+)(?:-.+)?$")  # a checkpoint being written, or being replaced
+__all__ = ["CheckpointCorruption", "MANIFEST"]
 BEST = "best"  # checkpoints/best -> step_N: the best val/loss (trainer.save_best), exempt from pruning
-
-
-class CheckpointCorruption(RuntimeError):
-    """A checkpoint whose files do not match its manifest."""
 
 
 def root(run_dir: Path) -> Path:
@@ -42,35 +46,89 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _files(ckpt: Path) -> list[Path]:
-    return sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+def write_manifest(ckpt: Path, attempt: str = "", world: int | None = None, stage: int | None = None) -> None:
+    """A manifest of every file in ``ckpt``, hashed now (for checkpoints not written by :func:`save`)."""
+    files = integrity.hash_unlisted(ckpt, {})
+    _write_manifest(ckpt, files, attempt, world, stage)
 
 
-def write_manifest(ckpt: Path) -> None:
-    entries = {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-               for p in _files(ckpt)}
-    (ckpt / MANIFEST).write_text(json.dumps(entries, indent=1))
+def _write_manifest(ckpt: Path, files: dict, attempt: str, world: int | None, stage: int | None) -> None:
+    integrity.write_json_durably(ckpt / MANIFEST, {"format": 2, "attempt": attempt, "world_size": world,
+                                                   "zero_stage": stage, "files": files})
 
 
-def verify(ckpt: Path) -> None:
-    """Raise CheckpointCorruption naming the first missing, truncated or altered file."""
-    manifest = ckpt / MANIFEST
-    if not manifest.is_file():
+def manifest(ckpt: Path) -> dict:
+    """``ckpt``'s manifest (one written before per-rank digests, a flat file list, is read as one)."""
+    path = ckpt / MANIFEST
+    if not path.is_file():
         raise CheckpointCorruption(f"checkpoint {ckpt} has no {MANIFEST} (incomplete write)")
-    for rel, meta in json.loads(manifest.read_text()).items():
-        path = ckpt / rel
-        if not path.is_file():
-            raise CheckpointCorruption(f"checkpoint {ckpt}: missing file {rel}")
-        if path.stat().st_size != meta["size"] or _sha256(path) != meta["sha256"]:
-            raise CheckpointCorruption(f"checkpoint {ckpt}: {rel} is truncated or altered (checksum mismatch)")
+    try:
+        m = json.loads(path.read_text())
+    except ValueError as err:
+        raise CheckpointCorruption(f"checkpoint {ckpt}: unreadable {MANIFEST} ({err})") from None
+    if m.get("format") != 2:
+        m = {"format": 1, "attempt": "", "world_size": None, "zero_stage": None, "files": m}
+    return m
+
+
+def verify_structure(ckpt: Path) -> dict:
+    """Without reading content: the manifest, its attempt (that of keel_state.json), every rank's expected
+    DeepSpeed and RNG files for the saved world size and ZeRO stage, and each file's size. Returns the manifest."""
+    m = manifest(ckpt)
+    files = m["files"]
+    integrity.check_files(ckpt, files)
+    if m["format"] == 2 and STATE in files:
+        saved = state(ckpt)
+        if saved.get("attempt", "") != m["attempt"]:
+            raise CheckpointCorruption(f"checkpoint {ckpt}: {STATE} is from attempt {saved.get('attempt')!r}, its "
+                                       f"files from {m['attempt']!r}: the states of two runs are mixed")
+    if m["world_size"] and m["zero_stage"] is not None:
+        integrity.check_expected(ckpt, files, m["world_size"], m["zero_stage"])
+    return m
+
+
+def verify(ckpt: Path, threads: int = 4) -> None:
+    """Structure and the content of every file (``threads`` hashing at once): CheckpointCorruption naming the
+    first missing, truncated or altered file."""
+    m = verify_structure(ckpt)
+    integrity.check_content(ckpt, sorted(m["files"]), m["files"], threads)
+
+
+def verify_rank(ckpt: Path, rank: int, world: int) -> None:
+    """Structure, and the content of the files ``rank`` of ``world`` loads (each file hashed by one rank).
+    A checkpoint of another world size is read through its universal conversion, which the driver made
+    from a verified checkpoint: then only the conversion's presence is checked."""
+    m = verify_structure(ckpt)
+    saved = m["world_size"] or saved_world(ckpt)
+    if saved not in (None, world):
+        if not (universal_dir(ckpt) / "zero" / "optimizer_state.pt").is_file():
+            raise CheckpointCorruption(f"checkpoint {ckpt} was written by {saved} workers and has no universal "
+                                       "conversion for this world size")
+        return
+    mine = [rel for rel in sorted(m["files"]) if integrity.loader(rel, world) == rank]
+    integrity.check_content(ckpt, mine, m["files"])
+
+
+def verify_agreed(ckpt: Path, rank: int, world: int) -> None:
+    """:func:`verify_rank` on every rank (a collective): all raise CheckpointCorruption if any rank found a problem."""
+    from keel.train.collectives import all_reduce_sum
+
+    err = None
+    try:
+        verify_rank(ckpt, rank, world)
+    except CheckpointCorruption as e:
+        err = str(e)
+        print(f"checkpoint: rank {rank}: {err}", flush=True)
+    (bad,) = all_reduce_sum([float(err is not None)])
+    if err is not None:
+        raise CheckpointCorruption(err)
+    if bad:
+        raise CheckpointCorruption(f"checkpoint {ckpt}: {int(bad)} rank(s) found a missing, truncated or altered file "
+                                   "(named in their log)")
 
 
 def complete(run_dir: Path) -> list[Path]:
@@ -82,20 +140,29 @@ def complete(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def choose(run_dir: Path, fallback: str = "none") -> Path | None:
-    """The newest complete checkpoint that verifies; with ``fallback="previous"`` a corrupt
-    newest one is skipped (and reported) in favour of the one before it."""
+def choose(run_dir: Path, fallback: str = "none", rank: int | None = None, world: int = 1) -> Path | None:
+    """The newest complete checkpoint that verifies; with ``fallback="previous"`` a corrupt newest one is skipped
+    (and reported) in favour of the one before it. The driver (``rank`` None) checks structure and sizes; the
+    ranks (a collective) also hash, each, the files it loads."""
     ckpts = complete(run_dir)
     if not ckpts:
         return None
+
+    def check(c: Path) -> None:
+        if rank is None:
+            verify_structure(c)
+        else:
+            verify_agreed(c, rank, world)
+
     try:
-        verify(ckpts[-1])
+        check(ckpts[-1])
         return ckpts[-1]
     except CheckpointCorruption as err:
         if fallback != "previous" or len(ckpts) < 2:
             raise
-        print(f"checkpoint: {err}; trainer.resume_fallback=previous uses {ckpts[-2].name}", flush=True)
-        verify(ckpts[-2])
+        if rank in (None, 0):
+            print(f"checkpoint: {err}; trainer.resume_fallback=previous uses {ckpts[-2].name}", flush=True)
+        check(ckpts[-2])
         return ckpts[-2]
 
 
@@ -133,28 +200,97 @@ def mark_best(run_dir: Path, step: int, rank: int) -> None:
 
 
 def _prune(run_dir: Path, keep: int) -> None:
-    kept = best(run_dir)  # the best checkpoint outlives keep_checkpoints
+    """Delete all but the newest ``keep`` checkpoints, with their universal conversions; the best checkpoint
+    (trainer.save_best) outlives keep_checkpoints."""
+    kept = best(run_dir)
     for old in complete(run_dir)[:-keep]:
         if old != kept:
+            shutil.rmtree(universal_dir(old), ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
 
 
+def clean_stale(run_dir: Path) -> list[str]:
+    """Finish or undo what a crashed run left (only while holding the run directory's lock: no other run may be
+    writing): a fully written ``.tmp-step_N`` whose ``step_N`` is missing (crash between the two renames of a
+    replacement) is committed, a ``step_N`` set aside is restored, other temporaries are deleted, and universal
+    conversions whose checkpoint is gone are pruned. Returns what was done."""
+    r, done = root(run_dir), []
+    if not r.is_dir():
+        return done
+    for kind in ("tmp", "old"):  # committed temporaries first: a set-aside one is then stale
+        for d in sorted(p for p in r.iterdir() if (m := _AT_REST.match(p.name)) and m.group(1) == kind):
+            final = r / _AT_REST.match(d.name).group(2)
+            if not final.exists() and _restorable(d):
+                os.replace(d, final)
+                done.append(f"restored {final.name} from {d.name}")
+            else:
+                shutil.rmtree(d, ignore_errors=True)
+                done.append(f"deleted the stale {d.name}")
+    done += _clean_universal(r)
+    integrity.fsync_dir(r)
+    return done
+
+
+def _restorable(d: Path) -> bool:
+    try:
+        verify_structure(d)
+        return True
+    except CheckpointCorruption:
+        return False
+
+
+def _clean_universal(r: Path) -> list[str]:
+    u, done = r / UNIVERSAL, []
+    if not u.is_dir():
+        return done
+    for d in sorted(p for p in u.iterdir() if p.is_dir()):  # (ds_to_universal also leaves a latest_universal file)
+        if d.name.startswith(".tmp-") or not (r / d.name / MANIFEST).is_file():
+            shutil.rmtree(d, ignore_errors=True)
+            done.append(f"deleted the stale {UNIVERSAL}/{d.name}")
+    return done
+
+
 def save(engine: Any, run_dir: Path, step: int, rank: int, keep: int, meta: dict) -> Path:
-    """Write checkpoint ``step`` atomically on every rank (a collective)."""
-    r = root(run_dir)
-    tmp_tag, final = f".tmp-{PREFIX}{step:06d}", r / f"{PREFIX}{step:06d}"
-    engine.save_checkpoint(str(r), tag=tmp_tag, client_state={"step": step}, save_latest=False)
-    torch.save(_rng_state(), r / tmp_tag / f"rng_rank{rank}.pt")
+    """Write checkpoint ``step`` atomically and durably on every rank (a collective); ``meta["attempt"]`` names
+    the run writing it."""
+    r, attempt = root(run_dir), str(meta.get("attempt", ""))
+    final = r / f"{PREFIX}{step:06d}"
+    tmp_tag = f".tmp-{final.name}-{attempt}" if attempt else f".tmp-{final.name}"
+    tmp = r / tmp_tag
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a worker group that restarted mid-save left it
+    _barrier()
+    with integrity.hashing(engine) as written:  # each rank hashes and fsyncs what it writes, as it writes
+        engine.save_checkpoint(str(r), tag=tmp_tag, client_state={"step": step}, save_latest=False)
+    rng = tmp / f"rng_rank{rank}.pt"
+    written[os.path.abspath(rng)] = integrity.write_file(rng, lambda w: torch.save(_rng_state(), w))
+    integrity.write_digest(tmp, rank, attempt, written)
     _barrier()
     if rank == 0:
-        (r / tmp_tag / STATE).write_text(json.dumps({"step": step, **meta}))
-        write_manifest(r / tmp_tag)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(r / tmp_tag, final)
+        stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
+        _commit(tmp, final, {"step": step, "attempt": attempt, "zero_stage": stage, **meta}, _world())
         _prune(run_dir, keep)
     _barrier()
     return final
+
+
+def _commit(tmp: Path, final: Path, saved: dict, world: int) -> None:
+    """Rank 0: merge the ranks' digests into the manifest, make the folder durable and swap it in."""
+    files = integrity.merge_digests(tmp, world, saved["attempt"])
+    files[STATE] = {**integrity.write_bytes(tmp / STATE, json.dumps(saved).encode()), "rank": 0}
+    files.update(integrity.hash_unlisted(tmp, files))
+    _write_manifest(tmp, files, saved["attempt"], world, saved["zero_stage"])
+    integrity.fsync_tree(tmp)
+    old = None
+    if final.exists():  # set the committed one aside; it goes only once the new one is in place
+        old = final.with_name(f".old-{final.name}-{saved['attempt']}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    integrity.fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(universal_dir(final), ignore_errors=True)  # converted from the replaced one
+        shutil.rmtree(old)
 
 
 def load(engine: Any, ckpt: Path, rank: int) -> int:
@@ -192,6 +328,7 @@ def to_universal(ckpt: Path) -> Path:
     out = universal_dir(ckpt)
     if (out / "zero" / "optimizer_state.pt").is_file():
         return out
+    verify(ckpt)  # the conversion reads every file anyway: it is made from a verified checkpoint only
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     ds_to_universal(argparse.Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1,
@@ -200,7 +337,9 @@ def to_universal(ckpt: Path) -> Path:
     for rng in ckpt.glob("rng_rank*.pt"):
         shutil.copy2(rng, tmp / rng.name)
     (tmp / STATE).write_text((ckpt / STATE).read_text())
+    integrity.fsync_tree(tmp, files=True)
     os.replace(tmp, out)
+    integrity.fsync_dir(out.parent)
     return out
 
 

@@ -24,6 +24,7 @@ from keel.data.masking import IGNORE
 from keel.eval.hook import due
 from keel.train import checkpoint as ckpt
 from keel.train import export as exports
+from keel.train import startup
 from keel.train.collectives import all_reduce_sum
 from keel.train.deepspeed import ds_config
 from keel.train.flops import device_peak, matmul_params, step_flops
@@ -66,6 +67,7 @@ def build_engine(cfg: Any, info: WorkerInfo, plugins: list, load_universal: bool
 
     from keel.model.build import load_model
 
+    startup.skip_shm_comm_op()  # on CPU DeepSpeed would JIT-build, under a lock file, an op training never uses
     # Joins the process group Ray Train created (gloo on CPU, NCCL on GPU).
     deepspeed.init_distributed(dist_backend="nccl" if cfg.cluster.use_gpu else "gloo")
     ds = ds_config(cfg, info.world_size, load_universal)
@@ -180,7 +182,8 @@ def _checkpoint_to_resume(cfg: Any, info: WorkerInfo) -> tuple[Path | None, bool
     """The newest complete checkpoint (trainer.resume=auto), and whether another world size wrote it."""
     if cfg.trainer.resume != "auto":
         return None, False
-    chosen = ckpt.choose(info.run_dir, cfg.trainer.resume_fallback)  # verifies on every rank
+    # a collective: each rank hashes the files it will load, and all agree on the verdict
+    chosen = ckpt.choose(info.run_dir, cfg.trainer.resume_fallback, info.rank, info.world_size)
     if chosen is None:
         return None, False
     return chosen, ckpt.other_world(chosen, info.world_size)
@@ -237,7 +240,8 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
     _seed_all(cfg.trainer.seed)
     plugins = build_mitigations(cfg)
     chosen, elastic = _checkpoint_to_resume(cfg, info)
-    engine, _hf_ds = build_engine(cfg, info, plugins, load_universal=elastic)
+    with startup.watch(info.rank, "engine start-up"):  # past a bound, says what it waits on
+        engine, _hf_ds = build_engine(cfg, info, plugins, load_universal=elastic)
     plugin_info = {k: v for p in plugins for k, v in p.setup_engine(engine, cfg, info).items()}  # base weights
     engine.train()
     start = _resume(engine, info, chosen, elastic)
@@ -439,7 +443,7 @@ def _spike_rollback(engine: Any, cfg: Any, info: WorkerInfo, spiked: bool, resto
                   f"{step} (trainer.checkpoint_every={cfg.trainer.checkpoint_every}); training goes on from the spiked "
                   "weights", flush=True)
         return None
-    ckpt.verify(path)
+    ckpt.verify_agreed(path, info.rank, info.world_size)  # each rank hashes what it reloads
     loaded = _reload(engine, info, path, universal)
     assert loaded == to, f"{path} holds step {loaded}, its {ckpt.STATE} says {to}"
     for _ in range(step - to):  # the LR stays a function of the data position: the next step is step + 1's
