@@ -42,7 +42,7 @@ def test_headline_command_without_gpus_is_refused_at_validation(tmp_path):
     assert out.returncode != 0
     assert "model=llama3 trains on GPUs" in out.stderr and "cluster.use_gpu=false" in out.stderr, out.stderr
     assert "--gpus-per-node" in out.stderr and "attention backend" not in out.stdout
-    hydra_own = {"train.log"}  # Hydra writes .hydra/ and its job log before main() runs
+    hydra_own = {"train.log", "keel.lock"}  # Hydra writes its job log, the run-dir lock callback keel.lock, first
     written = [p.name for p in tmp_path.rglob("*")
                if p.is_file() and ".hydra" not in p.parts and p.name not in hydra_own]
     assert written == [], written  # run_training writes config.yaml and data_report.json first
