@@ -51,7 +51,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.dtype, ("float32", "bfloat16"), "model.dtype")
-        _one_of(self.attention, ("auto", "sdpa_block", "flex", "torch_varlen", "flash_attn"), "model.attention")
+        if self.attention == "flash_attn":  # deprecated: transformers refuses implementation names with "flash"
+            import warnings
+
+            warnings.warn("model.attention=flash_attn is deprecated; it is now called fa_varlen (flash-attn's "
+                          "varlen kernel) and runs as fa_varlen", FutureWarning, stacklevel=2)
+            self.attention = "fa_varlen"
+        _one_of(self.attention, ("auto", "sdpa_block", "flex", "torch_varlen", "fa_varlen"), "model.attention")
 
 
 @dataclass

@@ -65,16 +65,24 @@ def _ds_worker(rank: int, world: int, out_dir: str, port: int) -> None:
             self.grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
             return {}
 
+    from keel.train import loop
+
     results = {}
-    for micro, accum in SPLITS[world]:
+    # "full": the same step with the model's own head, full-vocabulary logits (the reference the chunked
+    # LM-head loss must equal under ZeRO-3, where the head weight is partitioned and gathered by its hooks).
+    for micro, accum, head in [(*split, "chunked") for split in SPLITS[world]] + [(4, 1, "full")] * (world == 1):
         cfg = _compose([f"trainer.micro_batch_size={micro}", f"trainer.grad_accum={accum}", "trainer.warmup_steps=0",
                         "trainer.max_grad_norm=0", "logger=none"])
         info = WorkerInfo(rank, world, Path(out_dir), model_path(cfg), "sdpa_block", [], [], {})
         engine, _ = build_engine(cfg, info, [])
         engine.train()
+        assert loop.find_loss_head(engine.module) is not None
+        if head == "full":
+            loop.find_loss_head = lambda module: None
         recorder = GradRecorder()
         m = train_step(engine, share, cfg, world, plugins=[recorder])
-        results[f"{micro}x{accum}"] = {"loss": m["loss"], "grad_norm": m["grad_norm"], "grads": recorder.grads}
+        name = f"{micro}x{accum}" + ("-full-logits" if head == "full" else "")
+        results[name] = {"loss": m["loss"], "grad_norm": m["grad_norm"], "grads": recorder.grads}
         engine.destroy()
     if rank == 0:
         torch.save(results, Path(out_dir) / f"world{world}.pt")
@@ -84,7 +92,8 @@ def _ds_worker(rank: int, world: int, out_dir: str, port: int) -> None:
 
 def test_micro_batch_accumulation_and_workers_through_deepspeed(tmp_path, tiny_path):
     """One ZeRO-3 step on the same 4 rows: 4x1, 2x2, 1x4 on one rank and 2x1, 1x2 on two ranks give the same
-    loss and the same gradient (DeepSpeed's own accumulation and averaging undone exactly)."""
+    loss and the same gradient (DeepSpeed's own accumulation and averaging undone exactly); the chunked LM-head
+    loss gives the loss and gradient of the full-vocabulary logits."""
     import torch
     import torch.multiprocessing as mp
 
