@@ -65,8 +65,9 @@ def _ds_worker(rank: int, world: int, out_dir: str, port: int) -> None:
             self.grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
             return {}
 
-    from keel.train import loop
+    from keel.train import loop, loss
 
+    loss.CHUNK_LOGITS = 16 * 4096  # 16-token chunks: several per micro-batch, each recomputed in the backward
     results = {}
     # "full": the same step with the model's own head, full-vocabulary logits (the reference the chunked
     # LM-head loss must equal under ZeRO-3, where the head weight is partitioned and gathered by its hooks).

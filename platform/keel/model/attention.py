@@ -236,6 +236,13 @@ def varlen_call(fn: Callable) -> VarlenCall:
     return VarlenCall(causal=causal, scale="scale" in params, gqa="enable_gqa" in params)
 
 
+def _varlen_signature_problem(call: VarlenCall) -> str | None:
+    if call.causal is None:
+        return (f"torch {torch.__version__}'s varlen_attn takes neither window_size nor is_causal, "
+                "so it cannot apply a causal mask")
+    return None
+
+
 def _varlen_kwargs(call: VarlenCall, window: int | None, scaling: float | None, gqa: bool) -> dict:
     kw: dict[str, Any] = {}
     if call.causal == "window_size":
@@ -279,13 +286,6 @@ def torch_varlen_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     out = varlen.varlen_attn(q, k, v, cu, cu, longest, longest, **kw)
     CALLS["torch_varlen"] += 1
     return out.reshape(b, s, heads, -1), None
-
-
-def _varlen_signature_problem(call: VarlenCall) -> str | None:
-    if call.causal is None:
-        return (f"torch {torch.__version__}'s varlen_attn takes neither window_size nor is_causal, "
-                "so it cannot apply a causal mask")
-    return None
 
 
 def fa_varlen_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
