@@ -25,7 +25,7 @@ and run through these arms:
 * ``leaky_causal``: the packed rows with plain ``is_causal=True`` over the whole row (what
   packing without a document mask does); tokens attend across examples, so it is NOT exact
   and is a speed reference only;
-* GPU only (``torch.cuda.is_available()``): ``torch_varlen`` and ``flash_attn`` through Keel's
+* GPU only (``torch.cuda.is_available()``): ``torch_varlen`` and ``fa_varlen`` through Keel's
   backends, when ``keel.model.attention.unavailable_reason`` allows them.
 
 Usage (from the repository root):
@@ -74,7 +74,7 @@ FILES = {
     "glaive_toolcall": "glaive_toolcall_en_demo.json",
 }
 EXACT = {"sdpa_block": True, "flex": True, "padded_mask": True, "padded_causal": True,
-         "leaky_causal": False, "torch_varlen": True, "flash_attn": True}
+         "leaky_causal": False, "torch_varlen": True, "fa_varlen": True}
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--quick", action="store_true",
@@ -250,10 +250,10 @@ def arm_torch_varlen(call, grad):
     return keel_attn.torch_varlen_forward(None, q, k, v, None, position_ids=pos)[0], (q, k, v)
 
 
-def arm_flash_attn(call, grad):
+def arm_fa_varlen(call, grad):
     (q, k, v), pos, _ = call
     q, k, v = (leaf(x, grad) for x in (q, k, v))
-    return keel_attn.flash_attn_forward(None, q, k, v, None, position_ids=pos)[0], (q, k, v)
+    return keel_attn.fa_varlen_forward(None, q, k, v, None, position_ids=pos)[0], (q, k, v)
 
 
 ARMS = {  # name -> (function, layout)
@@ -263,10 +263,10 @@ ARMS = {  # name -> (function, layout)
     "padded_causal": (arm_padded_causal, "padded"),
     "leaky_causal": (arm_leaky, "packed"),
     "torch_varlen": (arm_torch_varlen, "packed"),
-    "flash_attn": (arm_flash_attn, "packed"),
+    "fa_varlen": (arm_fa_varlen, "packed"),
 }
 SKIPPED: dict[str, str] = {}
-for _name in ("torch_varlen", "flash_attn"):
+for _name in ("torch_varlen", "fa_varlen"):
     _why = keel_attn.unavailable_reason(_name, use_gpu=True)
     if _why:
         SKIPPED[_name] = _why
@@ -337,7 +337,7 @@ def run_arm(name: str, lay: dict, lens: np.ndarray) -> dict:
 #    varlen -> 6·d·L² per example (ideal, ignoring tile rounding).
 # ---------------------------------------------------------------------------------------------
 def flops(name: str, lens: np.ndarray, lay: dict, max_len: int) -> float:
-    if name in ("torch_varlen", "flash_attn"):
+    if name in ("torch_varlen", "fa_varlen"):
         return 6.0 * D_MODEL * float((lens.astype(np.float64) ** 2).sum())
     if name in ("padded_mask", "padded_causal"):
         sq = float(sum(b * s * s for b, s in zip(lay["padded_sizes"], lay["padded_batches"], strict=True)))
@@ -377,7 +377,7 @@ def measure() -> tuple[list[dict], list[dict]]:
                 err = max(float((outs[i] - ref[i]).abs().max()) for i in ref) if ref is not None else None
                 computed_tokens = lay["rows"] * max_len if ARMS[arm][1] == "packed" else int(
                     sum(b * s for b, s in zip(lay["padded_sizes"], lay["padded_batches"], strict=True)))
-                if arm in ("torch_varlen", "flash_attn"):
+                if arm in ("torch_varlen", "fa_varlen"):
                     computed_tokens = lay["rows"] * max_len
                 fl = flops(arm, lens, lay, max_len)
                 ms = res["fwd_bwd_ms"] if res["backward"] else res["fwd_ms"]
@@ -494,7 +494,7 @@ def notes() -> list[str]:
         "- Consequently, on CPU, padding to the batch's longest example beats exact packing whenever examples are "
         "short relative to max_len (gsm8k and sharegpt at 2048), and loses where lengths are long or heavy-tailed "
         "(alpaca, glaive at 2048: one long example pads its whole batch). At 512 the exact arms are within "
-        "a small factor of each other. This says nothing about GPUs: `torch_varlen` / `flash_attn` compute "
+        "a small factor of each other. This says nothing about GPUs: `torch_varlen` / `fa_varlen` compute "
         "≈ Σ L_i² (computed / needed ≈ 1) and build no mask, so the win of exact packing over padding is a GPU "
         "effect that this CPU run cannot show.",
         "- `padded_causal` (right padding + `is_causal`, no mask) is exact and never needs the boolean mask: it lets "

@@ -106,7 +106,13 @@ class ModelConfig:
         if self.arch is not None:
             _require(self.path != "tiny", "model.arch", "has no effect with model.path=tiny (model.tiny is its shape)")
             self.arch.check()
-        _one_of(self.attention, ("auto", "sdpa_block", "flex", "torch_varlen", "flash_attn"), "model.attention")
+        if self.attention == "flash_attn":  # deprecated: transformers refuses implementation names with "flash"
+            import warnings
+
+            warnings.warn("model.attention=flash_attn is deprecated; it is now called fa_varlen (flash-attn's "
+                          "varlen kernel) and runs as fa_varlen", FutureWarning, stacklevel=2)
+            self.attention = "fa_varlen"
+        _one_of(self.attention, ("auto", "sdpa_block", "flex", "torch_varlen", "fa_varlen"), "model.attention")
 
 
 DEMO_EXAMPLES = 1000  # examples a demo source generates when num_examples is not given

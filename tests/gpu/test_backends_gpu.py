@@ -34,7 +34,7 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("backend", ["torch_varlen", "flash_attn", "flex"])
+@pytest.mark.parametrize("backend", ["torch_varlen", "fa_varlen", "flex"])
 def test_backend_matches_sdpa_block(tiny_path, backend):
     from keel.model.attention import CALLS, unavailable_reason
 
@@ -52,4 +52,30 @@ def test_backend_matches_sdpa_block(tiny_path, backend):
 def test_auto_picks_a_varlen_kernel_on_gpu():
     from keel.model.attention import resolve
 
-    assert resolve("auto", use_gpu=True) in ("flash_attn", "torch_varlen", "flex")
+    assert resolve("auto", use_gpu=True) in ("fa_varlen", "torch_varlen", "flex")
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+@pytest.mark.parametrize("backend", ["torch_varlen", "fa_varlen", "flex"])
+def test_sliding_window_and_softcap_match_sdpa_block(family, backend):
+    """The kernels' window_size=(W - 1, 0) and softcap against the exact mask (unverified on CPU: stand-ins)."""
+    from keel.model.attention import CALLS, implementation, model_features, unavailable_reason
+    from transformers import AutoModelForCausalLM
+
+    from ..unit.test_attention import tiny_config
+
+    config = tiny_config(family, vocab=512, max_position_embeddings=2048)
+    reason = unavailable_reason(backend, use_gpu=True, features=model_features(config))
+    if reason:
+        pytest.skip(reason)
+    ids, pos = _packed_batch(512)
+    out = {}
+    for name in ("sdpa_block", backend):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation(name),
+                                                 dtype=torch.bfloat16).cuda()
+        before = CALLS[name]
+        with torch.no_grad():
+            out[name] = model(input_ids=ids, position_ids=pos).logits.float()
+        assert CALLS[name] > before
+    assert _rel(out[backend], out["sdpa_block"]) < 2e-2

@@ -67,17 +67,26 @@ def _ds_worker(rank: int, world: int, out_dir: str, port: int) -> None:
             self.grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
             return {}
 
+    from keel.train import loop, loss
+
+    loss.CHUNK_LOGITS = 16 * 4096  # 16-token chunks: several per micro-batch, each recomputed in the backward
     results = {}
-    runs = [(m, a, False) for m, a in SPLITS[world]] + ([(*OVERLAP[world], True)] if world in OVERLAP else [])
-    for micro, accum, overlap in runs:
+    # "full": the same step with the model's own head, full-vocabulary logits (the reference the chunked
+    # LM-head loss must equal under ZeRO-3, where the head weight is partitioned and gathered by its hooks).
+    runs = [(m, a, False, "chunked") for m, a in SPLITS[world]] + [(4, 1, False, "full")] * (world == 1)
+    runs += [(*OVERLAP[world], True, "chunked")] if world in OVERLAP else []
+    for micro, accum, overlap, head in runs:
         cfg = _compose([f"trainer.micro_batch_size={micro}", f"trainer.grad_accum={accum}", "trainer.warmup_steps=0",
                         "trainer.max_grad_norm=0", "logger=none", f"deepspeed.overlap_comm={overlap}"])
         info = WorkerInfo(rank, world, Path(out_dir), model_path(cfg), "sdpa_block", [], [], {})
         engine, _ = build_engine(cfg, info, [])
         engine.train()
+        assert loop.find_loss_head(engine.module) is not None
+        if head == "full":
+            loop.find_loss_head = lambda module: None
         recorder = GradRecorder()
         m = train_step(engine, share, cfg, world, plugins=[recorder])
-        key = f"{micro}x{accum}" + ("+overlap_comm" if overlap else "")
+        key = f"{micro}x{accum}" + ("+overlap_comm" if overlap else "") + ("-full-logits" if head == "full" else "")
         results[key] = {"loss": m["loss"], "grad_norm": m["grad_norm"], "grads": recorder.grads}
         engine.destroy()
     if rank == 0:
@@ -88,7 +97,8 @@ def _ds_worker(rank: int, world: int, out_dir: str, port: int) -> None:
 
 def test_micro_batch_accumulation_and_workers_through_deepspeed(tmp_path, tiny_path):
     """One ZeRO-3 step on the same 4 rows: 4x1, 2x2, 1x4 on one rank and 2x1, 1x2 on two ranks give the same
-    loss and the same gradient (DeepSpeed's own accumulation and averaging undone exactly)."""
+    loss and the same gradient (DeepSpeed's own accumulation and averaging undone exactly); the chunked LM-head
+    loss gives the loss and gradient of the full-vocabulary logits."""
     import torch
     import torch.multiprocessing as mp
 

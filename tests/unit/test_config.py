@@ -76,7 +76,7 @@ def test_unknown_keys_and_options_fail(override, needle):
 
 @pytest.mark.parametrize(("override", "needle"), [
     ("mix.T=-1", "mix.T"), ("masking=nope", "masking"), ("trainer.max_stepz=3", "max_stepz"),
-    ("model.attention=flash_attn", "keel-sft[gpu]")])
+    ("model.attention=fa_varlen", "keel-sft[gpu]")])
 def test_cli_fails_fast_naming_the_key(tmp_path, override, needle):
     keel = Path(sys.executable).with_name("keel")
     out = subprocess.run([str(keel), "train", override], cwd=tmp_path, capture_output=True, text=True,

@@ -115,9 +115,10 @@ def forgetting(model: Any, sequences: list[tuple[np.ndarray, np.ndarray]], rank:
     for r in range(rounds):
         real = r < len(mine)
         ids, targets = sequences[mine[r] if real else 0]  # a spare rank still joins the gathers
-        x = torch.as_tensor(ids, dtype=torch.long).unsqueeze(0)
-        y = torch.as_tensor(targets, dtype=torch.long).unsqueeze(0)
-        logits = model(input_ids=x, position_ids=torch.arange(x.shape[1]).unsqueeze(0)).logits
+        device = next(model.parameters()).device  # ZeRO-3: where the partitions live, as the forward needs
+        x = torch.as_tensor(ids, dtype=torch.long, device=device).unsqueeze(0)
+        y = torch.as_tensor(targets, dtype=torch.long, device=device).unsqueeze(0)
+        logits = model(input_ids=x, position_ids=torch.arange(x.shape[1], device=device).unsqueeze(0)).logits
         if real:
             total += float(token_loss_sum(logits, y))
             count += int((y != IGNORE).sum())
@@ -131,7 +132,7 @@ def generation_attention(model: Any) -> Iterator[None]:
     """Standard SDPA attention (padding mask, KV cache) for ``generate``; the packed backend afterwards."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the model
     packed = base.config._attn_implementation
-    base.set_attn_implementation("sdpa")
+    base.set_attn_implementation("sdpa" if base._supports_sdpa else "eager")  # Gemma 2 has no SDPA (softcapping)
     try:
         yield
     finally:

@@ -289,12 +289,12 @@ def run_training(cfg: Any, run_dir: Path) -> dict:
 
     from keel.data.sharding import step_bundles, step_source_tokens
     from keel.launch import ray_train
-    from keel.model.attention import resolve
+    from keel.model.attention import expected
 
     t0 = time.perf_counter()
     lock = _hold_run_dir(run_dir)
-    attention = resolve(cfg.model.attention, cfg.cluster.use_gpu)
-    print(f"attention backend: {attention} (model.attention={cfg.model.attention})")
+    print(f"attention backend: {expected(cfg.model.attention, cfg.cluster.use_gpu)}")  # the workers resolve it
+    attention = cfg.model.attention
     from keel.mitigation import configured
 
     plugins = configured(cfg)
@@ -328,7 +328,7 @@ def run_training(cfg: Any, run_dir: Path) -> dict:
                "packing_efficiency": plan.report["packing_efficiency"],
                "tokens_per_source": {k: v["tokens"] for k, v in plan.report["sources"].items()},
                "mixture": plan.report["sources"], "mixture_schedule": plan.report.get("schedule"),
-               "attention": attention, "model_path": path,
+               "attention": result.get("attention", attention), "model_path": path,
                "wall_s": time.perf_counter() - t0, "pid": os.getpid(), **_slurm_job()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(_summary_table(summary))

@@ -54,9 +54,10 @@ Sequence = tuple[np.ndarray, np.ndarray]  # input_ids, targets (pre-shifted, -10
 
 def sequence_nll(model: Any, ids: np.ndarray, targets: np.ndarray) -> torch.Tensor:
     """Token-mean NLL of one sequence over its trained targets."""
-    x = torch.as_tensor(ids, dtype=torch.long).unsqueeze(0)
-    y = torch.as_tensor(targets, dtype=torch.long).unsqueeze(0)
-    pos = torch.arange(x.shape[1]).unsqueeze(0)
+    device = next(model.parameters()).device
+    x = torch.as_tensor(ids, dtype=torch.long, device=device).unsqueeze(0)
+    y = torch.as_tensor(targets, dtype=torch.long, device=device).unsqueeze(0)
+    pos = torch.arange(x.shape[1], device=device).unsqueeze(0)
     logits = model(input_ids=x, position_ids=pos).logits
     return token_loss_sum(logits, y) / max(1, int((y != IGNORE).sum()))
 

@@ -7,12 +7,29 @@ attends across examples:
 
 - ``sdpa_block``: exact block-diagonal causal mask + SDPA; the CPU path and the oracle.
 - ``flex``: FlexAttention with a document mask (compiled on GPU; on CPU eager, forward only).
-- ``torch_varlen``: PyTorch's built-in varlen flash kernel (``torch.nn.attention.varlen``, CUDA).
-- ``flash_attn``: flash-attn's ``flash_attn_varlen_func`` (CUDA, extra ``keel-sft[gpu]``).
+- ``torch_varlen``: PyTorch's built-in varlen flash kernel (``torch.nn.attention.varlen``, CUDA),
+  called by the signature the installed torch has.
+- ``fa_varlen``: flash-attn's ``flash_attn_varlen_func`` (CUDA, extra ``keel-sft[gpu]``). Not named
+  ``flash_attn``: transformers treats any implementation name containing "flash" as a request
+  for a hub kernel of that name and refuses to load the model.
+
+The model's attention modules may pass ``sliding_window`` (Mistral, Phi-3, Gemma 2, Qwen with
+``use_sliding_window``), ``softcap`` (Gemma 2's ``attn_logit_softcapping``) and ``s_aux``
+(attention sinks). Each backend honours them exactly or refuses with an error; none is ignored.
+
+The varlen backends take the example boundaries as transformers' flash-attention keyword
+arguments ``cu_seq_lens_q``/``cu_seq_lens_k``/``max_length_q``/``max_length_k`` when the
+caller passes them (Keel's training step computes them once per micro-batch on the host);
+without them they derive the boundaries from ``position_ids`` (one device sync per call).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,10 +37,31 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-BACKENDS = ("sdpa_block", "flex", "torch_varlen", "flash_attn")
+BACKENDS = ("sdpa_block", "flex", "torch_varlen", "fa_varlen")
+# Deprecated names, still accepted in ``model.attention`` (keel.config maps them with a warning).
+ALIASES = {"flash_attn": "fa_varlen"}
+# What ``auto`` tries on a GPU, best first; ``sdpa_block`` (a dense S×S mask) is the fallback.
+GPU_ORDER = ("fa_varlen", "torch_varlen", "flex")
 
 # Counts of forward calls per backend, so a run can log what actually executed.
 CALLS: dict[str, int] = {name: 0 for name in BACKENDS}
+
+
+@dataclass(frozen=True)
+class Features:
+    """What a model's attention asks of a backend beyond causal packed attention."""
+
+    softcap: float | None = None  # attention logit softcapping (Gemma 2)
+    sliding_window: int | None = None  # some or all layers attend to the last N tokens only
+
+
+def model_features(config: Any) -> Features:
+    """The attention features a transformers config turns on."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is not None and layer_types is not None and "sliding_attention" not in layer_types:
+        window = None  # e.g. Qwen2 with use_sliding_window=false: every layer is full attention
+    return Features(softcap=getattr(config, "attn_logit_softcapping", None), sliding_window=window)
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -33,13 +71,16 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(starts, dim=1)
 
 
-def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """[B, 1, S, S] boolean mask: causal and within the same packed example."""
+def block_causal_mask(position_ids: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """[B, 1, S, S] boolean mask: causal, within the same packed example and, with a sliding
+    window W, no further back than W - 1 tokens (transformers' ``kv_idx > q_idx - W``)."""
     doc = document_ids(position_ids)
     same = doc[:, :, None] == doc[:, None, :]
-    s = position_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()
-    return (same & causal)[:, None]
+    idx = torch.arange(position_ids.shape[1], device=position_ids.device)
+    allowed = idx[:, None] >= idx[None, :]
+    if sliding_window is not None:
+        allowed = allowed & (idx[:, None] - idx[None, :] < sliding_window)
+    return (same & allowed)[:, None]
 
 
 def cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
@@ -50,27 +91,56 @@ def cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, end]).to(torch.int32)
 
 
+def _refuse(backend: str, what: str, hint: str = "") -> None:
+    raise ValueError(f"model.attention={backend} cannot apply {what}{hint}; "
+                     "choose a backend that can (sdpa_block applies everything exactly)")
+
+
+def _check_sinks(kwargs: dict, backend: str) -> None:
+    if kwargs.get("s_aux") is not None:
+        _refuse(backend, "attention sinks (s_aux)")
+
+
+def _softcapped_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                     scaling: float, softcap: float, dropout: float) -> torch.Tensor:
+    """Attention with tanh softcapping of the scaled scores, in the order eager attention applies it."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if dropout:
+        probs = F.dropout(probs, p=dropout)
+    return torch.matmul(probs, value)
+
+
 def sdpa_block_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                          value: torch.Tensor, attention_mask: Any, scaling: float | None = None,
-                         dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                         dropout: float = 0.0, sliding_window: int | None = None, softcap: float | None = None,
+                         **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Attention over [B, H, S, D] with a block-diagonal causal mask from position_ids."""
+    _check_sinks(kwargs, "sdpa_block")
     position_ids = _position_ids(kwargs, "sdpa_block")
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise ValueError("sdpa_block attention does not take a block/flex mask")
-    mask = block_causal_mask(position_ids.expand(query.shape[0], -1))
+    mask = block_causal_mask(position_ids.expand(query.shape[0], -1), sliding_window)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
         mask = mask & attention_mask[..., : mask.shape[-1]]
     key, value = _repeat_kv(query, key, value)  # grouped-query attention
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    else:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = _softcapped_sdpa(query, key, value, mask, scale, softcap, dropout)
     CALLS["sdpa_block"] += 1
     return out.transpose(1, 2).contiguous(), None
 
 
-def _repeat_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n_rep = query.shape[1] // key.shape[1]
+def _repeat_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dim: int = 1
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rep = query.shape[dim] // key.shape[dim]
     if n_rep == 1:
         return key, value
-    return key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
+    return key.repeat_interleave(n_rep, dim=dim), value.repeat_interleave(n_rep, dim=dim)
 
 
 def _position_ids(kwargs: dict, backend: str) -> torch.Tensor:
@@ -96,56 +166,154 @@ def _flex_fn(device: torch.device) -> Any:
 
 def flex_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                            value: torch.Tensor, attention_mask: Any, scaling: float | None = None,
-                           dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """FlexAttention with a causal document mask."""
+                           dropout: float = 0.0, sliding_window: int | None = None, softcap: float | None = None,
+                           **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """FlexAttention with a causal document mask (sliding window in the mask, softcap as a score_mod)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    _check_sinks(kwargs, "flex")
+    if dropout:
+        _refuse("flex", f"attention dropout ({dropout})")
     pos = _position_ids(kwargs, "flex").expand(query.shape[0], -1)
     doc = document_ids(pos)
 
     def mask_mod(b: Any, h: Any, q: Any, k: Any) -> Any:
-        return (q >= k) & (doc[b, q] == doc[b, k])
+        keep = (q >= k) & (doc[b, q] == doc[b, k])
+        return keep & (q - k < sliding_window) if sliding_window is not None else keep
+
+    def capped(score: Any, b: Any, h: Any, q: Any, k: Any) -> Any:
+        return torch.tanh(score / softcap) * softcap
 
     s = query.shape[2]
     block = create_block_mask(mask_mod, query.shape[0], None, s, s, device=query.device)
     key, value = _repeat_kv(query, key, value)
-    out = _flex_fn(query.device)(query, key, value, block_mask=block, scale=scaling)
+    out = _flex_fn(query.device)(query, key, value, score_mod=capped if softcap is not None else None,
+                                 block_mask=block, scale=scaling)
     CALLS["flex"] += 1
     return out.transpose(1, 2).contiguous(), None
 
 
-def _varlen_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor):
-    """[B, H, S, D] -> [B*S, H, D] plus cu_seqlens and the longest example."""
-    b, _, s, _ = query.shape
-    cu = cu_seqlens(pos.expand(b, -1))
-    flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[3]) for t in (query, key, value)]
-    return (*flat, cu, int((cu[1:] - cu[:-1]).max()))
+def _boundaries(kwargs: dict, batch: int, backend: str) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens, longest example): the caller's when given, else derived from position_ids."""
+    cu, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is not None and longest is not None:
+        if kwargs.get("cu_seq_lens_k") is not None and kwargs["cu_seq_lens_k"] is not cu:
+            raise ValueError(f"{backend}: packed self-attention needs cu_seq_lens_k == cu_seq_lens_q")
+        return cu, int(longest)
+    cu = cu_seqlens(_position_ids(kwargs, backend).expand(batch, -1))
+    return cu, int((cu[1:] - cu[:-1]).max())  # a device sync
+
+
+def _flatten(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """[B, H, S, D] -> [B*S, H, D]."""
+    return [t.transpose(1, 2).reshape(t.shape[0] * t.shape[2], t.shape[1], t.shape[3]) for t in tensors]
+
+
+def _window(sliding_window: int | None, longest: int) -> int | None:
+    """The window when it can bind (an example longer than it); None where it changes nothing."""
+    return sliding_window if sliding_window is not None and longest > sliding_window else None
+
+
+@dataclass(frozen=True)
+class VarlenCall:
+    """How the installed ``varlen_attn`` takes what Keel needs (read once from its signature)."""
+
+    causal: str | None  # "window_size" (torch >= 2.11), "is_causal" (2.9/2.10) or None: cannot be causal
+    scale: bool  # takes ``scale`` (else the scale is folded into the queries)
+    gqa: bool  # takes ``enable_gqa`` (else K/V are repeated to the query heads)
+
+
+@functools.lru_cache(maxsize=8)
+def _parameters(fn: Callable) -> frozenset[str]:
+    """A kernel's keyword names, inspected once per function."""
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def varlen_call(fn: Callable) -> VarlenCall:
+    """How to call ``fn`` (torch's ``varlen_attn`` of the installed version)."""
+    params = _parameters(fn)
+    causal = "window_size" if "window_size" in params else "is_causal" if "is_causal" in params else None
+    return VarlenCall(causal=causal, scale="scale" in params, gqa="enable_gqa" in params)
+
+
+def _varlen_signature_problem(call: VarlenCall) -> str | None:
+    if call.causal is None:
+        return (f"torch {torch.__version__}'s varlen_attn takes neither window_size nor is_causal, "
+                "so it cannot apply a causal mask")
+    return None
+
+
+def _varlen_kwargs(call: VarlenCall, window: int | None, scaling: float | None, gqa: bool) -> dict:
+    kw: dict[str, Any] = {}
+    if call.causal == "window_size":
+        kw["window_size"] = (window - 1 if window is not None else -1, 0)  # (left, right): W keys incl. itself
+    elif window is not None:
+        _refuse("torch_varlen", f"a sliding window ({window})",
+                f": torch {torch.__version__}'s varlen_attn has no window_size (torch >= 2.11 has)")
+    else:
+        kw["is_causal"] = True
+    if call.scale:
+        kw["scale"] = scaling
+    if gqa:
+        kw["enable_gqa"] = True
+    return kw
 
 
 def torch_varlen_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                          value: torch.Tensor, attention_mask: Any, scaling: float | None = None,
-                         dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                         dropout: float = 0.0, sliding_window: int | None = None, softcap: float | None = None,
+                         **kwargs: Any) -> tuple[torch.Tensor, None]:
     """PyTorch's built-in varlen flash attention over the flattened packed batch."""
-    from torch.nn.attention.varlen import varlen_attn
+    from torch.nn.attention import varlen
 
-    q, k, v, cu, longest = _varlen_inputs(query, key, value, _position_ids(kwargs, "torch_varlen"))
-    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0),
-                      enable_gqa=q.shape[1] != k.shape[1])
+    _check_sinks(kwargs, "torch_varlen")
+    if softcap is not None:
+        _refuse("torch_varlen", f"attention logit softcapping ({softcap})", ": varlen_attn has no softcap")
+    if dropout:
+        _refuse("torch_varlen", f"attention dropout ({dropout})", ": varlen_attn has no dropout")
+    call = varlen_call(varlen.varlen_attn)
+    if call.causal is None:
+        raise ValueError(f"torch_varlen: {_varlen_signature_problem(call)}")
+    b, heads, s, d = query.shape
+    cu, longest = _boundaries(kwargs, b, "torch_varlen")
+    gqa = key.shape[1] != heads
+    if gqa and not call.gqa:
+        key, value = _repeat_kv(query, key, value)
+    q, k, v = _flatten(query, key, value)
+    if not call.scale and scaling is not None and not math.isclose(scaling, d ** -0.5, rel_tol=1e-12):
+        q = q * (scaling * d ** 0.5)  # the kernel applies 1/sqrt(d); this makes it `scaling`
+    kw = _varlen_kwargs(call, _window(sliding_window, longest), scaling, gqa and call.gqa)
+    out = varlen.varlen_attn(q, k, v, cu, cu, longest, longest, **kw)
     CALLS["torch_varlen"] += 1
-    return out.reshape(query.shape[0], query.shape[2], query.shape[1], -1), None
+    return out.reshape(b, s, heads, -1), None
 
 
-def flash_attn_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                       value: torch.Tensor, attention_mask: Any, scaling: float | None = None,
-                       dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """flash-attn's varlen kernel over the flattened packed batch."""
+def fa_varlen_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attention_mask: Any, scaling: float | None = None,
+                      dropout: float = 0.0, sliding_window: int | None = None, softcap: float | None = None,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """flash-attn's varlen kernel over the flattened packed batch (grouped-query attention native)."""
     from flash_attn import flash_attn_varlen_func
 
-    q, k, v, cu, longest = _varlen_inputs(query, key, value, _position_ids(kwargs, "flash_attn"))
-    out = flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, dropout_p=dropout,
-                                 softmax_scale=scaling, causal=True)
-    CALLS["flash_attn"] += 1
-    return out.reshape(query.shape[0], query.shape[2], query.shape[1], -1), None
+    _check_sinks(kwargs, "fa_varlen")
+    params = _parameters(flash_attn_varlen_func)
+    b, heads, s, _ = query.shape
+    cu, longest = _boundaries(kwargs, b, "fa_varlen")
+    kw: dict[str, Any] = {}
+    window = _window(sliding_window, longest)
+    if window is not None:
+        if "window_size" not in params:
+            _refuse("fa_varlen", f"a sliding window ({window})", ": this flash-attn has no window_size")
+        kw["window_size"] = (window - 1, 0)
+    if softcap is not None:
+        if "softcap" not in params:
+            _refuse("fa_varlen", f"attention logit softcapping ({softcap})", ": needs flash-attn >= 2.6")
+        kw["softcap"] = softcap
+    q, k, v = _flatten(query, key, value)
+    out = flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, dropout_p=dropout, softmax_scale=scaling,
+                                 causal=True, **kw)
+    CALLS["fa_varlen"] += 1
+    return out.reshape(b, s, heads, -1), None
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
@@ -154,25 +322,65 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
 
 
 _FORWARDS = {"sdpa_block": sdpa_block_attention, "flex": flex_attention_forward,
-             "torch_varlen": torch_varlen_forward, "flash_attn": flash_attn_forward}
+             "torch_varlen": torch_varlen_forward, "fa_varlen": fa_varlen_forward}
+# The names Keel loads models with. transformers checks a name containing "sdpa" against the model's
+# SDPA support and refuses it where there is none (Gemma 2: ``_supports_sdpa = False``, for its
+# softcapping), though sdpa_block applies softcapping itself; so sdpa_block is registered a second time
+# under a name transformers leaves alone. (A name containing "flash" is worse: a hub kernel request.)
+_LOAD_AS = {"sdpa_block": "keel_block_mask"}
+
+
+def implementation(name: str) -> str:
+    """The ``attn_implementation`` to load a model with for backend ``name``."""
+    return _LOAD_AS.get(name, name)
+
+
 for _name, _fn in _FORWARDS.items():
-    AttentionInterface.register(_name, _fn)
-    AttentionMaskInterface.register(_name, _no_mask)
+    for _registered in {_name, implementation(_name)}:
+        AttentionInterface.register(_registered, _fn)
+        AttentionMaskInterface.register(_registered, _no_mask)
 
 
-def unavailable_reason(name: str, use_gpu: bool) -> str | None:
-    """Why backend ``name`` cannot run here, or None when it can."""
+def _flash_attn_problem() -> str | None:
+    """Why flash-attn's varlen kernel cannot be imported here (its CUDA extension included)."""
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401  (loads flash_attn_2_cuda)
+    except ModuleNotFoundError as err:
+        if err.name and err.name.split(".")[0] == "flash_attn":
+            return "flash-attn is not installed: pip install 'keel-sft[gpu]' (needs CUDA)"
+        return f"flash-attn does not import ({type(err).__name__}: {err})"
+    except (ImportError, OSError) as err:  # e.g. a CUDA extension built for another torch or CUDA
+        return f"flash-attn does not import ({type(err).__name__}: {err})"
+    return None
+
+
+def _torch_varlen_problem(features: Features) -> str | None:
+    try:
+        from torch.nn.attention import varlen
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen (needs torch>=2.10)"
+    call = varlen_call(varlen.varlen_attn)
+    if call.causal is None:
+        return _varlen_signature_problem(call)
+    if features.softcap is not None:
+        return f"varlen_attn has no softcap (the model uses attention logit softcapping {features.softcap})"
+    if features.sliding_window is not None and call.causal != "window_size":
+        return (f"torch {torch.__version__}'s varlen_attn has no window_size (the model uses a sliding window "
+                f"of {features.sliding_window}; torch >= 2.11 has it)")
+    return None
+
+
+def unavailable_reason(name: str, use_gpu: bool, features: Features = Features()) -> str | None:
+    """Why backend ``name`` cannot run here for a model with ``features``, or None when it can."""
     import importlib.util
 
     cuda = use_gpu and torch.cuda.is_available()
-    if name == "flash_attn":
-        if importlib.util.find_spec("flash_attn") is None:
-            return "flash-attn is not installed: pip install 'keel-sft[gpu]' (needs CUDA)"
-        return None if cuda else "flash_attn needs a CUDA device (cluster.use_gpu=true)"
+    if name == "fa_varlen":
+        problem = _flash_attn_problem()
+        return problem or (None if cuda else "fa_varlen needs a CUDA device (cluster.use_gpu=true)")
     if name == "torch_varlen":
-        if importlib.util.find_spec("torch.nn.attention.varlen") is None:
-            return f"torch {torch.__version__} has no torch.nn.attention.varlen (needs torch>=2.10)"
-        return None if cuda else "torch_varlen needs a CUDA device (cluster.use_gpu=true)"
+        problem = _torch_varlen_problem(features)
+        return problem or (None if cuda else "torch_varlen needs a CUDA device (cluster.use_gpu=true)")
     if name == "flex":
         if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
             return f"torch {torch.__version__} has no FlexAttention"
@@ -181,21 +389,50 @@ def unavailable_reason(name: str, use_gpu: bool) -> str | None:
     return None
 
 
-def resolve(name: str, use_gpu: bool) -> str:
-    """The backend ``model.attention`` names; ``auto`` picks the best available for the device.
-
-    A configured backend that cannot run is an error, never a silent fallback.
-    """
-    if name == "auto":
-        if not (use_gpu and torch.cuda.is_available()):
-            return "sdpa_block"
-        for candidate in ("flash_attn", "torch_varlen", "flex"):
-            if unavailable_reason(candidate, use_gpu) is None:
-                return candidate
-        return "sdpa_block"
-    if name not in BACKENDS:
+def check_name(name: str) -> str:
+    """The backend ``model.attention`` names (deprecated aliases mapped); an unknown name is an error."""
+    name = ALIASES.get(name, name)
+    if name != "auto" and name not in BACKENDS:
         raise ValueError(f"model.attention={name!r} is not a backend; choose one of {['auto', *BACKENDS]}")
-    reason = unavailable_reason(name, use_gpu)
-    if reason:
-        raise ValueError(f"model.attention={name} cannot be used: {reason}")
     return name
+
+
+def resolve(name: str, use_gpu: bool, features: Features = Features(),
+            log: Callable[[str], None] | None = print) -> str:
+    """The backend to run here (where the worker runs: a head node may have no GPU).
+
+    ``auto`` picks the best available kernel; falling back to ``sdpa_block`` on a GPU (a dense
+    S×S mask per layer) is reported through ``log`` with each kernel's reason. A configured
+    backend that cannot run is an error, never a silent fallback.
+    """
+    name = check_name(name)
+    if name != "auto":
+        reason = unavailable_reason(name, use_gpu, features)
+        if reason:
+            raise ValueError(f"model.attention={name} cannot be used: {reason}")
+        return name
+    if not use_gpu:
+        return "sdpa_block"
+    reasons = {}
+    for candidate in GPU_ORDER:
+        reasons[candidate] = unavailable_reason(candidate, use_gpu, features)
+        if reasons[candidate] is None:
+            return candidate
+    if log is not None:
+        where = "on a GPU" if torch.cuda.is_available() else "with cluster.use_gpu=true but no CUDA device here"
+        why = "; ".join(f"{k}: {v}" for k, v in reasons.items())
+        log(f"warning: model.attention=auto falls back to sdpa_block {where}: a dense S×S mask per layer, "
+            f"memory and time grow with packing.max_len² ({why})")
+    return "sdpa_block"
+
+
+def expected(name: str, use_gpu: bool) -> str:
+    """What the driver can tell before the workers resolve ``model.attention`` (a head node may have no
+    GPU): with CPU workers the answer (or the error) is known here; with GPU workers each worker picks."""
+    name = check_name(name)
+    if not use_gpu:
+        return f"{resolve(name, use_gpu=False)} (model.attention={name}, CPU workers)"
+    if name == "auto":
+        return (f"model.attention=auto, resolved on each GPU worker: the first of {', '.join(GPU_ORDER)} that "
+                "can run there, else sdpa_block with a warning")
+    return f"{name} (model.attention={name}; checked on each worker, an error where it cannot run)"

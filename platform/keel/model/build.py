@@ -30,11 +30,11 @@ def load_model(path: str, cfg: Any, attention: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    import keel.model.attention  # noqa: F401  (registers the packed backends)
+    from keel.model.attention import implementation  # importing it registers the packed backends
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attention, trust_remote_code=cfg.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=implementation(attention),
+                                                 trust_remote_code=cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,10 @@ from keel.train import startup
 from keel.train.collectives import all_reduce_sum
 from keel.train.deepspeed import ds_config
 from keel.train.flops import device_peak, matmul_params, step_flops
+from keel.train.forward import micro_loss_sum
 from keel.train.guards import BadStepGuard, Rollbacks, SpikeDetector, checkpoint_due, is_bad
-from keel.train.loss import backward_scale, micro_loss_sum, token_weights
+from keel.train.head import find as find_loss_head
+from keel.train.loss import backward_scale, token_weights
 from keel.train.schedule import lr_lambda
 from keel.train.watchdog import Watchdog
 
@@ -80,12 +82,23 @@ def build_engine(cfg: Any, info: WorkerInfo, plugins: list, load_universal: bool
     model = load_model(info.model_path, cfg, info.attention)
     for plugin in plugins:
         model = plugin.wrap_model(model, cfg)
+    _install_loss_head(model, info.rank)
     t = cfg.trainer
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))  # trainer.lr_schedule
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
     return engine, hf_ds
+
+
+def _install_loss_head(model: Any, rank: int) -> None:
+    """The chunked-loss LM head (keel.train.head), before DeepSpeed hooks the modules; rank 0 says why not."""
+    from keel.train.head import install
+
+    _, why = install(model)
+    if why and rank == 0:
+        print(f"warning: the loss uses full-vocabulary logits (memory grows with tokens x vocabulary): {why}",
+              flush=True)
 
 
 def train_step(engine: Any, bundle: dict, cfg: Any, world: int, stop_requested: bool = False,
@@ -106,22 +119,19 @@ def train_step(engine: Any, bundle: dict, cfg: Any, world: int, stop_requested: 
     stays a function of the data position. ``poison`` (fault.nan_at_steps) NaNs this rank's loss;
     ``spike`` (fault.spike_at_steps) multiplies it by 1e3, in the reported loss and the backward alike.
     """
-    ids = torch.tensor(bundle["input_ids"], dtype=torch.long)  # copies: Ray hands out read-only arrays
-    targets = torch.tensor(bundle["targets"], dtype=torch.long)
-    pos = torch.tensor(bundle["position_ids"], dtype=torch.long)
-    seq_lens = np.asarray(bundle["seq_lens"], dtype=np.int64)
-    weights, local_norm = token_weights(targets, pos, cfg.trainer.loss_norm)
+    batch = _StepBatch.of(bundle, cfg.trainer.loss_norm)
+    seq_lens = batch.seq_lens
     norm, supervised, real_global, sum_sq, stop, save = all_reduce_sum(
-        [local_norm, float((targets != IGNORE).sum()), float(seq_lens.sum()), float((seq_lens**2).sum()),
+        [batch.local_norm, float((batch.targets != IGNORE).sum()), float(seq_lens.sum()), float((seq_lens**2).sum()),
          float(stop_requested), float(save_requested)])
     scale = backward_scale(norm, world)
     lr = engine.lr_scheduler.get_last_lr()[0]
+    head = find_loss_head(getattr(engine, "module", None))
     micro = cfg.trainer.micro_batch_size
     last = cfg.trainer.grad_accum - 1
     loss_sum, loss_total, extra = 0.0, 0.0, {}
     for a in range(cfg.trainer.grad_accum):
-        sl = slice(a * micro, (a + 1) * micro)
-        part = micro_loss_sum(engine, ids[sl], pos[sl], targets[sl], weights[sl])
+        part = _micro_loss(engine, head, batch, slice(a * micro, (a + 1) * micro))
         if poison and a == 0:
             part = part * float("nan")
         if spike and a == 0:
@@ -144,10 +154,36 @@ def train_step(engine: Any, bundle: dict, cfg: Any, world: int, stop_requested: 
                            "does not skip non-finite gradients; use deepspeed.stage 1, 2 or 3")
     if bad and engine.lr_scheduler is not None:
         engine.lr_scheduler.step()
-    capacity = ids.numel() * world
+    capacity = batch.ids.numel() * world
     return {"loss": loss_total / max(norm, 1.0), "lr": lr, "supervised_tokens": int(supervised),
             "tokens": int(real_global), "sum_sq_lengths": sum_sq, "stop": stop > 0, "save": save > 0,
             "bad": bad, "packing_efficiency": real_global / capacity, "grad_norm": grad_norm, **extra}
+
+
+@dataclass
+class _StepBatch:
+    """A bundle's rows as host tensors, with the per-token loss weights."""
+
+    ids: torch.Tensor
+    targets: torch.Tensor
+    pos: torch.Tensor
+    seq_lens: np.ndarray  # [R, D] example lengths per row, 0-padded
+    weights: torch.Tensor
+    local_norm: float
+
+    @classmethod
+    def of(cls, bundle: dict, loss_norm: str) -> _StepBatch:
+        ids = torch.tensor(bundle["input_ids"], dtype=torch.long)  # copies: Ray hands out read-only arrays
+        targets = torch.tensor(bundle["targets"], dtype=torch.long)
+        pos = torch.tensor(bundle["position_ids"], dtype=torch.long)
+        weights, local_norm = token_weights(targets, pos, loss_norm)
+        return cls(ids, targets, pos, np.asarray(bundle["seq_lens"], dtype=np.int64), weights, local_norm)
+
+
+def _micro_loss(engine: Any, head: Any, batch: _StepBatch, sl: slice) -> torch.Tensor:
+    """Σ w · CE of one micro-batch (rows ``sl``), every input on the engine's device."""
+    return micro_loss_sum(engine, batch.ids[sl], batch.pos[sl], batch.targets[sl], batch.weights[sl],
+                          batch.seq_lens[sl], head)
 
 
 def _check_bundle(bundle: dict, step: int, rank: int) -> None:
@@ -162,6 +198,21 @@ def _flops_counter(model: Any, cfg: Any) -> Any:
     params = matmul_params(model)
     layers, d = model.config.num_hidden_layers, model.config.hidden_size
     return lambda tokens, sum_sq: step_flops(params, layers, d, tokens, int(sum_sq))
+
+
+def _resolve_attention(cfg: Any, info: WorkerInfo) -> str:
+    """The attention backend for ``model.attention``, resolved where the worker runs (its GPU, its flash-attn)
+    and for what the model's attention needs (softcapping, sliding windows)."""
+    from transformers import AutoConfig
+
+    from keel.model.attention import model_features, resolve
+
+    config = AutoConfig.from_pretrained(info.model_path, trust_remote_code=cfg.model.trust_remote_code)
+    chosen = resolve(info.attention, cfg.cluster.use_gpu, model_features(config),
+                     log=print if info.rank == 0 else None)
+    if info.rank == 0:
+        print(f"attention backend: {chosen} (model.attention={info.attention}, resolved on the workers)", flush=True)
+    return chosen
 
 
 def _attention_calls() -> dict:
@@ -238,6 +289,7 @@ def train(cfg: Any, info: WorkerInfo, bundles: Iterator[dict]) -> dict:
     from keel.mitigation import build as build_mitigations
 
     _seed_all(cfg.trainer.seed)
+    info = replace(info, attention=_resolve_attention(cfg, info))
     plugins = build_mitigations(cfg)
     chosen, elastic = _checkpoint_to_resume(cfg, info)
     with startup.watch(info.rank, "engine start-up"):  # past a bound, says what it waits on
@@ -495,7 +547,8 @@ def _finish(engine: Any, cfg: Any, info: WorkerInfo, logger: Any, plugins: list,
     trainable, total = param_counts(engine.module)
     result = {**logger.totals(), "resumed_from_step": start, "train_s": train_s, "preempted": preempted,
               "checkpoint_dir": str(ckpt.complete(info.run_dir)[-1]), **exported,
-              "trainable_params": trainable, "total_params": total, "attention_calls": _attention_calls(),
+              "trainable_params": trainable, "total_params": total, "attention": info.attention,
+              "attention_calls": _attention_calls(),
               **(plugin_info or {})}
     if logger.eval_history:
         result["eval"] = logger.eval_history[-1]  # the last in-training evaluation

@@ -55,8 +55,48 @@ def backward_scale(normaliser: float, world_size: int) -> float:
     return world_size / max(normaliser, 1.0)
 
 
-def micro_loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                   targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """One micro-batch's forward and Σ weight · cross-entropy: the loss training and validation share."""
-    logits = model(input_ids=input_ids, position_ids=position_ids).logits
-    return weighted_loss_sum(logits, targets, weights)
+# Logits materialised at once by the chunked loss (128 MiB in fp32): 261 tokens at a 128,256 vocabulary.
+CHUNK_LOGITS = 1 << 25
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                weights: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Σ weight · cross-entropy of one chunk of positions, in the ops and dtypes of the full-logits path."""
+    logits = F.linear(hidden, weight, bias)
+    if softcap is not None:  # Gemma 2's final_logit_softcapping, as its forward applies it
+        logits = torch.tanh(logits / softcap) * softcap
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    return (ce * weights).sum()
+
+
+def chunked_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor,
+                     targets: torch.Tensor, weights: torch.Tensor, softcap: float | None = None,
+                     chunk: int | None = None) -> torch.Tensor:
+    """Σ w · CE at the flat positions ``index`` of ``hidden`` [B, S, H] (their ``targets`` and float32
+    ``weights``), equal to ``weighted_loss_sum`` over the full logits of ``F.linear(hidden, weight, bias)``.
+
+    Only the supervised positions get logits, ``chunk`` positions at a time; each chunk's logits are
+    freed after its loss and recomputed in the backward (non-reentrant activation checkpointing), so
+    at most one chunk of [chunk, vocab] logits is alive in either pass.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    chunk = chunk or max(1, CHUNK_LOGITS // weight.shape[0])
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    parts = [checkpoint(_chunk_loss, h, weight, bias, t, w, softcap, use_reentrant=False)
+             for h, t, w in zip(picked.split(chunk), targets.split(chunk), weights.split(chunk))]
+    return torch.stack(parts).sum()
+
+
+def supervised_positions(targets: torch.Tensor, weights: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(flat positions, targets, float32 weights) of the supervised tokens of [B, S] host tensors.
+
+    Without any, position 0 with weight 0 stands in, so the LM head still takes part in the
+    backward (with a zero gradient, as in the full-logits path).
+    """
+    flat = targets.reshape(-1)
+    index = torch.nonzero(flat != IGNORE).flatten()
+    if index.numel() == 0:
+        return torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(1)
+    return index, flat[index].long(), weights.reshape(-1)[index].to(torch.float32)

@@ -3,7 +3,7 @@
 The driver packs each source's validation examples into rows of their own (``keel.data.pipeline.
 validation_rows``) and deals them out as micro-batches of ``trainer.micro_batch_size`` rows of one
 source (``micro_batches``). At each evaluation every rank runs its micro-batches through the same
-per-micro-batch loss as training (``keel.train.loss.micro_loss_sum``), and one all-reduce sums the
+per-micro-batch loss as training (``keel.train.forward.micro_loss_sum``), and one all-reduce sums the
 token losses and token counts per source: ``val/loss`` is the token-weighted mean over every
 validation token, ``val/loss/<source>`` each source's. Every rank runs as many forwards as the
 others (under ZeRO-3 each forward gathers parameter shards from all ranks), a spare one repeating
@@ -65,19 +65,19 @@ def measure(model: Any, batches: list[dict], names: list[str]) -> dict:
     import torch
 
     from keel.train.collectives import all_reduce_sum
-    from keel.train.loss import micro_loss_sum, token_weights
+    from keel.train.forward import micro_loss_sum
+    from keel.train.loss import token_weights
 
-    device = next(model.parameters()).device
     sums, counts = np.zeros(len(names)), np.zeros(len(names))
     was_training = model.training
     model.eval()  # no dropout (LoRA's included); training resumes in train mode
     try:
         with torch.no_grad():
             for b in batches:
-                ids, targets, pos = (torch.as_tensor(np.asarray(b[f]), dtype=torch.long).to(device)
+                ids, targets, pos = (torch.as_tensor(np.asarray(b[f]), dtype=torch.long)
                                      for f in ("input_ids", "targets", "position_ids"))
                 weights, count = token_weights(targets, pos, "token")
-                loss = float(micro_loss_sum(model, ids, pos, targets, weights))
+                loss = float(micro_loss_sum(model, ids, pos, targets, weights, np.asarray(b["seq_lens"])))
                 if b["counted"]:
                     sums[int(b["source"])] += loss
                     counts[int(b["source"])] += count
