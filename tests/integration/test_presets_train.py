@@ -150,12 +150,7 @@ def trained(tmp_path_factory, tiny_path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-GEMMA_SDPA = pytest.mark.xfail(
-    strict=True, reason="transformers refuses any attn_implementation named like 'sdpa' for Gemma 2 "
-    "(_supports_sdpa=False), so sdpa_block cannot load it; gpu-step registers sdpa_block under a second name")
-
-
-@pytest.mark.parametrize("preset", [p if p != "gemma2" else pytest.param(p, marks=GEMMA_SDPA) for p in PRESETS])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_preset_trains_two_cpu_steps(trained, preset):
     r = trained[preset]
     assert "error" not in r, r.get("error")

@@ -366,9 +366,10 @@ class _Engine:
 
         torch.manual_seed(0)
         self.module = torch.nn.Embedding(8, 8)
+        self.device = torch.device("cpu")
         self.lr_scheduler = type("S", (), {"get_last_lr": lambda self: [0.1], "step": lambda self: None})()
 
-    def __call__(self, input_ids, position_ids):
+    def __call__(self, input_ids, position_ids, **attention_kwargs):
         return type("O", (), {"logits": self.module(input_ids)})()
 
     def train(self):
@@ -410,6 +411,7 @@ def _run_loop(tmp_path, monkeypatch, val_losses: list[float], *overrides):
     monkeypatch.setattr(loop, "build_engine", lambda cfg, info, plugins, load_universal=False: (_Engine(), None))
     monkeypatch.setattr(loop, "_flops_counter", lambda model, cfg: lambda tokens, sum_sq: 0.0)
     monkeypatch.setattr(loop, "_check_backend", lambda name: None)
+    monkeypatch.setattr(loop, "_resolve_attention", lambda cfg, info: "sdpa_block")
     monkeypatch.setattr(loop, "_save", save)
     monkeypatch.setattr(loop, "_export", lambda engine, cfg, info, plugins: {"hf_dir": None})
     monkeypatch.setattr(loop, "_eval_sets", lambda cfg, info: (None, None))

@@ -12,12 +12,12 @@ import warnings
 from typing import Any
 
 from keel.model.arch import ModelShape, meta_model, model_hf_config, param_counts, shape_of
+from keel.model.attention import GPU_ORDER
 from keel.train import memory
 
-# What model.attention=auto tries on a GPU worker, best first (keel.model.attention.resolve), and the
-# module each needs; sdpa_block is the fallback.
-GPU_ORDER = ("flash_attn", "torch_varlen", "flex")
-BACKEND_MODULES = {"flash_attn": "flash_attn", "torch_varlen": "torch.nn.attention.varlen",
+# The module each kernel model.attention=auto tries on a GPU worker needs (keel.model.attention.resolve,
+# best first: GPU_ORDER); sdpa_block is the fallback.
+BACKEND_MODULES = {"fa_varlen": "flash_attn", "torch_varlen": "torch.nn.attention.varlen",
                    "flex": "torch.nn.attention.flex_attention"}
 
 
@@ -83,7 +83,8 @@ def memory_terms(cfg: Any, shape: ModelShape, layout: memory.Layout, attention: 
     terms = {
         "model_states": memory.model_states(shape.total_params, shape.trainable_params, shape.largest_layer_params,
                                             world, ds.stage, b, ds.offload_optimizer, ds.offload_param),
-        "zero_buffers": memory.zero_buffers(ds.stage, b, ds.overlap_comm),
+        "zero_buffers": memory.gathered_layer(ds.stage, b, shape.largest_layer_params)
+        + memory.zero_buffers(ds.stage, b, ds.overlap_comm),
         "activations": memory.activations(layout, shape.num_layers, rows, max_len, b,
                                           cfg.model.gradient_checkpointing, dense=attention == "sdpa_block"),
         "logits": memory.logits(shape.hidden_size, shape.vocab_size, rows * max_len, b,
@@ -140,9 +141,9 @@ def _count(n: int) -> str:
 
 
 MEMORY_ROWS = (
-    ("model_states", "model states", "params, grads, optimizer: DeepSpeed's ZeRO estimate"),
+    ("model_states", "model states", "params, grads, optimizer states (partitioned)"),
     ("ewc", "EWC state", "Fisher + anchor, fp32 partitions"),
-    ("zero_buffers", "ZeRO buffers", "DeepSpeed's gradient reduce bucket(s)"),
+    ("zero_buffers", "ZeRO buffers", "gathered largest layer, gradient reduce bucket(s)"),
     ("activations", "activations", ""),
     ("logits", "logits/loss", "chunked LM head over supervised positions"),
     ("margin", "margin", "CUDA context + NCCL 1.5 GiB, 10% fragmentation"),

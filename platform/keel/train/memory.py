@@ -1,11 +1,14 @@
 """Per-GPU memory of a training step, estimated from the architecture and the config (``keel plan``).
 
-Pure arithmetic (no torch, no DeepSpeed), every term in bytes; the formulas are documented in
+Arithmetic (no model, no DeepSpeed), every term in bytes; the formulas are documented in
 docs/training.md ("Sizing a run: keel plan"):
 
-- model states: DeepSpeed's own ZeRO estimate (``estimate_zero3_model_states_mem_needs``) generalised
-  to frozen parameters (LoRA) and to the offload settings;
-- ZeRO buffers: the gradient reduce bucket DeepSpeed allocates up front;
+- model states: the partitioned parameters, gradients and optimizer states; with the largest layer's
+  gathered weights and gradients (``gathered_layer``) they are DeepSpeed's own ZeRO estimate
+  (``estimate_zero3_model_states_mem_needs``), generalised to frozen parameters (LoRA) and to the offload
+  settings;
+- ZeRO buffers: the layer ZeRO-3 gathers to compute it and the gradient reduce bucket DeepSpeed allocates
+  up front;
 - activations: the tensors a Llama-style decoder layer saves for backward, with or without gradient
   checkpointing, attention as packed varlen (no S×S matrix) except ``sdpa_block``;
 - logits: the chunked LM head + cross-entropy over supervised positions (``LOSS_CHUNK_LOGITS``);
@@ -16,13 +19,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from keel.train.loss import CHUNK_LOGITS
+
 GIB = 1 << 30
 # CUDA context, cuBLAS workspaces and NCCL communicator buffers of one worker process.
 CUDA_CONTEXT_BYTES = int(1.5 * GIB)
 # Caching-allocator fragmentation: a share on top of the estimated tensors.
 FRAGMENTATION = 0.10
-# Logits elements the chunked loss holds at once (keel.train.loss's chunk size, 2**25: 128 MiB in fp32).
-LOSS_CHUNK_LOGITS = 1 << 25
+# Logits the chunked loss holds at once.
+LOSS_CHUNK_LOGITS = CHUNK_LOGITS
 # DeepSpeed's defaults for the buckets Keel leaves unset (zero_optimization.reduce_bucket_size, ...).
 REDUCE_BUCKET = 500_000_000
 ALLGATHER_BUCKET = 500_000_000
@@ -49,23 +54,30 @@ def model_states(total: int, trainable: int, largest: int, world: int, stage: in
 
     Every parameter holds its weight in the model dtype (b). Per trainable parameter the optimizer side
     holds fp32 gradients (4), fp32 master weights (4; none when the model is fp32) and Adam's two moments
-    (8); ZeRO-1/2 add the 16-bit gradient (b). ZeRO-3 partitions all of it over the world and gathers one
-    layer at a time (the largest module's weights and gradients, 2·b·L); ZeRO-2 partitions the gradients
-    and optimizer states, ZeRO-1 the optimizer states. With bf16 and every parameter trainable this is
-    DeepSpeed's ``4·L + 18·P/world`` (ZeRO-3; ``4·L + 2·P/world`` and ``4·L`` with the optimizer, and
-    also the parameters, offloaded) and ``2·P + 18·P/world`` (ZeRO-2; ``2·P`` offloaded).
+    (8); ZeRO-1/2 add the 16-bit gradient (b). ZeRO-3 partitions all of it over the world (bf16: 18 B per
+    parameter, the 2 + 2 + 12 of mixed-precision Adam plus DeepSpeed's fp32 gradient of the optimizer step
+    instead of a 16-bit one); the layer it gathers to compute is ``gathered_layer``. ZeRO-2 partitions the
+    gradients and optimizer states, ZeRO-1 the optimizer states. With bf16 and every parameter trainable,
+    this plus ``gathered_layer`` is DeepSpeed's ``4·L + 18·P/world`` (ZeRO-3; ``4·L + 2·P/world`` and
+    ``4·L`` with the optimizer, and also the parameters, offloaded) and this alone ``2·P + 18·P/world``
+    (ZeRO-2; ``2·P`` offloaded).
     """
     optimizer = 0 if offload_optimizer else (4 + (4 if dtype_bytes < 4 else 0) + 8) * trainable
     weights = dtype_bytes * total
     grads = dtype_bytes * trainable
     if stage == 3:
         weights = 0 if offload_param else weights
-        return 2 * dtype_bytes * largest + (weights + optimizer) // world
+        return (weights + optimizer) // world
     if offload_optimizer:  # gradients and optimizer states live on the host
         return weights + (grads if stage < 2 else 0)
     if stage == 2:
         return weights + (grads + optimizer) // world
     return weights + grads + (optimizer // world if stage == 1 else optimizer)
+
+
+def gathered_layer(stage: int, dtype_bytes: int, largest: int) -> int:
+    """ZeRO-3's working copy of the layer it computes: the largest module's full weights and gradients (2·b·L)."""
+    return 2 * dtype_bytes * largest if stage == 3 else 0
 
 
 def zero_buffers(stage: int, dtype_bytes: int, overlap_comm: bool) -> int:
