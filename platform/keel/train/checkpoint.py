@@ -114,21 +114,18 @@ def verify_rank(ckpt: Path, rank: int, world: int) -> None:
 
 
 def verify_agreed(ckpt: Path, rank: int, world: int) -> None:
-    """:func:`verify_rank` on every rank (a collective): all raise CheckpointCorruption if any rank found a problem."""
-    from keel.train.collectives import all_reduce_sum
+    """:func:`verify_rank` on every rank (a collective): all raise one CheckpointCorruption naming every rank's
+    finding if any rank found a problem (so rank 0, whose lines reach the console, can say which file)."""
+    from keel.train.collectives import all_gather
 
     err = None
     try:
         verify_rank(ckpt, rank, world)
     except CheckpointCorruption as e:
-        err = str(e)
-        print(f"checkpoint: rank {rank}: {err}", flush=True)
-    (bad,) = all_reduce_sum([float(err is not None)])
-    if err is not None:
-        raise CheckpointCorruption(err)
-    if bad:
-        raise CheckpointCorruption(f"checkpoint {ckpt}: {int(bad)} rank(s) found a missing, truncated or altered file "
-                                   "(named in their log)")
+        err = f"rank {rank}: {e}"
+    found = [e for e in all_gather(err) if e is not None]
+    if found:
+        raise CheckpointCorruption("; ".join(found))
 
 
 def complete(run_dir: Path) -> list[Path]:
