@@ -568,12 +568,18 @@ class PasskEvalConfig:
     max_new_tokens: int = 32
 
 
+# What eval.every_n_steps measures besides the validation loss: held-out pretraining perplexity, and pass@k
+# with diversity and sample generations (keel.eval.hook).
+EVAL_TASKS = ("forgetting", "passk")
+
+
 @dataclass
 class EvalConfig:
     """In-training evaluation (keel.eval.hook): forgetting perplexity, pass@k, diversity, sample generations."""
 
     name: str = MISSING
     every_n_steps: int = 0  # 0: off; else at step 0 (the baseline), every n steps and the last step
+    tasks: list[str] = field(default_factory=lambda: list(EVAL_TASKS))  # what runs besides val/loss
     forgetting: ForgettingEvalConfig = field(default_factory=ForgettingEvalConfig)
     passk: PasskEvalConfig = field(default_factory=PasskEvalConfig)
     collapse_drop: float = 0.30  # relative fall of distinct-2 or entropy below the baseline that warns
@@ -582,6 +588,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _require(self.every_n_steps >= 0, "eval.every_n_steps", f"must be >= 0 (0: off), got {self.every_n_steps}")
+        for task in self.tasks:
+            _one_of(task, EVAL_TASKS, "eval.tasks")
+        _require(len(set(self.tasks)) == len(self.tasks), "eval.tasks", f"lists a task twice: {self.tasks}")
         self.forgetting.source.check("eval.forgetting.source")
         _require(self.forgetting.spike > 0, "eval.forgetting.spike", f"must be > 0, got {self.forgetting.spike}")
         p = self.passk
@@ -594,7 +603,7 @@ class EvalConfig:
         from keel.eval import checkers, sandbox
 
         _one_of(p.checker, tuple(checkers.names()), "eval.passk.checker")
-        if self.every_n_steps > 0 and p.checker in checkers.CODE_CHECKERS:
+        if self.every_n_steps > 0 and "passk" in self.tasks and p.checker in checkers.CODE_CHECKERS:
             # Opt-in only here (keel submit validates on a machine that may lack the sandbox; keel train
             # checks bubblewrap at start). Resolved into the config, so the Ray workers see it.
             p.allow_code_execution = sandbox.code_execution_allowed(p.allow_code_execution)

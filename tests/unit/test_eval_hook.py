@@ -96,6 +96,23 @@ def test_evaluate_restores_attention_mode_and_rng(cfg, tokenizer, model):
     model.eval()
 
 
+@pytest.mark.parametrize("tasks", [["forgetting"], ["passk"], []])
+def test_eval_tasks_choose_what_runs(cfg, tokenizer, model, tasks):
+    """eval.tasks: only the listed measures are built and run (a real model on its own data need not be scored on
+    demo text and arithmetic); the pass@k keys come with passk, the perplexity with forgetting."""
+    import dataclasses
+
+    only = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, tasks=tasks))
+    sets = hook.load_sets(only, tokenizer)
+    assert (len(sets.sequences) > 0, len(sets.prompts) > 0) == ("forgetting" in tasks, "passk" in tasks)
+    row, table = hook.evaluate(model, tokenizer, sets, only, step=2, rank=0, world=1)
+    assert ("forgetting/ppl" in row) == ("forgetting" in tasks) and ("eval/pass@1" in row) == ("passk" in tasks)
+    assert bool(table) == ("passk" in tasks)
+    assert hook.with_rise(row, None).get("forgetting/ppl_rise", 0.0) == 0.0 and hook.warnings(row, row, only) == []
+    with pytest.raises(ValueError, match=r"eval\.tasks"):
+        EvalConfig(name="x", tasks=["nope"])
+
+
 def test_score_is_the_unbiased_estimator_over_prompts(cfg):
     sets = hook.EvalSets([], [Prompt([{"role": "user", "content": "q1"}], "5"),
                               Prompt([{"role": "user", "content": "q2"}], "7")], [[1], [2]])

@@ -97,9 +97,9 @@ def load_sets(cfg: Any, tokenizer: Any) -> EvalSets:
 
     enc = TextEncoder(tokenizer)
     template = from_config(cfg.template)
-    prompts = passk_prompts(cfg)
+    prompts = passk_prompts(cfg) if "passk" in cfg.eval.tasks else []
     ids = [generation_prompt(chat_messages({"messages": p.messages}, cfg), enc, template) for p in prompts]
-    sequences, rejected = forgetting_sequences(cfg, enc)
+    sequences, rejected = forgetting_sequences(cfg, enc) if "forgetting" in cfg.eval.tasks else ([], [])
     return EvalSets(sequences, prompts, ids, rejected, end_of_turn_ids(enc, template))
 
 
@@ -196,16 +196,19 @@ def _eval_mode(model: Any) -> Iterator[None]:
 def evaluate(model: Any, tokenizer: Any, sets: EvalSets, cfg: Any, step: int, rank: int,
              world: int) -> tuple[dict, list[dict]] | None:
     """One evaluation on every rank; rank 0 gets (metrics row, generations table), the others None."""
-    start = time.perf_counter()
+    start, tasks = time.perf_counter(), cfg.eval.tasks
+    row, mine = {}, []
     with _eval_mode(model):
-        row = forgetting(model, sets.sequences, rank, world)
-        with generation_attention(model):
-            mine = sample(model, tokenizer, sets, cfg, rank, world, seed=cfg.trainer.seed * 1_000_003 + step * 101
-                          + rank)
-    gathered = all_gather(mine)
+        if "forgetting" in tasks:
+            row = forgetting(model, sets.sequences, rank, world)
+        if "passk" in tasks:
+            with generation_attention(model):
+                mine = sample(model, tokenizer, sets, cfg, rank, world,
+                              seed=cfg.trainer.seed * 1_000_003 + step * 101 + rank)
+    gathered = all_gather(mine) if "passk" in tasks else []
     if rank != 0:
         return None
-    metrics, table = score(sets, gathered, cfg)
+    metrics, table = score(sets, gathered, cfg) if "passk" in tasks else ({}, [])
     return {"step": step, **row, **metrics, "eval/seconds": time.perf_counter() - start}, table
 
 
@@ -214,7 +217,7 @@ def warnings(row: dict, baseline: dict | None, cfg: Any) -> list[str]:
     if baseline is None or baseline is row:
         return []
     out = []
-    rise = row["forgetting/ppl"] / baseline["forgetting/ppl"] - 1
+    rise = row["forgetting/ppl"] / baseline["forgetting/ppl"] - 1 if "forgetting/ppl" in row else 0.0
     if rise > cfg.eval.forgetting.spike:
         out.append(f"forgetting: held-out pretraining perplexity rose {rise:.0%} since step {baseline['step']} "
                    f"({baseline['forgetting/ppl']:.4g} -> {row['forgetting/ppl']:.4g}; eval.forgetting.spike="
@@ -226,6 +229,9 @@ def warnings(row: dict, baseline: dict | None, cfg: Any) -> list[str]:
 
 
 def with_rise(row: dict, baseline: dict | None) -> dict:
-    """The row with ``forgetting/ppl_rise`` (relative to the baseline; 0 for the baseline itself)."""
+    """The row with ``forgetting/ppl_rise`` (relative to the baseline; 0 for the baseline itself), when the row
+    has a perplexity."""
+    if "forgetting/ppl" not in row:
+        return row
     base = baseline["forgetting/ppl"] if baseline else row["forgetting/ppl"]
     return {**row, "forgetting/ppl_rise": row["forgetting/ppl"] / base - 1}

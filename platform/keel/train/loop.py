@@ -420,7 +420,7 @@ def _evaluator(cfg: Any, info: WorkerInfo, logger: Any, best: Any) -> Any:
     """``evaluator(engine, step) -> improved`` for ``eval.every_n_steps`` and the validation loss (None when
     both are off): every rank measures, rank 0 warns and logs (keel.eval.hook, keel.train.validation);
     ``improved``: this evaluation's val/loss is the best so far (``best`` updated alike on every rank)."""
-    hooks = cfg.eval.every_n_steps > 0
+    hooks = cfg.eval.every_n_steps > 0 and bool(cfg.eval.tasks)
     if not hooks and best is None:
         return None
     from keel.eval import hook
