@@ -41,19 +41,37 @@ def _row_block(batch: list[tuple[int, int, int, bytes]]) -> pa.Table:
                      "row": pa.array(row, pa.int64()), "raw": pa.array(raw, pa.binary())})
 
 
-def _read_rows(k: int, src: Any, seed: int, max_row_bytes: int) -> Iterator[pa.Table]:
-    """Source ``k``'s rows in order (canonical examples or readers' Rejects, pickled) in blocks."""
+def _read_rows(k: int, src: Any, seed: int, max_row_bytes: int, caps: Any = None) -> Iterator[pa.Table]:
+    """Source ``k``'s rows in order (canonical examples or readers' Rejects, pickled) in blocks. A capped
+    source stops once the consumer says its cap is reached (``caps``): a streamed corpus is not read whole."""
+    import ray
+
     batch = []
     for seq, (row_no, row) in enumerate(iter_source(src, seed, max_row_bytes)):
         batch.append((k, seq, row_no, pickle.dumps(row)))
         if len(batch) == BLOCK_ROWS:
             yield _row_block(batch)
             batch = []
+            if caps is not None and ray.get(caps.reached.remote(k)):
+                return
     if batch:
         yield _row_block(batch)
 
 
-def _datasource(configs: list, seed: int, max_row_bytes: int) -> Any:
+class CapsReached:
+    """Ray actor: the sources whose ``cap`` the consumer has filled (their readers stop at the next block)."""
+
+    def __init__(self) -> None:
+        self.done: set[int] = set()
+
+    def mark(self, k: int) -> None:
+        self.done.add(k)
+
+    def reached(self, k: int) -> bool:
+        return k in self.done
+
+
+def _datasource(configs: list, seed: int, max_row_bytes: int, caps: Any = None) -> Any:
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -66,7 +84,8 @@ def _datasource(configs: list, seed: int, max_row_bytes: int) -> Any:
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list:
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-            return [ReadTask(lambda k=k, src=src: _read_rows(k, src, seed, max_row_bytes), meta)
+            return [ReadTask(lambda k=k, src=src: _read_rows(k, src, seed, max_row_bytes,
+                                                             caps if src.cap is not None else None), meta)
                     for k, src in enumerate(configs)]
 
     return SourceRows()
@@ -157,18 +176,20 @@ def encode_sources(configs: list, cfg: Any, model_path: str, work: Path, rejects
     ``rejects``. Results come back in source and row order, so each source's rows keep their order; the
     sources' own validation rows (``val_path``/``val_split``) are read after all of them, as ``pipeline.build``
     reads them."""
+    import ray
     import ray.data
 
     from keel.data import selfcheck
 
     sources = [_source_data(src.name, work, str(k), rejects) for k, src in enumerate(configs)]
+    caps = ray.remote(num_cpus=0)(CapsReached).remote()
     for k, (src, data) in enumerate(zip(configs, sources)):
         if validates(src, cfg):
             data.val = _source_data(f"{src.name}/val", work, f"{k}.val", rejects)
     owners = [k for k, src in enumerate(configs) if validation_source(src) is not None]
     tasks = [*configs, *(validation_source(configs[k]) for k in owners)]
     fractions = [val_fraction(src, cfg) for src in configs] + [0.0] * len(owners)
-    ds = ray.data.read_datasource(_datasource(tasks, cfg.data.seed, cfg.data.max_row_bytes), num_cpus=0)
+    ds = ray.data.read_datasource(_datasource(tasks, cfg.data.seed, cfg.data.max_row_bytes, caps), num_cpus=0)
     ds = ds.map_batches(EncodeRows, batch_format="pyarrow", batch_size=None, num_cpus=1,
                         compute=ray.data.ActorPoolStrategy(size=procs),
                         fn_constructor_kwargs={"cfg": to_plain(cfg), "model_path": model_path, "configs": tasks,
@@ -182,6 +203,8 @@ def encode_sources(configs: list, cfg: Any, model_path: str, work: Path, rejects
             if cap is not None and len(sources[k].input_ids) >= cap:
                 continue  # the cap bounds what enters the mixture: rows past it count as unread (as in load_source)
             sources[k].add(res, cfg, where(configs[k]), held)
+            if cap is not None and len(sources[k].input_ids) >= cap:
+                caps.mark.remote(k)  # its reader stops at its next block
     for data in [*sources, *(s.val for s in sources if s.val is not None)]:
         data.input_ids.close()
         data.targets.close()
