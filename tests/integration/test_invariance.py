@@ -67,7 +67,8 @@ def _ds_worker(rank: int, world: int, out_dir: str, port: int) -> None:
             self.grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
             return {}
 
-    from keel.train import loop, loss
+    from keel.core import loss
+    from keel.train import loop
 
     loss.CHUNK_LOGITS = 16 * 4096  # 16-token chunks: several per micro-batch, each recomputed in the backward
     results = {}

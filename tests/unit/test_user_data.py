@@ -257,8 +257,8 @@ def test_val_loss_on_packed_rows_equals_the_examples_one_by_one(tmp_path, tokeni
     """val/loss (packed rows, micro-batches, token-weighted) equals the mean loss over every validation
     token computed example by example; val/loss/<source> likewise."""
     import torch
+    from keel.core.loss import token_loss_sum
     from keel.model.build import load_model
-    from keel.train.loss import token_loss_sum
     from keel.train.validation import measure
 
     two = (f"data.sources=[{{name: a, kind: demo, task: arithmetic, num_examples: 100}}, "

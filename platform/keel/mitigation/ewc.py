@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from keel.core.collectives import all_reduce_sum
+from keel.core.loss import token_loss_sum
 from keel.data.masking import IGNORE
 from keel.mitigation.base import Mitigation
-from keel.train.collectives import all_reduce_sum
-from keel.train.loss import token_loss_sum
 
 EWC_DIR = "ewc"
 META = "meta.json"

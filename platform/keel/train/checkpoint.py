@@ -116,7 +116,7 @@ def verify_rank(ckpt: Path, rank: int, world: int) -> None:
 def verify_agreed(ckpt: Path, rank: int, world: int) -> None:
     """:func:`verify_rank` on every rank (a collective): all raise one CheckpointCorruption naming every rank's
     finding if any rank found a problem (so rank 0, whose lines reach the console, can say which file)."""
-    from keel.train.collectives import all_gather
+    from keel.core.collectives import all_gather
 
     err = None
     try:

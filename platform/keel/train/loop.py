@@ -20,18 +20,18 @@ import numpy as np
 import torch
 
 from keel.config import to_plain
+from keel.core.collectives import all_reduce_sum
+from keel.core.loss import backward_scale, token_weights
 from keel.data.masking import IGNORE
 from keel.eval.hook import due
 from keel.train import checkpoint as ckpt
 from keel.train import export as exports
 from keel.train import startup
-from keel.train.collectives import all_reduce_sum
 from keel.train.deepspeed import ds_config
 from keel.train.flops import device_peak, matmul_params, step_flops
 from keel.train.forward import micro_loss_sum
 from keel.train.guards import BadStepGuard, Rollbacks, SpikeDetector, checkpoint_due, is_bad
 from keel.train.head import find as find_loss_head
-from keel.train.loss import backward_scale, token_weights
 from keel.train.schedule import lr_lambda
 from keel.train.watchdog import Watchdog
 
@@ -391,7 +391,7 @@ def _best(cfg: Any, info: WorkerInfo, logger: Any) -> Any:
     every rank takes its state: a collective); None when the run has no validation rows."""
     if info.val_batches is None:
         return None
-    from keel.train.collectives import all_gather
+    from keel.core.collectives import all_gather
     from keel.train.validation import Best
 
     t = cfg.trainer

@@ -64,9 +64,9 @@ def measure(model: Any, batches: list[dict], names: list[str]) -> dict:
     """``val/loss``, ``val/loss/<source>`` and ``val/tokens`` over every rank's batches (a collective)."""
     import torch
 
-    from keel.train.collectives import all_reduce_sum
+    from keel.core.collectives import all_reduce_sum
+    from keel.core.loss import token_weights
     from keel.train.forward import micro_loss_sum
-    from keel.train.loss import token_weights
 
     sums, counts = np.zeros(len(names)), np.zeros(len(names))
     was_training = model.training

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from keel.data.masking import IGNORE
+
 LOSS_NORMS = ("token", "sequence")
 
 
