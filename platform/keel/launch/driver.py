@@ -65,32 +65,11 @@ def _print_schedule(sched: dict) -> None:
         print(f"    {f'{lo}-{hi}':<10}{cells}")
 
 
-def adjust_hook(plugins: list) -> Any:
-    """The ``adjust`` of ``keel.data.pipeline.build``: each plugin adjusts the mixture in turn."""
-    def adjust(weights: list[float], sources: list) -> list[float]:
-        n = len(weights)
-        for p in plugins:  # each plugin's extra sources follow the weights it receives
-            extra = len(p.extra_sources())
-            weights = p.adjust_weights(weights, sources[: n + extra])
-            n += extra
-        return weights
-    return adjust
-
-
-def schedule_hook(plugins: list) -> Any:
-    """The ``schedule`` of ``keel.data.pipeline.build``: each plugin may change the schedule in turn."""
-    def schedule(sched: Any, sources: list) -> Any:
-        for p in plugins:  # each sees the schedule the previous ones returned
-            sched = p.schedule(sched, sources)
-        return sched
-    return schedule
-
-
 def prepare_data(cfg: Any, run_dir: Path, plugins: list) -> tuple[str, Any, Any]:
     """Model path, tokenizer and the packed row plan (built, or read from ``data.preprocessed``);
     writes rejects.jsonl."""
     from keel.data import pipeline
-    from keel.mitigation import warnings_for
+    from keel.mitigation import adjust_hook, schedule_hook, warnings_for
     from keel.model.build import load_tokenizer, model_path
 
     path = model_path(cfg)

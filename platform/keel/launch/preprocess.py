@@ -316,8 +316,7 @@ def _write_validation(sources: list[SourceData], configs: list, cfg: Any, pad: i
 def preprocess(cfg: Any, out: Path, procs: int) -> dict:
     """Run the data path of ``cfg`` on Ray Data into ``out``; returns report.json's content."""
     from keel.data.template import TextEncoder
-    from keel.launch.driver import adjust_hook, schedule_hook
-    from keel.mitigation import configured
+    from keel.mitigation import adjust_hook, configured, schedule_hook
     from keel.model.build import load_tokenizer, model_path
 
     plugins = configured(cfg)
