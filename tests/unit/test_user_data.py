@@ -393,9 +393,10 @@ def _bundles(steps: int):
 
 
 def _run_loop(tmp_path, monkeypatch, val_losses: list[float], *overrides):
-    """keel.train.loop.train on a stand-in engine, the validation loss scripted per evaluation."""
+    """keel.train.trainer.train on a stand-in engine, the validation loss scripted per evaluation."""
+    from keel.core.worker import WorkerInfo
     from keel.eval import hook
-    from keel.train import loop, validation
+    from keel.train import cadence, evaluator, export, flops, trainer, validation
 
     saved: list[int] = []
 
@@ -408,20 +409,20 @@ def _run_loop(tmp_path, monkeypatch, val_losses: list[float], *overrides):
         return d
 
     losses = iter(val_losses)
-    monkeypatch.setattr(loop, "build_engine", lambda cfg, info, plugins, load_universal=False: (_Engine(), None))
-    monkeypatch.setattr(loop, "_flops_counter", lambda model, cfg: lambda tokens, sum_sq: 0.0)
-    monkeypatch.setattr(loop, "_check_backend", lambda name: None)
-    monkeypatch.setattr(loop, "_resolve_attention", lambda cfg, info: "sdpa_block")
-    monkeypatch.setattr(loop, "_save", save)
-    monkeypatch.setattr(loop, "_export", lambda engine, cfg, info, plugins: {"hf_dir": None})
-    monkeypatch.setattr(loop, "_eval_sets", lambda cfg, info: (None, None))
+    monkeypatch.setattr(trainer, "build_engine", lambda cfg, info, plugins, load_universal=False: (_Engine(), None))
+    monkeypatch.setattr(flops, "counter", lambda model: lambda tokens, sum_sq: 0.0)
+    monkeypatch.setattr(trainer, "check_backend", lambda name: None)
+    monkeypatch.setattr(trainer, "resolve_attention", lambda cfg, info: "sdpa_block")
+    monkeypatch.setattr(cadence, "save", save)
+    monkeypatch.setattr(export, "export_model", lambda engine, cfg, info, plugins: {"hf_dir": None})
+    monkeypatch.setattr(evaluator, "load_sets", lambda cfg, info: (None, None))
     monkeypatch.setattr(hook, "evaluate", lambda *a: None)
     monkeypatch.setattr(hook, "with_rise", lambda row, baseline: row)
     monkeypatch.setattr(validation, "measure", lambda model, batches, names: {"val/loss": next(losses)})
     cfg = _cfg("logger=none", "trainer.progress=false", "trainer.step_timeout_s=0", "data.val_fraction=0.1",
                "trainer.micro_batch_size=2", "cluster.num_workers=1", *overrides)
-    info = loop.WorkerInfo(0, 1, tmp_path, "", "sdpa", [[8]] * cfg.trainer.max_steps, ["mine"], {}, val_batches=[])
-    result = loop.train(cfg, info, _bundles(cfg.trainer.max_steps))
+    info = WorkerInfo(0, 1, tmp_path, "", "sdpa", [[8]] * cfg.trainer.max_steps, ["mine"], {}, val_batches=[])
+    result = trainer.train(cfg, info, _bundles(cfg.trainer.max_steps))
     evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
     return result, saved, evals
 

@@ -1,4 +1,4 @@
-"""Where a training worker stands in the run: what every worker-side hook may rely on."""
+"""Where a training worker stands in the run: what the trainer and every worker-side plugin hook rely on."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ from pathlib import Path
 
 
 @dataclass
-class Worker:
-    """One data-parallel rank of a run (``keel.train.trainer.WorkerInfo`` adds what the trainer needs)."""
+class WorkerInfo:
+    """What a worker needs besides the config and its bundles (built by ``keel.launch.ray_train``)."""
 
     rank: int
     world_size: int
     run_dir: Path
     model_path: str  # the base model's directory
+    attention: str  # model.attention; the backend resolved on the worker once the trainer starts
+    step_source_tokens: list[list[int]]  # per step, the tokens each source contributes (the metrics' data/tokens)
+    source_names: list[str]
+    run_meta: dict  # fingerprints stored with every checkpoint (keel.train.resume.run_meta)
+    val_batches: list[dict] | None = None  # this rank's validation micro-batches (keel.train.validation)

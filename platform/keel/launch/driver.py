@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -12,6 +11,7 @@ from typing import Any
 from keel.config import to_plain
 from keel.tracking.context import write_run_context
 from keel.tracking.logger import STARTS, redact
+from keel.train import resume
 
 
 def _write_rejects(run_dir: Path, rejects: list[dict]) -> None:
@@ -135,66 +135,6 @@ def val_batches(val: Any, cfg: Any) -> list[list[dict]] | None:
     return micro_batches(val, cfg.cluster.num_workers, cfg.trainer.micro_batch_size)
 
 
-def run_meta(cfg: Any, plan: Any, tokenizer: Any) -> dict:
-    """Fingerprints stored with every checkpoint; a resume must match them."""
-    data = hashlib.sha256(plan.input_ids.tobytes() + plan.targets.tobytes()).hexdigest()[:16]
-    from keel.data.preprocessed import tokenizer_fingerprint
-
-    tok = tokenizer_fingerprint(tokenizer)
-    t = cfg.trainer
-    # LoRA adapters are what a LoRA checkpoint holds: another r, alpha or target set cannot load it
-    # (merge_export only decides the final export).
-    lora = to_plain(cfg)["mitigation"].get("lora")
-    lora = {k: v for k, v in lora.items() if k != "merge_export"} if lora else None
-    return {"data_fingerprint": data, "tokenizer": tok, "template": cfg.template.name,
-            "grad_accum": t.grad_accum, "micro_batch_size": t.micro_batch_size, "max_steps": t.max_steps,
-            "lora": lora}
-
-
-def check_resumable(saved: dict, meta: dict, allowed: list[str]) -> None:
-    """Refuse a resume whose data, tokenizer, template, batch geometry or LoRA adapters changed."""
-    for key, value in meta.items():
-        if key in saved and saved[key] != value and key not in allowed:
-            raise ValueError(f"cannot resume: {key} changed since the checkpoint ({saved[key]!r} -> {value!r}); "
-                             f"set trainer.resume_allow_changes=[{key}] to allow it, or trainer.resume=none")
-
-
-def _start_step(cfg: Any, run_dir: Path, meta: dict) -> int:
-    """The first step the workers may resume at (their rows are shipped from there on). The driver checks the
-    checkpoint's structure; the workers hash its content, each the files it loads, and may fall back to the one
-    before (trainer.resume_fallback=previous), whose step is then returned."""
-    from keel.train import checkpoint as ckpt
-
-    if cfg.trainer.resume != "auto":
-        return 0
-    try:
-        chosen = ckpt.choose(run_dir, cfg.trainer.resume_fallback)
-        world = cfg.cluster.num_workers
-        if chosen is not None and ckpt.other_world(chosen, world):
-            _check_elastic(cfg, ckpt.state(chosen), world)
-            out = ckpt.to_universal(chosen)  # verifies every file first: the conversion reads them all
-    except ckpt.CheckpointCorruption as err:
-        raise ValueError(f"{err}; set trainer.resume_fallback=previous to use the checkpoint before it") from err
-    if chosen is None:
-        return 0
-    saved = ckpt.state(chosen)
-    check_resumable(saved, meta, cfg.trainer.resume_allow_changes)
-    print(f"resume: continuing from {chosen} (step {saved['step']})")
-    if ckpt.other_world(chosen, world):
-        print(f"resume: elastic: the checkpoint was written by {saved['world_size']} workers, this run has {world}; "
-              f"loading DeepSpeed's universal checkpoint {out} (per-parameter fp32 weights and Adam moments)")
-    earlier = [c for c in ckpt.complete(run_dir) if c.name < chosen.name]
-    if cfg.trainer.resume_fallback == "previous" and earlier:
-        return ckpt.state(earlier[-1])["step"]
-    return saved["step"]
-
-
-def _check_elastic(cfg: Any, saved: dict, world: int) -> None:
-    if cfg.deepspeed.stage not in (1, 2, 3):
-        raise ValueError(f"cannot resume on {world} workers a checkpoint written by {saved['world_size']}: "
-                         "deepspeed.stage 0 has no universal checkpoint")
-
-
 def _hold_run_dir(run_dir: Path) -> Any:
     """One run per run directory: its lock (held since Hydra's start for `keel train`, by keel.cli.hydra_callbacks),
     then what a crashed run left in checkpoints/ finished or undone (safe only under the lock)."""
@@ -214,23 +154,10 @@ def _explained(err: Exception, run_dir: Path, started: float) -> Exception:
     dumps = watchdog.reports(run_dir, since=started)
     if dumps:  # the workers ended themselves after a stall: say where, not just "actor died"
         return RuntimeError(watchdog.stalled_message(dumps))
-    corrupt = corruption_in(err)
+    corrupt = resume.corruption_in(err)
     if corrupt:  # found by the ranks hashing what they load: a user decision, not a traceback
-        return ValueError(f"{corrupt}; set trainer.resume_fallback=previous to use the checkpoint before it")
+        return resume.corruption_error(corrupt)
     return err
-
-
-def corruption_in(err: BaseException) -> str | None:
-    """The CheckpointCorruption message a worker raised, from the error (or its causes) Ray Train reports."""
-    import re
-
-    seen: BaseException | None = err
-    while seen is not None:
-        m = re.search(r"CheckpointCorruption: (checkpoint [^\n]+)", str(seen))
-        if m:
-            return m.group(1)
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 # Exit status of a run stopped by preemption after checkpointing (EX_TEMPFAIL): a launcher
@@ -242,7 +169,7 @@ def _on_preemption(run_dir: Path) -> None:
     """SIGTERM/SIGUSR1 ask every rank to finish its step, checkpoint and stop."""
     import signal
 
-    from keel.train.loop import PREEMPT_FLAG
+    from keel.train.trainer import PREEMPT_FLAG
 
     (run_dir / PREEMPT_FLAG).unlink(missing_ok=True)
 
@@ -281,8 +208,8 @@ def run_training(cfg: Any, run_dir: Path) -> dict:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(to_plain(cfg))))  # as plugins left it
     t = cfg.trainer
     world = cfg.cluster.num_workers
-    meta = run_meta(cfg, plan, tokenizer)
-    start = _start_step(cfg, run_dir, meta)
+    meta = resume.run_meta(cfg, plan, tokenizer)
+    start = resume.first_step(cfg, run_dir, meta)
     # The plan is a pure function of the config: resuming ships exactly the rows from the
     # checkpoint's step on, nothing re-read or replayed (the last step's rows if already done).
     first = min(start, t.max_steps - 1)

@@ -118,8 +118,9 @@ def train_loop_per_worker(config: dict) -> None:
     """Entry point on every Ray Train worker."""
     import ray.train
 
+    from keel.core.worker import WorkerInfo
     from keel.tracking.secrets import load_secret_files
-    from keel.train.loop import WorkerInfo, train
+    from keel.train.trainer import train
 
     load_secret_files()  # keel submit --secret-file: each worker reads the files on its own node
     ctx = ray.train.get_context()

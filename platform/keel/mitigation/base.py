@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keel.config import KeelConfig, SourceConfig
-from keel.core.worker import Worker
+from keel.core.worker import WorkerInfo
 
 if TYPE_CHECKING:
     import torch
@@ -81,10 +81,10 @@ class Plugin:
     def wrap_model(self, model: Any, cfg: KeelConfig) -> Any:
         return model
 
-    def export(self, engine: Any, cfg: KeelConfig, info: Worker, out: Path, full: bool) -> dict | None:
+    def export(self, engine: Any, cfg: KeelConfig, info: WorkerInfo, out: Path, full: bool) -> dict | None:
         return None
 
-    def setup_engine(self, engine: Any, cfg: KeelConfig, info: Worker) -> dict:
+    def setup_engine(self, engine: Any, cfg: KeelConfig, info: WorkerInfo) -> dict:
         return {}
 
     def begin_step(self, step: int) -> None:

@@ -42,7 +42,7 @@ import torch
 from keel.config import EwcConfig, KeelConfig
 from keel.core.collectives import all_reduce_sum
 from keel.core.loss import token_loss_sum
-from keel.core.worker import Worker
+from keel.core.worker import WorkerInfo
 from keel.data.masking import IGNORE
 from keel.errors import ConfigError
 from keel.mitigation.base import Mitigation
@@ -204,7 +204,7 @@ def load_state(path: Path, fp: str, base: list[torch.Tensor]) -> tuple[list, lis
     return [f.to(device) for f in state["fisher"]], anchor
 
 
-def write_meta(info: Worker, fp: str, sequences: list[Sequence], seconds: float) -> None:
+def write_meta(info: WorkerInfo, fp: str, sequences: list[Sequence], seconds: float) -> None:
     """``<run>/ewc/meta.json``: the fingerprint, the reference set's size and the estimate's cost."""
     meta = {"fingerprint": fp, "world_size": info.world_size, "samples": len(sequences),
             "reference_tokens": sum(int((t != IGNORE).sum()) for _, t in sequences),
@@ -243,7 +243,7 @@ class Ewc(Mitigation):
         print(f"ewc: lam={self.options.lam:g}; Fisher over {len(seqs)} sequences of "
               f"{self.options.data.name!r} ({tokens} trained tokens)")
 
-    def setup_engine(self, engine: Any, cfg: KeelConfig, info: Worker) -> dict:
+    def setup_engine(self, engine: Any, cfg: KeelConfig, info: WorkerInfo) -> dict:
         """Load the run's Fisher and anchor partitions, or estimate them on the base weights and save them."""
         self.params = [p for _, p in trainable(engine)]
         seqs = reference_set(self.options, cfg, info.model_path)

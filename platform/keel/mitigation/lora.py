@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from keel.config import KeelConfig, LoraConfig
-from keel.core.worker import Worker
+from keel.core.worker import WorkerInfo
 from keel.errors import ConfigError
 from keel.mitigation.base import Mitigation
 
@@ -164,7 +164,7 @@ class Lora(Mitigation):
     def wrap_model(self, model: Any, cfg: KeelConfig) -> Any:
         return wrap(model, self.options, cfg.trainer.seed)
 
-    def export(self, engine: Any, cfg: KeelConfig, info: Worker, out: Path, full: bool) -> dict:
+    def export(self, engine: Any, cfg: KeelConfig, info: WorkerInfo, out: Path, full: bool) -> dict:
         """The adapter, and with ``merge_export`` the merged full model as the HF export."""
         adapter = out / ADAPTER_DIR
         save_adapter(engine.module, adapter, info.rank)

@@ -33,6 +33,6 @@ def ds_config(cfg: Any, world_size: int, load_universal: bool = False) -> dict:
     }
     if t.max_grad_norm > 0:
         out["gradient_clipping"] = t.max_grad_norm
-    if load_universal:  # resuming a checkpoint written by another world size (keel.train.checkpoint.to_universal)
+    if load_universal:  # resuming a checkpoint written by another world size (keel.train.resume.to_universal)
         out["checkpoint"] = {"load_universal": True}
     return out

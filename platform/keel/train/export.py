@@ -24,6 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from keel.config import KeelConfig
+from keel.core.worker import WorkerInfo
+from keel.mitigation.base import Plugin
 from keel.train import checkpoint as ckpt
 
 EXPORTS = "exports"
@@ -54,6 +57,23 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def export_model(engine: Any, cfg: KeelConfig, info: WorkerInfo, plugins: list[Plugin], out: Path | None = None
+                 ) -> dict:
+    """Model artefacts under ``out`` (None: the final ones, in the run dir): a plugin's own export (LoRA
+    adapters) or the full HF model in ``hf/`` (the final one only with trainer.save_hf); a collective."""
+    full = out is not None or cfg.trainer.save_hf
+    out = info.run_dir if out is None else out
+    for plugin in plugins:
+        result = plugin.export(engine, cfg, info, out, full)
+        if result is not None:
+            return result
+    if not full:
+        return {"hf_dir": None}
+    hf_dir = out / "hf"
+    ckpt.save_hf(engine, info.model_path, hf_dir, info.rank)
+    return {"hf_dir": str(hf_dir)}
+
+
 def save_along(run_dir: Path, step: int, rank: int, keep: int | None, write: Callable[[Path], dict]) -> Path:
     """Export step ``step`` on every rank (a collective): ``write(tmp)`` fills a scratch dir that rank 0
     renames to ``exports/step_N`` once it is whole, then prunes to the newest ``keep`` (None: all)."""
@@ -75,7 +95,7 @@ def save_along(run_dir: Path, step: int, rank: int, keep: int | None, write: Cal
     return final
 
 
-def model_record(cfg: Any, model_path: str) -> dict:
+def model_record(cfg: KeelConfig, model_path: str) -> dict:
     """What ``keel export`` needs about the model, stored in every checkpoint's ``keel_state.json``."""
     return {"path": model_path, "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code}
 
@@ -95,7 +115,7 @@ def _record_from_run(path: Path) -> dict:
                          f"{run_config} is missing")
     model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(run_config).model))
     cfg = SimpleNamespace(model=model)  # only the model group: the rest may not validate in this Keel version
-    return model_record(cfg, model_path(cfg))
+    return model_record(cfg, model_path(cfg))  # reads only the model group
 
 
 def checked(path: Path) -> dict:
