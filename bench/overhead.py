@@ -74,7 +74,7 @@ def compose(run_dir: Path):
 def rows(cfg, run_dir: Path) -> tuple[str, list[dict], object]:
     """Model path, the run's step bundles (rank 0 of 1) and the plan, through Keel's data path."""
     from keel.data.sharding import step_bundles
-    from keel.launch.driver import prepare_data
+    from keel.launch.prepare import prepare_data
     from keel.mitigation import configured
 
     run_dir.mkdir(parents=True, exist_ok=True)

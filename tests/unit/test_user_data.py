@@ -18,7 +18,7 @@ from keel.cli.train import argv
 from keel.data import pipeline
 from keel.data.examples import held_out
 from keel.data.masking import IGNORE
-from keel.launch import driver
+from keel.launch import prepare
 from keel.mitigation import configured
 from keel.train import checkpoint as ckpt
 from keel.train.validation import Best, micro_batches
@@ -64,7 +64,7 @@ def _arrays(plan) -> dict:
 def test_a_file_source_is_read_whole(tmp_path, tokenizer, capsys):
     """A 7,000-row file with no cap: every row is read and available (the old default stopped at 1,000)."""
     cfg = _cfg(_source(_chats(tmp_path / "mine.jsonl", 7000)), "trainer.max_steps=2", "mitigation=none")
-    _, _, plan = driver.prepare_data(cfg, tmp_path, [])
+    _, _, plan = prepare.prepare_data(cfg, tmp_path, [])
     s = plan.report["sources"]["mine"]
     assert s["rows_read"] == s["available"] == 7000 and s["rejected"] == 0
     table = capsys.readouterr().out
@@ -94,7 +94,7 @@ def test_num_examples_caps_a_file_only_as_a_deprecated_cap(tmp_path):
 
 def _epochs_plan(tmp_path, tokenizer, *overrides, plugins: bool = False):
     cfg = _cfg("trainer.max_steps=null", *overrides)
-    _, _, plan = driver.prepare_data(cfg, tmp_path, configured(cfg) if plugins else [])
+    _, _, plan = prepare.prepare_data(cfg, tmp_path, configured(cfg) if plugins else [])
     return cfg, plan
 
 

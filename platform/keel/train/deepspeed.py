@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from keel.config import KeelConfig
 
-def ds_config(cfg: Any, world_size: int, load_universal: bool = False) -> dict:
+
+def ds_config(cfg: KeelConfig, world_size: int, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON config for this run (ZeRO stage, batch geometry, precision)."""
     zero: dict[str, Any] = {
         "stage": cfg.deepspeed.stage,
