@@ -69,7 +69,7 @@ class Trainer:
     def run(self) -> dict:
         """Train from the resumed step to ``trainer.max_steps``, an early stop or a preemption; rank 0's results."""
         self._baseline_evaluation()
-        last = self.start if self.evaluator.stopped else self.cfg.trainer.max_steps  # an early-stopped run, resumed
+        last = self.start if self.evaluator.stopped else self.cfg.trainer.max_steps  # early-stopped, resumed: done
         for step in range(self.start + 1, last + 1):
             if not self._iteration(step):
                 break
