@@ -1,6 +1,6 @@
 """Keel's own overhead: its worker loop against a bare DeepSpeed loop over the same rows.
 
-Issue 16, "Keel's own overhead": per-step time of ``keel.train.loop.train`` (the loop every Ray Train
+Issue 16, "Keel's own overhead": per-step time of ``keel.train.trainer.train`` (the loop every Ray Train
 worker runs: bundle checks, token weights, the step's all-reduce, example boundaries, the chunked LM-head
 loss, guards, metrics, the run log, watchdog) against the loop a DeepSpeed user writes by hand: forward,
 mean cross-entropy over the full logits, ``engine.backward``, ``engine.step``. Same model (Keel's tiny
@@ -74,7 +74,7 @@ def compose(run_dir: Path):
 def rows(cfg, run_dir: Path) -> tuple[str, list[dict], object]:
     """Model path, the run's step bundles (rank 0 of 1) and the plan, through Keel's data path."""
     from keel.data.sharding import step_bundles
-    from keel.launch.driver import prepare_data
+    from keel.launch.prepare import prepare_data
     from keel.mitigation import configured
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,10 +87,11 @@ def keel_round(cfg, path: str, bundles: list[dict], plan, run_dir: Path, full_lo
                ) -> dict[str, list[float]]:
     """Per-step times of Keel's worker loop: the gaps between its consecutive step logs. ``full_logits``: the
     loss from the model's own head over every position, as before the chunked loss (isolates the loop)."""
+    from keel.core.worker import WorkerInfo
     from keel.data.sharding import step_source_tokens
     from keel.tracking import logger as logger_mod
-    from keel.train import loop
-    from keel.train.loop import WorkerInfo, train
+    from keel.train import step as step_mod
+    from keel.train.trainer import train
 
     stamps: list[tuple[float, float]] = []
     real_log = logger_mod.RunLogger.log
@@ -100,9 +101,9 @@ def keel_round(cfg, path: str, bundles: list[dict], plan, run_dir: Path, full_lo
         stamps.append(_now())
 
     logger_mod.RunLogger.log = stamped
-    real_find = loop.find_loss_head
+    real_find = step_mod.find_loss_head
     if full_logits:
-        loop.find_loss_head = lambda module: None
+        step_mod.find_loss_head = lambda module: None
     run_dir.mkdir(parents=True)
     try:
         t = cfg.trainer
@@ -111,7 +112,7 @@ def keel_round(cfg, path: str, bundles: list[dict], plan, run_dir: Path, full_lo
         train(cfg, info, iter(bundles))
     finally:
         logger_mod.RunLogger.log = real_log
-        loop.find_loss_head = real_find
+        step_mod.find_loss_head = real_find
     return _gaps(stamps)
 
 
@@ -233,7 +234,7 @@ def section(summary: dict, meta: dict) -> str:
         f"per step (micro-batch × accumulation), {meta['supervised_tokens_per_step']:.0f} supervised tokens per "
         "step on average; one worker in this process (gloo, DeepSpeed ZeRO-3, fp32, `sdpa_block`), 1 torch "
         f"thread; overrides `{' '.join(meta['overrides'])}`.",
-        "- keel: `keel.train.loop.train` fed the run's bundles from memory; a step's time is the gap between "
+        "- keel: `keel.train.trainer.train` fed the run's bundles from memory; a step's time is the gap between "
         "two consecutive step logs (the whole loop iteration). keel_full_logits: the same loop with the loss "
         "from the model's own head over every position (as before the chunked LM-head loss), which isolates "
         "the loop's own cost from the cheaper loss. bare: `engine(input_ids, position_ids)`, mean "

@@ -31,7 +31,7 @@
 #SBATCH --output=keel-sft-%j.out
 set -euo pipefail
 
-EXIT_PREEMPTED=75  # keel.launch.driver.EXIT_PREEMPTED
+EXIT_PREEMPTED=75  # keel.launch.signals.EXIT_PREEMPTED
 
 if [ -z "${SLURM_JOB_ID:-}" ]; then
     echo "slurm/sft.sh: submit it with sbatch, e.g. sbatch slurm/sft.sh model=llama3 mix.T=2" >&2

@@ -59,9 +59,11 @@ def _worker(rank: int, world: int, run_dir: str, port: int) -> None:
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+    from keel.core.worker import WorkerInfo
     from keel.mitigation.ewc import Ewc, trainable
     from keel.model.build import model_path
-    from keel.train.loop import WorkerInfo, build_engine, train_step
+    from keel.train.engine import build_engine
+    from keel.train.step import train_step
 
     class Recorder(Ewc):
         """The real plugin, with the whole gradient gathered before and after its hook."""

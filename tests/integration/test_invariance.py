@@ -52,22 +52,26 @@ def _ds_worker(rank: int, world: int, out_dir: str, port: int) -> None:
     import torch
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
+    from keel.core.worker import WorkerInfo
+    from keel.mitigation.base import Plugin
     from keel.model.build import model_path
-    from keel.train.loop import WorkerInfo, build_engine, train_step
+    from keel.train.engine import build_engine
+    from keel.train.step import train_step
 
     from .test_ewc import _compose
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     rows = _rows()
     share = {k: v[rank::world] for k, v in rows.items()}  # rank r holds rows r, r + world, ...
-    class GradRecorder:
+    class GradRecorder(Plugin):
         """Gathers the whole gradient of the step after the last backward, before the optimizer uses it."""
 
         def after_backward(self, engine):
             self.grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
             return {}
 
-    from keel.train import loop, loss
+    from keel.core import loss
+    from keel.train import step as step_mod
 
     loss.CHUNK_LOGITS = 16 * 4096  # 16-token chunks: several per micro-batch, each recomputed in the backward
     results = {}
@@ -81,9 +85,9 @@ def _ds_worker(rank: int, world: int, out_dir: str, port: int) -> None:
         info = WorkerInfo(rank, world, Path(out_dir), model_path(cfg), "sdpa_block", [], [], {})
         engine, _ = build_engine(cfg, info, [])
         engine.train()
-        assert loop.find_loss_head(engine.module) is not None
+        assert step_mod.find_loss_head(engine.module) is not None
         if head == "full":
-            loop.find_loss_head = lambda module: None
+            step_mod.find_loss_head = lambda module: None
         recorder = GradRecorder()
         m = train_step(engine, share, cfg, world, plugins=[recorder])
         key = f"{micro}x{accum}" + ("+overlap_comm" if overlap else "") + ("-full-logits" if head == "full" else "")

@@ -72,7 +72,7 @@ def test_chat_mix_on_local_files_of_each_format(tmp_path, capsys):
         pytest.skip("../shared/data is not here")
     import keel.cli.train  # noqa: F401
     from hydra import compose, initialize_config_module
-    from keel.launch import driver
+    from keel.launch import prepare
     from keel.mitigation import configured
     from omegaconf import OmegaConf
 
@@ -93,7 +93,7 @@ def test_chat_mix_on_local_files_of_each_format(tmp_path, capsys):
                  *(f"data.sources.{i}.path={p}" for i, p in enumerate(local))]
     with initialize_config_module(config_module="keel.conf", version_base=None):
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
-    _, _, plan = driver.prepare_data(cfg, tmp_path, configured(cfg))
+    _, _, plan = prepare.prepare_data(cfg, tmp_path, configured(cfg))
     sources = plan.report["sources"]
     assert {k: s["rows_read"] for k, s in sources.items() if k != "math"} == {"chat": 500, "code": 999, "tools": 300,
                                                                              "replay": 300}

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 from keel.data.shards import VAL_SHARD, read_rows
-from keel.launch import driver
+from keel.launch import prepare
 from keel.mitigation import configured
 from keel.train import checkpoint as ckpt
+from keel.train import resume
 from omegaconf import OmegaConf
 
 from .conftest import KEEL, keel_train
@@ -73,7 +74,7 @@ def test_preprocess_equals_the_in_memory_path_and_trains_the_same_rows(tmp_path)
     plugins = configured(cfg)
     direct = tmp_path / "direct"
     direct.mkdir()
-    _, tokenizer, plan = driver.prepare_data(cfg, direct, plugins)
+    _, tokenizer, plan = prepare.prepare_data(cfg, direct, plugins)
     rows = read_rows(out, report["shards"], report["rows"], cfg.packing.max_len)
     for k in ("input_ids", "targets", "position_ids", "source_ids"):
         assert np.array_equal(rows[k], getattr(plan, k)), k
@@ -101,7 +102,7 @@ def test_preprocess_equals_the_in_memory_path_and_trains_the_same_rows(tmp_path)
     assert s["steps"] == steps and s["tokens_per_source"] == {k: v["tokens"] for k, v in plan.report["sources"].items()}
     assert s["best_step"] == steps and s["best_val_loss"] > 0  # validated at the end, on the directory's rows
     saved = ckpt.state(ckpt.complete(run)[-1])
-    assert saved["data_fingerprint"] == driver.run_meta(cfg, plan, tokenizer)["data_fingerprint"]
+    assert saved["data_fingerprint"] == resume.run_meta(cfg, plan, tokenizer)["data_fingerprint"]
     assert (run / "rejects.jsonl").read_text() == (out / "rejects.jsonl").read_text()
 
 

@@ -91,9 +91,11 @@ def _rows(vocab: int, seed: int) -> dict:
 
 
 def _train_two_steps(preset: str, ckpt: Path, run_dir: Path) -> dict:
-    """``model=PRESET model.path=ckpt``: two steps through keel.train.loop's engine and train_step."""
+    """``model=PRESET model.path=ckpt``: two steps through keel.train.engine's engine and train_step."""
     from deepspeed.utils import safe_get_full_fp32_param
-    from keel.train.loop import WorkerInfo, build_engine, train_step
+    from keel.core.worker import WorkerInfo
+    from keel.train.engine import build_engine
+    from keel.train.step import train_step
 
     cfg = _compose([f"model={preset}", f"model.path={ckpt}", "cluster.use_gpu=false", "cluster.num_workers=1",
                     f"packing.max_len={MAX_LEN}", "trainer.max_steps=2", "trainer.warmup_steps=0",

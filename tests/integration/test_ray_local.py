@@ -18,11 +18,11 @@ PROBE = textwrap.dedent("""
     import keel.cli.train  # registers the schema
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
-    from keel.launch import ray_train
+    from keel.launch import ray_cluster
 
     with initialize_config_module(config_module="keel.conf", version_base=None):
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=["logger=none"]))
-    ray_train.init_ray(cfg)
+    ray_cluster.init_ray(cfg)
     import ray
 
     @ray.remote

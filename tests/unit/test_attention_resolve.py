@@ -101,7 +101,8 @@ def test_driver_leaves_gpu_backends_to_the_workers():
 
 
 def test_worker_resolves_with_its_own_gpu_and_the_models_features(monkeypatch, tmp_path, gpu, no_flash_attn):
-    from keel.train.loop import WorkerInfo, _resolve_attention
+    from keel.core.worker import WorkerInfo
+    from keel.train.engine import resolve_attention as _resolve_attention
     from torch.nn.attention import varlen
     from transformers import AutoModelForCausalLM
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from keel.train import checkpoint as ckpt
+from keel.train import resume
 
 
 def _fake(run_dir, step, complete=True):
@@ -23,24 +24,24 @@ def test_newest_complete_checkpoint_wins(tmp_path):
     _fake(tmp_path, 10)
     _fake(tmp_path, 12, complete=False)  # crashed mid-write
     assert [p.name for p in ckpt.complete(tmp_path)] == ["step_000002", "step_000010"]
-    assert ckpt.state(ckpt.choose(tmp_path))["step"] == 10
+    assert ckpt.state(resume.choose(tmp_path))["step"] == 10
 
 
 def test_corrupt_newest_fails_or_falls_back(tmp_path):
     _fake(tmp_path, 2)
     newest = _fake(tmp_path, 4)
     (newest / "shard.pt").write_bytes(b"z" * 100)  # same size: only hashing sees it, on the rank that loads it
-    assert ckpt.choose(tmp_path).name == "step_000004"  # the driver checks structure and sizes only
+    assert resume.choose(tmp_path).name == "step_000004"  # the driver checks structure and sizes only
     with pytest.raises(ckpt.CheckpointCorruption, match="step_000004"):
-        ckpt.choose(tmp_path, rank=0, world=1)
-    assert ckpt.choose(tmp_path, fallback="previous", rank=0, world=1).name == "step_000002"
+        resume.choose(tmp_path, rank=0, world=1)
+    assert resume.choose(tmp_path, fallback="previous", rank=0, world=1).name == "step_000002"
     (newest / "shard.pt").write_bytes(b"z" * 99)  # a truncation the driver sees without reading content
     with pytest.raises(ckpt.CheckpointCorruption, match="shard.pt is truncated"):
-        ckpt.choose(tmp_path)
+        resume.choose(tmp_path)
 
 
 def test_resume_refuses_changed_fingerprints():
-    from keel.launch.driver import check_resumable
+    from keel.train.resume import check_resumable
 
     saved = {"step": 2, "data_fingerprint": "aa", "micro_batch_size": 2, "template": "llama3"}
     check_resumable(saved, {"data_fingerprint": "aa", "micro_batch_size": 2, "template": "llama3"}, [])
@@ -56,7 +57,7 @@ def test_resume_refuses_other_lora_adapters(tokenizer):
     import numpy as np
     from hydra import compose, initialize_config_module
     from keel.data.pipeline import RowPlan
-    from keel.launch.driver import check_resumable, run_meta
+    from keel.train.resume import check_resumable, run_meta
     from omegaconf import OmegaConf
 
     def meta(*overrides):
@@ -96,7 +97,7 @@ def test_prune_keeps_the_newest(tmp_path):
 
 def test_corruption_found_by_a_rank_is_reported_as_a_user_error():
     """Ray Train reports a worker's CheckpointCorruption inside its own error: the driver names the file and the fix."""
-    from keel.launch.driver import corruption_in
+    from keel.train.resume import corruption_in
 
     worker = RuntimeError("Traceback (most recent call last):\n  ...\nkeel.train.integrity.CheckpointCorruption: "
                           "checkpoint /r/checkpoints/step_000004: x.pt is truncated or altered (checksum mismatch)\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from keel.train import checkpoint as ckpt
-from keel.train import integrity
+from keel.train import integrity, resume
 
 
 class _TorchEngine:
@@ -90,7 +90,7 @@ def test_a_committed_checkpoint_survives_a_crash_while_it_is_replaced(tmp_path, 
     assert ckpt.complete(tmp_path) == []  # step_000002 is set aside, the new one not yet renamed in
     notes = ckpt.clean_stale(tmp_path)  # the next start (under the run directory's lock) finishes the commit
     assert notes == ["restored step_000002 from .tmp-step_000002-a2", "deleted the stale .old-step_000002-a2"]
-    chosen = ckpt.choose(tmp_path, rank=0, world=1)
+    chosen = resume.choose(tmp_path, rank=0, world=1)
     assert chosen.name == "step_000002" and ckpt.state(chosen)["attempt"] == "a2"
     ckpt.verify(chosen)
 
@@ -103,7 +103,7 @@ def test_a_set_aside_checkpoint_is_restored_when_its_replacement_is_incomplete(t
     (r / ".tmp-step_000002-a2" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"partial")
     assert ckpt.clean_stale(tmp_path) == ["deleted the stale .tmp-step_000002-a2",
                                          "restored step_000002 from .old-step_000002-a2"]
-    assert ckpt.state(ckpt.choose(tmp_path, rank=0, world=1))["attempt"] == "a1"
+    assert ckpt.state(resume.choose(tmp_path, rank=0, world=1))["attempt"] == "a1"
 
 
 def test_stale_temporaries_and_orphan_universal_conversions_are_cleaned(tmp_path):

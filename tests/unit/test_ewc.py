@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_module
 from keel.config import EwcConfig
 from keel.mitigation import build, ewc
 from keel.mitigation.base import Mitigation
-from keel.train.loop import train_step
+from keel.train.step import train_step
 from omegaconf import OmegaConf
 
 IGNORE = -100

@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_module
 from keel.data.masking import IGNORE
 from keel.train.guards import BadStepGuard, NonFiniteError, Rollbacks, SpikeDetector, checkpoint_due, is_bad
-from keel.train.loop import train_step
+from keel.train.step import StepRequests, train_step
 from omegaconf import OmegaConf
 
 
@@ -134,36 +134,55 @@ def _bundle():
             "position_ids": np.tile(np.arange(4), (2, 1)), "seq_lens": [[4]] * 2}
 
 
+def _fault(**steps):
+    """The test-only fault injector (keel.train.fault) of rank 0, at step 1 of ``fault.nan_at_steps=[1]`` or
+    ``fault.spike_at_steps=[1]``."""
+    from pathlib import Path
+
+    from keel.config import FaultConfig
+    from keel.core.worker import WorkerInfo
+    from keel.train.fault import FaultInjector
+
+    injector = FaultInjector(FaultConfig(**steps), WorkerInfo(0, 1, Path("."), "", "sdpa", [], [], {}))
+    injector.begin_step(1)
+    return injector
+
+
 def test_train_step_skips_a_poisoned_step_and_keeps_the_lr_schedule():
     cfg = _cfg("trainer.grad_accum=2", "trainer.micro_batch_size=1")
     good = _Engine()
     m = train_step(good, _bundle(), cfg, world=1)
     assert not m["bad"] and math.isfinite(m["loss"]) and good.sched_steps == 0
     poisoned = _Engine()
-    m = train_step(poisoned, _bundle(), cfg, world=1, poison=True)
+    m = train_step(poisoned, _bundle(), cfg, world=1, plugins=[_fault(nan_at_steps=[1])])
     # The first micro-batch is poisoned; the last backward is NaN too, so every rank's update is dropped.
     assert m["bad"] and math.isnan(m["loss"]) and math.isnan(poisoned.backward_losses[-1])
     assert poisoned.sched_steps == 1  # DeepSpeed does not step the scheduler on a skipped update; Keel does
     with pytest.raises(RuntimeError, match="non-finite step was applied"):
-        train_step(_Engine(skips=False), _bundle(), cfg, world=1, poison=True)
+        train_step(_Engine(skips=False), _bundle(), cfg, world=1, plugins=[_fault(nan_at_steps=[1])])
 
 
 def test_spike_fault_multiplies_the_loss_and_its_backward():
     cfg = _cfg()
     plain, spiked = _Engine(), _Engine()
-    m, s = train_step(plain, _bundle(), cfg, world=1), train_step(spiked, _bundle(), cfg, world=1, spike=True)
+    m = train_step(plain, _bundle(), cfg, world=1)
+    s = train_step(spiked, _bundle(), cfg, world=1, plugins=[_fault(spike_at_steps=[1])])
     assert not s["bad"] and s["loss"] == pytest.approx(1e3 * m["loss"], rel=1e-6)
     assert spiked.backward_losses[0] == pytest.approx(1e3 * plain.backward_losses[0], rel=1e-6)
 
 
 def test_save_request_rides_on_the_step():
     cfg = _cfg()
-    assert train_step(_Engine(), _bundle(), cfg, world=1, save_requested=True)["save"]
+    assert train_step(_Engine(), _bundle(), cfg, world=1, requests=StepRequests(save=True))["save"]
     assert not train_step(_Engine(), _bundle(), cfg, world=1)["save"]
 
 
 def test_counts_and_loss_window_carry_over_a_resume():
-    from keel.train.loop import _guards
+    from keel.train.guards import StepGuards
+
+    def _guards(cfg, logger):  # the guards of rank 0 (logger: its metrics history) or of another rank (None)
+        guards = StepGuards(cfg.trainer, logger.history if logger is not None else None)
+        return guards.bad, guards.spikes
 
     cfg = _cfg("trainer.spike_window=20")
     history = [{"loss": 2.0 + 0.01 * (i % 3), "bad_step": False, "bad_steps": 1, "loss_spikes": 2} for i in range(30)]
@@ -209,7 +228,12 @@ def _checkpoint(run_dir, step):
 
 
 def test_spike_rollback_reloads_the_checkpoint_and_keeps_the_lr_at_the_data_position(tmp_path, capsys):
-    from keel.train.loop import WorkerInfo, _spike_rollback
+    from keel.core.worker import WorkerInfo
+    from keel.train.resume import ResumePoint, spike_rollback
+
+    def _spike_rollback(engine, cfg, info, spiked, restore, step):  # restore: (checkpoint or None, universal)
+        point = ResumePoint(*restore) if restore[0] is not None else None
+        return spike_rollback(engine, cfg, info, spiked, point, step)
 
     info = WorkerInfo(0, 1, tmp_path, "", "sdpa", [], [], {})
     on, off = _cfg("trainer.spike_rollback=true"), _cfg()
@@ -254,3 +278,19 @@ def test_watchdog_dumps_every_stack_and_names_the_rank(tmp_path):
     assert "rank1-step8" in message
     off = watchdog.Watchdog(0, tmp_path, rank=0)
     assert off._thread is None  # step_timeout_s=0: no thread at all
+
+
+def test_fault_injection_is_a_plugin_only_when_a_fault_is_set(tmp_path):
+    """fault.* leaves the step: the trainer adds the injector (keel.train.fault) only when a fault is configured."""
+    from keel.core.worker import WorkerInfo
+    from keel.train import fault
+
+    info = WorkerInfo(0, 2, tmp_path, "", "sdpa", [], [], {})
+    assert fault.plugins(_cfg().fault, info) == []
+    for setting in ("fault.nan_at_steps=[3]", "fault.spike_at_steps=[3]", "fault.hang_rank=1 fault.hang_at_step=2",
+                    "fault.kill_rank=1 fault.at_step=2"):
+        (injector,) = fault.plugins(_cfg(*setting.split()).fault, info)
+        assert isinstance(injector, fault.FaultInjector), setting
+    injector = fault.FaultInjector(_cfg("fault.nan_at_steps=[3]").fault, WorkerInfo(1, 2, tmp_path, "", "", [], [], {}))
+    injector.begin_step(3)  # only rank 0's loss is poisoned
+    assert injector.micro_loss(torch.ones(()), 0) == 1.0

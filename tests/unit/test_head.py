@@ -7,10 +7,11 @@ import copy
 
 import pytest
 import torch
+from keel.core import loss as loss_mod
+from keel.core.loss import supervised_positions, token_weights, weighted_loss_sum
+from keel.data.masking import IGNORE
 from keel.train import head as head_mod
-from keel.train import loss as loss_mod
 from keel.train.head import LossHead, install
-from keel.train.loss import IGNORE, supervised_positions, token_weights, weighted_loss_sum
 
 from .test_attention import _model, tiny_config
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from keel.train.loss import IGNORE, backward_scale, token_weights, weighted_loss_sum
+from keel.core.loss import backward_scale, token_weights, weighted_loss_sum
+from keel.data.masking import IGNORE
 from transformers import AutoModelForCausalLM
 
 LENGTHS = [9, 4, 13, 6, 11, 7, 5, 8]

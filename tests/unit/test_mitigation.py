@@ -6,8 +6,7 @@ import keel.cli.train  # noqa: F401
 import pytest
 from hydra import compose, initialize_config_module
 from keel.data import pipeline
-from keel.launch.driver import adjust_hook
-from keel.mitigation import build, warnings_for
+from keel.mitigation import adjust_hook, build, warnings_for
 from keel.mitigation.replay import replay_weight
 from omegaconf import OmegaConf
 

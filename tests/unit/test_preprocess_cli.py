@@ -32,9 +32,8 @@ def test_a_capped_source_stops_reading_once_its_cap_is_filled(monkeypatch):
     """keel preprocess: a capped source's reader stops at the block after the consumer filled the cap, so a
     streamed corpus with a cap (data=chat_mix's C4 replay) is not read whole (before: read to its end)."""
     import ray
-
     from keel.config import SourceConfig
-    from keel.launch import preprocess as launch_preprocess
+    from keel.launch import ray_preprocess
 
     class Caps:  # the CapsReached actor's interface, answered at once
         def __init__(self, filled: bool) -> None:
@@ -42,8 +41,8 @@ def test_a_capped_source_stops_reading_once_its_cap_is_filled(monkeypatch):
 
     monkeypatch.setattr(ray, "get", lambda ref: ref)
     src = SourceConfig(name="endless", kind="demo", task="text", num_examples=10**7, cap=10)
-    blocks = launch_preprocess._read_rows(0, src, 0, 2**20, Caps(filled=True))
-    assert [b.num_rows for b in blocks] == [launch_preprocess.BLOCK_ROWS]
-    more = launch_preprocess._read_rows(0, SourceConfig(name="s", kind="demo", task="text", num_examples=1200),
-                                        0, 2**20, Caps(filled=False))
+    blocks = ray_preprocess._read_rows(0, src, 0, 2**20, Caps(filled=True))
+    assert [b.num_rows for b in blocks] == [ray_preprocess.BLOCK_ROWS]
+    more = ray_preprocess._read_rows(0, SourceConfig(name="s", kind="demo", task="text", num_examples=1200),
+                                     0, 2**20, Caps(filled=False))
     assert sum(b.num_rows for b in more) == 1200

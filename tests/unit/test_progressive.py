@@ -8,8 +8,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from keel.data import pipeline
 from keel.data.mixing import Schedule
-from keel.launch.driver import adjust_hook, schedule_hook
-from keel.mitigation import build, configured, warnings_for
+from keel.mitigation import adjust_hook, build, configured, schedule_hook, warnings_for
 from keel.mitigation.progressive import Progressive, start_mixture
 from omegaconf import OmegaConf
 

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from keel.data import pipeline
 from keel.data.mixing import Schedule
-from keel.launch.driver import adjust_hook, schedule_hook
+from keel.mitigation import adjust_hook, schedule_hook
 from keel.mitigation import build as build_mitigations
 from omegaconf import OmegaConf
 

@@ -46,12 +46,12 @@ def test_a_slow_start_up_names_the_lock_it_waits_on(tmp_path, capsys):
 def test_jit_builds_get_a_folder_per_environment(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    from keel.launch import ray_train
+    from keel.launch import ray_cluster
 
     cfg = SimpleNamespace(cluster=SimpleNamespace(use_gpu=False))
     monkeypatch.setenv("KEEL_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
-    folder = Path(ray_train._worker_env(cfg)["TORCH_EXTENSIONS_DIR"])
+    folder = Path(ray_cluster.worker_env(cfg)["TORCH_EXTENSIONS_DIR"])
     import deepspeed
     import torch
 
@@ -60,4 +60,4 @@ def test_jit_builds_get_a_folder_per_environment(monkeypatch, tmp_path):
     assert folder.name.startswith(f"py{v.major}{v.minor}-torch{torch.__version__}-deepspeed{deepspeed.__version__}-"
                                   .replace("+", "_"))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")  # the user's choice stands
-    assert ray_train._worker_env(cfg)["TORCH_EXTENSIONS_DIR"] == "/elsewhere"
+    assert ray_cluster.worker_env(cfg)["TORCH_EXTENSIONS_DIR"] == "/elsewhere"

@@ -10,7 +10,7 @@ import torch
 from keel.data.masking import IGNORE
 from keel.train.forward import to_device
 from keel.train.head import LossHead, find
-from keel.train.loop import train_step
+from keel.train.step import train_step
 
 from .test_guards import _cfg
 

@@ -125,7 +125,7 @@ def test_a_shorter_run_takes_the_first_rows_and_is_told_what_does_not_apply(buil
 def test_row_shaping_plugins_do_not_check_preprocessed_rows(built, tokenizer, tmp_path, capsys, mitigation):
     """Replay and progressive mixing act when rows are planned: on a directory preprocessed without them they
     are reported as not applying, and their row checks (which look for their source or schedule) are skipped."""
-    from keel.launch import driver
+    from keel.launch import prepare
     from keel.mitigation import configured
 
     cfg, plan = built
@@ -134,6 +134,6 @@ def test_row_shaping_plugins_do_not_check_preprocessed_rows(built, tokenizer, tm
     run_dir.mkdir()
     (tmp_path / "rejects.jsonl").write_text("")
     train = _cfg("trainer.max_steps=1", f"data.preprocessed={tmp_path}", f"mitigation={mitigation}")
-    _, _, rows = driver.prepare_data(train, run_dir, configured(train))
+    _, _, rows = prepare.prepare_data(train, run_dir, configured(train))
     assert np.array_equal(rows.input_ids, plan.input_ids[:4])
     assert f"do not apply: mitigation.{mitigation}" in capsys.readouterr().out

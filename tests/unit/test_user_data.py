@@ -18,7 +18,7 @@ from keel.cli.train import argv
 from keel.data import pipeline
 from keel.data.examples import held_out
 from keel.data.masking import IGNORE
-from keel.launch import driver
+from keel.launch import prepare
 from keel.mitigation import configured
 from keel.train import checkpoint as ckpt
 from keel.train.validation import Best, micro_batches
@@ -64,7 +64,7 @@ def _arrays(plan) -> dict:
 def test_a_file_source_is_read_whole(tmp_path, tokenizer, capsys):
     """A 7,000-row file with no cap: every row is read and available (the old default stopped at 1,000)."""
     cfg = _cfg(_source(_chats(tmp_path / "mine.jsonl", 7000)), "trainer.max_steps=2", "mitigation=none")
-    _, _, plan = driver.prepare_data(cfg, tmp_path, [])
+    _, _, plan = prepare.prepare_data(cfg, tmp_path, [])
     s = plan.report["sources"]["mine"]
     assert s["rows_read"] == s["available"] == 7000 and s["rejected"] == 0
     table = capsys.readouterr().out
@@ -94,7 +94,7 @@ def test_num_examples_caps_a_file_only_as_a_deprecated_cap(tmp_path):
 
 def _epochs_plan(tmp_path, tokenizer, *overrides, plugins: bool = False):
     cfg = _cfg("trainer.max_steps=null", *overrides)
-    _, _, plan = driver.prepare_data(cfg, tmp_path, configured(cfg) if plugins else [])
+    _, _, plan = prepare.prepare_data(cfg, tmp_path, configured(cfg) if plugins else [])
     return cfg, plan
 
 
@@ -257,8 +257,8 @@ def test_val_loss_on_packed_rows_equals_the_examples_one_by_one(tmp_path, tokeni
     """val/loss (packed rows, micro-batches, token-weighted) equals the mean loss over every validation
     token computed example by example; val/loss/<source> likewise."""
     import torch
+    from keel.core.loss import token_loss_sum
     from keel.model.build import load_model
-    from keel.train.loss import token_loss_sum
     from keel.train.validation import measure
 
     two = (f"data.sources=[{{name: a, kind: demo, task: arithmetic, num_examples: 100}}, "
@@ -393,9 +393,10 @@ def _bundles(steps: int):
 
 
 def _run_loop(tmp_path, monkeypatch, val_losses: list[float], *overrides):
-    """keel.train.loop.train on a stand-in engine, the validation loss scripted per evaluation."""
+    """keel.train.trainer.train on a stand-in engine, the validation loss scripted per evaluation."""
+    from keel.core.worker import WorkerInfo
     from keel.eval import hook
-    from keel.train import loop, validation
+    from keel.train import cadence, evaluator, export, flops, trainer, validation
 
     saved: list[int] = []
 
@@ -408,20 +409,20 @@ def _run_loop(tmp_path, monkeypatch, val_losses: list[float], *overrides):
         return d
 
     losses = iter(val_losses)
-    monkeypatch.setattr(loop, "build_engine", lambda cfg, info, plugins, load_universal=False: (_Engine(), None))
-    monkeypatch.setattr(loop, "_flops_counter", lambda model, cfg: lambda tokens, sum_sq: 0.0)
-    monkeypatch.setattr(loop, "_check_backend", lambda name: None)
-    monkeypatch.setattr(loop, "_resolve_attention", lambda cfg, info: "sdpa_block")
-    monkeypatch.setattr(loop, "_save", save)
-    monkeypatch.setattr(loop, "_export", lambda engine, cfg, info, plugins: {"hf_dir": None})
-    monkeypatch.setattr(loop, "_eval_sets", lambda cfg, info: (None, None))
+    monkeypatch.setattr(trainer, "build_engine", lambda cfg, info, plugins, load_universal=False: (_Engine(), None))
+    monkeypatch.setattr(flops, "counter", lambda model: lambda tokens, sum_sq: 0.0)
+    monkeypatch.setattr(trainer, "check_backend", lambda name: None)
+    monkeypatch.setattr(trainer, "resolve_attention", lambda cfg, info: "sdpa_block")
+    monkeypatch.setattr(cadence, "save", save)
+    monkeypatch.setattr(export, "export_model", lambda engine, cfg, info, plugins: {"hf_dir": None})
+    monkeypatch.setattr(evaluator, "load_sets", lambda cfg, info: (None, None))
     monkeypatch.setattr(hook, "evaluate", lambda *a: None)
     monkeypatch.setattr(hook, "with_rise", lambda row, baseline: row)
     monkeypatch.setattr(validation, "measure", lambda model, batches, names: {"val/loss": next(losses)})
     cfg = _cfg("logger=none", "trainer.progress=false", "trainer.step_timeout_s=0", "data.val_fraction=0.1",
                "trainer.micro_batch_size=2", "cluster.num_workers=1", *overrides)
-    info = loop.WorkerInfo(0, 1, tmp_path, "", "sdpa", [[8]] * cfg.trainer.max_steps, ["mine"], {}, val_batches=[])
-    result = loop.train(cfg, info, _bundles(cfg.trainer.max_steps))
+    info = WorkerInfo(0, 1, tmp_path, "", "sdpa", [[8]] * cfg.trainer.max_steps, ["mine"], {}, val_batches=[])
+    result = trainer.train(cfg, info, _bundles(cfg.trainer.max_steps))
     evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
     return result, saved, evals
 

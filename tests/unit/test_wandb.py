@@ -85,12 +85,12 @@ def cfg(logger: str = "wandb", mode: str = "offline", log_every: int = 1) -> NS:
 
 
 def loop_row(step: int, tokens: int = 100, split: tuple[int, int] = (25, 75)) -> dict:
-    """A metrics row with exactly the keys ``keel.train.loop`` logs (through its own ``_step_metrics``)."""
-    from keel.train.loop import _step_metrics
+    """A metrics row with exactly the keys ``keel.train.trainer`` logs (through ``keel.train.flops.step_metrics``)."""
+    from keel.train.flops import step_metrics
 
     m = {"loss": 2.0 / step, "lr": 1e-3, "supervised_tokens": tokens // 2, "tokens": tokens,
          "packing_efficiency": 0.9, "grad_norm": 1.5}
-    return {"step": step, **_step_metrics(m, 0.5, 0.05, 1e12, None, 2),
+    return {"step": step, **step_metrics(m, 0.5, 0.05, 1e12, None, 2),
             "data/tokens/arith": split[0], "data/tokens/text": split[1]}
 
 

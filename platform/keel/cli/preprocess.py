@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("keel: data.preprocessed names the input of `keel train`, not of `keel preprocess`")
     out = Path(args.out).resolve()
     _prepare_out(out, args.overwrite)
-    from keel.launch.preprocess import preprocess
+    from keel.launch.ray_preprocess import preprocess
 
     try:
         report = preprocess(cfg, out, args.procs)

@@ -35,14 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from keel.core.collectives import all_gather, all_reduce_sum
+from keel.core.loss import token_loss_sum
 from keel.data.masking import IGNORE
 from keel.data.template import TextEncoder, end_of_turn_ids, from_config, generation_prompt
 from keel.eval import checkers
 from keel.eval.diversity import diversity_report, mode_collapse_warnings
 from keel.eval.generate import Prompt, SamplingConfig, sample_batch, stop_ids
 from keel.eval.passk import pass_at_k_report
-from keel.train.collectives import all_gather, all_reduce_sum
-from keel.train.loss import token_loss_sum
 
 
 @dataclass

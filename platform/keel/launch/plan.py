@@ -11,6 +11,7 @@ import importlib.util
 import warnings
 from typing import Any
 
+from keel.config import KeelConfig
 from keel.model.arch import ModelShape, meta_model, model_hf_config, param_counts, shape_of
 from keel.model.attention import GPU_ORDER
 from keel.train import memory
@@ -43,7 +44,7 @@ def _installed(module: str) -> bool:
         return False
 
 
-def model_shape(cfg: Any) -> tuple[ModelShape, memory.Layout]:
+def model_shape(cfg: KeelConfig) -> tuple[ModelShape, memory.Layout]:
     """The configured model's shape (parameter counts with LoRA's adapters when enabled) and the
     activation layout of one of its layers, from a meta-device instance."""
     config, source = model_hf_config(cfg.model)
@@ -75,7 +76,7 @@ def layer_layout(model: Any, config: Any) -> memory.Layout:
                          intermediate=config.intermediate_size, heads=heads, norms=norms, qk_norm=qk_norm)
 
 
-def memory_terms(cfg: Any, shape: ModelShape, layout: memory.Layout, attention: str) -> dict[str, int]:
+def memory_terms(cfg: KeelConfig, shape: ModelShape, layout: memory.Layout, attention: str) -> dict[str, int]:
     """Bytes per GPU: model states, ZeRO buffers, activations, logits (and EWC's state when enabled)."""
     b = 2 if cfg.model.dtype == "bfloat16" else 4
     ds, rows, max_len = cfg.deepspeed, cfg.trainer.micro_batch_size, cfg.packing.max_len
@@ -95,7 +96,7 @@ def memory_terms(cfg: Any, shape: ModelShape, layout: memory.Layout, attention: 
     return terms
 
 
-def notes(cfg: Any, attention: str) -> list[str]:
+def notes(cfg: KeelConfig, attention: str) -> list[str]:
     """What the numbers assume or leave out."""
     out = []
     c = cfg.cluster
@@ -110,7 +111,7 @@ def notes(cfg: Any, attention: str) -> list[str]:
     return out
 
 
-def plan(cfg: Any, gpu_memory_gib: float = 80.0) -> dict[str, Any]:
+def plan(cfg: KeelConfig, gpu_memory_gib: float = 80.0) -> dict[str, Any]:
     """The plan of the configured run: parameters, layout and memory per GPU, and whether it fits."""
     shape, layout = model_shape(cfg)
     attention, why = predict_attention(cfg.model.attention, cfg.cluster.use_gpu)

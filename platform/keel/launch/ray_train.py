@@ -1,108 +1,37 @@
 """Ray Train + Ray Data engine: packed step bundles streamed to DeepSpeed workers.
 
-``cluster=local`` starts a Ray instance on this host (or joins one named by
-``cluster.address`` / ``RAY_ADDRESS``); ``cluster=slurm`` joins the one ``slurm/sft.sh``
-started on the job's nodes and waits until all of them are alive. Either runs a
-``TorchTrainer`` with ``cluster.num_workers`` workers, each streaming its own Ray dataset of
+On the Ray cluster ``keel.launch.ray_cluster`` started or joined, a ``TorchTrainer`` runs
+``cluster.num_workers`` workers (``keel.train.trainer`` on each), each streaming its own Ray dataset of
 step bundles.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keel.config import from_plain, to_plain
+from keel.config import KeelConfig, from_plain, to_plain
 from keel.launch import console
+from keel.launch.ray_cluster import init_ray
+from keel.launch.slurm import node_name
 
 WORKER_RESULT = "worker_result.json"
 
 
-def _worker_env(cfg: Any) -> dict[str, str]:
-    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    if not cfg.cluster.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    for key in ("KEEL_CACHE_DIR", "WANDB_MODE", "WANDB_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR",
-                "KEEL_SECRET_FILES", console.VERBOSE_ENV):
-        if os.environ.get(key):
-            env[key] = os.environ[key]
-    if "TORCH_EXTENSIONS_DIR" not in env:  # JIT builds per environment, not in a cache every environment shares
-        from keel.model.tiny import cache_root
-        from keel.train.startup import extensions_dir
+@dataclass
+class WorkerInputs:
+    """What the driver ships to the workers besides the config (``keel.launch.prepare.worker_inputs``)."""
 
-        env["TORCH_EXTENSIONS_DIR"] = str(extensions_dir(cache_root()))
-    return {**env, **console.worker_env()}
-
-
-def secure_local_start() -> None:
-    """Before ``ray.init`` starts a single-node instance: its servers listen on loopback only and it requires a
-    fresh token (Ray >= 2.52; this process and the Ray processes it starts inherit it)."""
-    import secrets
-
-    import ray._private.ray_constants as ray_constants
-
-    # Ray takes a routable interface as the node address on Linux, and binds the GCS, raylet, workers and
-    # agents to it (or to all interfaces); with "clusters" off it uses 127.0.0.1, as it does on macOS.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False  # read when Ray was imported: this process needs it set too
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    # Ray read its config and token when it was imported; it refreshes them so when it enables auth itself.
-    import ray._raylet as raylet
-
-    raylet.Config.initialize("")
-    raylet.AuthenticationTokenLoader.instance().reset_cache()
-
-
-def init_ray(cfg: Any) -> None:
-    """Start or join Ray; a local instance listens on 127.0.0.1 only and requires a fresh token."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = _worker_env(cfg)
-    os.environ.update(env)
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": console.verbose(),
-                              "configure_logging": False}
-    if address:
-        ray.init(address=address, **kwargs)
-        wait_for_nodes(cfg.cluster.num_nodes, cfg.cluster.join_timeout_s)
-        return
-    if cfg.cluster.name == "slurm":
-        raise ValueError("cluster=slurm joins the Ray cluster that slurm/sft.sh starts on the job's nodes, "
-                         "but neither RAY_ADDRESS nor cluster.address is set")
-    secure_local_start()  # every Ray server on 127.0.0.1, token auth with a fresh token
-    # Logical CPUs: one per worker plus headroom for Ray Data's coordinator tasks.
-    ray.init(num_cpus=cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 2,
-             object_store_memory=cfg.cluster.object_store_memory_mb * 2**20,
-             include_dashboard=False, dashboard_host="127.0.0.1", **kwargs)
-
-
-def wait_for_nodes(expected: int, timeout_s: float) -> int:
-    """Block until ``expected`` Ray nodes are alive; a clear error after ``timeout_s``."""
-    import ray
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive = sum(1 for n in ray.nodes() if n["Alive"])
-        if alive >= expected:
-            print(f"ray: {alive} node(s) alive")
-            return alive
-        if time.monotonic() > deadline:
-            raise ValueError(f"only {alive} of cluster.num_nodes={expected} Ray nodes joined within "
-                             f"{timeout_s}s (cluster.join_timeout_s); see the Ray node logs")
-        time.sleep(2)
-
-
-def node_name() -> str:
-    """The Slurm node this process runs on (set by slurmd for every step), else the hostname."""
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    model_path: str
+    attention: str  # model.attention: the workers resolve it
+    bundles: list[dict]  # every rank's step bundles from the first step to train on, step-major
+    step_source_tokens: list[list[int]]  # per step, the tokens of each source
+    source_names: list[str]
+    run_meta: dict  # what every checkpoint records about the run (keel.train.resume.run_meta, the attempt)
+    val_batches: list[list[dict]] | None = None  # per rank, its validation micro-batches
 
 
 def _gather_nodes(world_size: int) -> list[str]:
@@ -118,8 +47,9 @@ def train_loop_per_worker(config: dict) -> None:
     """Entry point on every Ray Train worker."""
     import ray.train
 
+    from keel.core.worker import WorkerInfo
     from keel.tracking.secrets import load_secret_files
-    from keel.train.loop import WorkerInfo, train
+    from keel.train.trainer import train
 
     load_secret_files()  # keel submit --secret-file: each worker reads the files on its own node
     ctx = ray.train.get_context()
@@ -176,7 +106,7 @@ def _datasets(bundles: list[dict], world: int) -> dict[str, Any]:
             for rank, mine in by_rank.items()}
 
 
-def _print_launch(cfg: Any, run_dir: Path) -> None:
+def _print_launch(cfg: KeelConfig, run_dir: Path) -> None:
     """What runs where, before the workers start."""
     from keel.train.schedule import describe
 
@@ -195,30 +125,56 @@ def _put(val_batches: list[list[dict]] | None) -> list[Any] | None:
     return None if val_batches is None else [ray.put(mine) for mine in val_batches]
 
 
-def run(cfg: Any, run_dir: Path, model_path: str, attention: str, bundles: list[dict],
-        step_source_tokens: list[list[int]], source_names: list[str], run_meta: dict,
-        val_batches: list[list[dict]] | None = None) -> dict:
-    """Run distributed training (``val_batches``: each rank's validation micro-batches); returns rank 0's result."""
+def run(cfg: KeelConfig, run_dir: Path, inputs: WorkerInputs) -> dict:
+    """Run distributed training; returns rank 0's result. A failed worker group is reported as what the user can
+    act on where the workers said so: the ranks that stalled, a corrupt checkpoint."""
+    started = time.time()
+    init_ray(cfg)
+    trainer = _torch_trainer(cfg, run_dir, inputs)
+    _print_launch(cfg, run_dir)
+    try:
+        with console.following(run_dir):  # rank 0's console lines; the workers' logs on failure
+            trainer.fit()
+    except Exception as err:
+        explained = _explained(err, run_dir, started)
+        if explained is err:
+            raise
+        raise explained from err
+    return json.loads((run_dir / WORKER_RESULT).read_text())
+
+
+def _torch_trainer(cfg: KeelConfig, run_dir: Path, inputs: WorkerInputs) -> Any:
+    """Ray Train's TorchTrainer of ``cluster.num_workers`` workers, each with its own dataset of step bundles."""
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    init_ray(cfg)
-    loop_config = {"cfg": to_plain(cfg), "run_dir": str(run_dir), "model_path": model_path,
-                   "attention": attention, "step_source_tokens": step_source_tokens,
-                   "source_names": source_names, "run_meta": run_meta, "val_refs": _put(val_batches)}
-    trainer = TorchTrainer(
+    loop_config = {"cfg": to_plain(cfg), "run_dir": str(run_dir), "model_path": inputs.model_path,
+                   "attention": inputs.attention, "step_source_tokens": inputs.step_source_tokens,
+                   "source_names": inputs.source_names, "run_meta": inputs.run_meta,
+                   "val_refs": _put(inputs.val_batches)}
+    c = cfg.cluster
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
-                                     placement_strategy=cfg.cluster.ray_placement),
+        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
+                                     resources_per_worker={"CPU": c.cpus_per_worker},
+                                     placement_strategy=c.ray_placement),
         run_config=RunConfig(name="keel", storage_path=str(run_dir.resolve() / "ray"),
-                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
-        datasets=_datasets(bundles, cfg.cluster.num_workers),
+                             failure_config=FailureConfig(max_failures=c.max_failures)),
+        datasets=_datasets(inputs.bundles, c.num_workers),
         dataset_config=DataConfig(datasets_to_split=[]),  # each rank reads only its own dataset
     )
-    _print_launch(cfg, run_dir)
-    with console.following(run_dir):  # rank 0's console lines; the workers' logs on failure
-        trainer.fit()
-    return json.loads((run_dir / WORKER_RESULT).read_text())
+
+
+def _explained(err: Exception, run_dir: Path, started: float) -> Exception:
+    """The error to report for a failed worker group: the stalled ranks, a corrupt checkpoint, or ``err`` itself."""
+    from keel.train import resume, watchdog
+
+    dumps = watchdog.reports(run_dir, since=started)
+    if dumps:  # the workers ended themselves after a stall: say where, not just "actor died"
+        return RuntimeError(watchdog.stalled_message(dumps))
+    corrupt = resume.corruption_in(err)
+    if corrupt:  # found by the ranks hashing what they load: a user decision, not a traceback
+        return resume.corruption_error(corrupt)
+    return err

@@ -25,10 +25,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from keel.errors import UserError
+
 LOCK_FILE = "keel.lock"
 
 
-class DirectoryInUse(ValueError):
+class DirectoryInUse(UserError):
     """Another live process holds the directory's lock (a user error: the message names it)."""
 
 
@@ -73,6 +75,17 @@ def acquire(directory: Path, command: str) -> DirLock:
     else:
         lock.holder = {"attempt": new_attempt()}
     _HELD[key] = lock
+    return lock
+
+
+def hold_run_dir(run_dir: Path) -> DirLock:
+    """One run per run directory: its lock (held since Hydra's start for `keel train`, by keel.cli.hydra_callbacks),
+    then what a crashed run left in checkpoints/ finished or undone (safe only under the lock)."""
+    from keel.train.checkpoint import clean_stale  # here: the lock itself is taken before torch is imported
+
+    lock = acquire(run_dir, "keel train")
+    for note in clean_stale(run_dir):
+        print(f"checkpoint: {note}")
     return lock
 
 

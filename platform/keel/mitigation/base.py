@@ -1,6 +1,6 @@
-"""The mitigation plugin protocol: hooks at the points a forgetting mitigation needs.
+"""The plugin protocol: hooks at the points a forgetting mitigation (or the test-only fault injector) needs.
 
-Hooks wired so far (called by ``keel.launch.driver``):
+Hooks called by the driver (``keel.launch``), composed in turn by ``keel.mitigation``:
 
 - ``configure(cfg)``: adjust trainer settings before anything runs (conservative LR);
 - ``extra_sources()``: data sources the plugin adds to the mixture (replay);
@@ -14,7 +14,7 @@ Hooks wired so far (called by ``keel.launch.driver``):
 - ``check_config(cfg)``: warnings about the final config, after every plugin's ``configure``
   (LoRA at a full-fine-tune learning rate).
 
-Called on every worker by ``keel.train.loop``:
+Called on every worker by the trainer (``keel.train.trainer``, ``keel.train.step``):
 
 - ``wrap_model(model, cfg) -> model``: replace the loaded model (ZeRO-3: its parameters are
   already partitioned) before the optimizer is built over the parameters left trainable
@@ -27,10 +27,14 @@ Called on every worker by ``keel.train.loop``:
 - ``setup_engine(engine, cfg, info) -> dict``: once the DeepSpeed engine is built and before a
   checkpoint is resumed, so the engine still holds the base weights (a collective: every rank
   calls it); returns run-level facts for the run result (EWC estimates or reloads its Fisher);
+- ``begin_step(step)``: before optimizer step ``step`` (1-based, as in metrics.jsonl) is trained;
+- ``micro_loss(loss, micro) -> loss``: micro-batch ``micro``'s loss sum of the current step, before
+  it is counted and back-propagated (the fault injector poisons or spikes it);
 - ``after_backward(engine) -> dict``: after the last backward of an optimizer step and before
   ``engine.step()``, while the step's gradients (ZeRO-3: reduced into each rank's local fp32
   partitions) can still be changed; it may add a loss term's gradient there (EWC's penalty)
-  and returns metrics for the step's log (a collective: every rank calls it).
+  and returns metrics for the step's log (a collective: every rank calls it);
+- ``end_step(step)``: after step ``step``'s checkpoint and export, when the run goes on.
 
 A plugin only overrides what it uses.
 """
@@ -38,44 +42,66 @@ A plugin only overrides what it uses.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from keel.config import KeelConfig, SourceConfig
+from keel.core.worker import WorkerInfo
+
+if TYPE_CHECKING:
+    import torch
+
+    from keel.data.examples import SourceData
+    from keel.data.mixing import Schedule
 
 
-class Mitigation:
+class Plugin:
     """Base class: every hook is a no-op."""
 
     name = "base"
     shapes_rows = False  # its data hooks change which rows are planned (they act in keel preprocess, not on its rows)
 
-    def __init__(self, options: Any) -> None:
-        self.options = options
-
-    def configure(self, cfg: Any) -> None:
+    def configure(self, cfg: KeelConfig) -> None:
         """Adjust ``cfg`` (a validated KeelConfig) in place before the run starts."""
 
-    def extra_sources(self) -> list[Any]:
+    def extra_sources(self) -> list[SourceConfig]:
         return []
 
-    def adjust_weights(self, weights: list[float], sources: list[Any]) -> list[float]:
+    def adjust_weights(self, weights: list[float], sources: list[SourceData]) -> list[float]:
         return weights
 
-    def schedule(self, schedule: Any, sources: list[Any]) -> Any:
+    def schedule(self, schedule: Schedule, sources: list[SourceData]) -> Schedule:
         return schedule
 
     def check_data(self, report: dict) -> list[str]:
         return []
 
-    def check_config(self, cfg: Any) -> list[str]:
+    def check_config(self, cfg: KeelConfig) -> list[str]:
         return []
 
-    def wrap_model(self, model: Any, cfg: Any) -> Any:
+    def wrap_model(self, model: Any, cfg: KeelConfig) -> Any:
         return model
 
-    def export(self, engine: Any, cfg: Any, info: Any, out: Path, full: bool) -> dict | None:
+    def export(self, engine: Any, cfg: KeelConfig, info: WorkerInfo, out: Path, full: bool) -> dict | None:
         return None
 
-    def setup_engine(self, engine: Any, cfg: Any, info: Any) -> dict:
+    def setup_engine(self, engine: Any, cfg: KeelConfig, info: WorkerInfo) -> dict:
         return {}
+
+    def begin_step(self, step: int) -> None:
+        """Optimizer step ``step`` (1-based) is about to be trained."""
+
+    def micro_loss(self, loss: torch.Tensor, micro: int) -> torch.Tensor:
+        return loss
 
     def after_backward(self, engine: Any) -> dict:
         return {}
+
+    def end_step(self, step: int) -> None:
+        """Optimizer step ``step`` is trained, checkpointed and exported as due; the run goes on."""
+
+
+class Mitigation(Plugin):
+    """A forgetting mitigation, built from its config group (``mitigation.<name>``)."""
+
+    def __init__(self, options: Any) -> None:
+        self.options = options

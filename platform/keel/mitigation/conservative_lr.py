@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from keel.config import KeelConfig
 from keel.mitigation.base import Mitigation
 
 FULL_FT_MAX_LR = 1e-5
@@ -20,7 +19,7 @@ def epoch_warnings(report: dict, max_epochs: float) -> list[str]:
     return out
 
 
-def lr_warnings(cfg: Any, report: dict) -> list[str]:
+def lr_warnings(cfg: KeelConfig, report: dict) -> list[str]:
     """Warnings for a full fine-tune that risks forgetting (issued without this plugin too)."""
     out = []
     if cfg.trainer.lr > FULL_FT_MAX_LR:
@@ -32,7 +31,7 @@ def lr_warnings(cfg: Any, report: dict) -> list[str]:
 class ConservativeLR(Mitigation):
     name = "conservative_lr"
 
-    def configure(self, cfg: Any) -> None:
+    def configure(self, cfg: KeelConfig) -> None:
         o = self.options
         print(f"conservative_lr: trainer.lr {cfg.trainer.lr:g} -> {o.lr:g}, "
               f"warmup_steps {cfg.trainer.warmup_steps} -> {o.warmup_steps}")

@@ -39,10 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from keel.config import EwcConfig, KeelConfig
+from keel.core.collectives import all_reduce_sum
+from keel.core.loss import token_loss_sum
+from keel.core.worker import WorkerInfo
 from keel.data.masking import IGNORE
+from keel.errors import ConfigError
 from keel.mitigation.base import Mitigation
-from keel.train.collectives import all_reduce_sum
-from keel.train.loss import token_loss_sum
 
 EWC_DIR = "ewc"
 META = "meta.json"
@@ -141,7 +144,7 @@ def estimate_fisher(engine: Any, sequences: list[Sequence]) -> list[torch.Tensor
     return fisher
 
 
-def reference_set(options: Any, cfg: Any, model_path: str) -> list[Sequence]:
+def reference_set(options: EwcConfig, cfg: KeelConfig, model_path: str) -> list[Sequence]:
     """The first ``samples`` usable examples of ``options.data``, encoded like a training source."""
     from keel.data.pipeline import load_source
     from keel.data.template import TextEncoder
@@ -149,7 +152,7 @@ def reference_set(options: Any, cfg: Any, model_path: str) -> list[Sequence]:
 
     data = load_source(options.data, cfg, TextEncoder(load_tokenizer(model_path, cfg.model.trust_remote_code)))
     if len(data.input_ids) < options.samples:
-        raise ValueError(f"config error: mitigation.ewc.samples={options.samples} exceeds the "
+        raise ConfigError(f"config error: mitigation.ewc.samples={options.samples} exceeds the "
                          f"{len(data.input_ids)} usable examples of mitigation.ewc.data "
                          f"({len(data.rejects)} rejected; see num_examples, packing.max_len)")
     return list(zip(data.input_ids, data.targets))[: options.samples]
@@ -201,7 +204,7 @@ def load_state(path: Path, fp: str, base: list[torch.Tensor]) -> tuple[list, lis
     return [f.to(device) for f in state["fisher"]], anchor
 
 
-def write_meta(info: Any, fp: str, sequences: list[Sequence], seconds: float) -> None:
+def write_meta(info: WorkerInfo, fp: str, sequences: list[Sequence], seconds: float) -> None:
     """``<run>/ewc/meta.json``: the fingerprint, the reference set's size and the estimate's cost."""
     meta = {"fingerprint": fp, "world_size": info.world_size, "samples": len(sequences),
             "reference_tokens": sum(int((t != IGNORE).sum()) for _, t in sequences),
@@ -223,24 +226,24 @@ def _all_ranks(flag: bool) -> bool:
 class Ewc(Mitigation):
     name = "ewc"
 
-    def __init__(self, options: Any) -> None:
+    def __init__(self, options: EwcConfig) -> None:
         super().__init__(options)
         self.params: list = []
         self.fisher: list[torch.Tensor] = []
         self.anchor: list[torch.Tensor] = []
 
-    def configure(self, cfg: Any) -> None:
+    def configure(self, cfg: KeelConfig) -> None:
         """Refuse ZeRO stages other than 3; check the reference set has ``samples`` usable sequences."""
         from keel.model.build import model_path
 
         if cfg.deepspeed.stage != 3:
-            raise ValueError(REFUSE_STAGE.format(stage=cfg.deepspeed.stage))
+            raise ConfigError(REFUSE_STAGE.format(stage=cfg.deepspeed.stage))
         seqs = reference_set(self.options, cfg, model_path(cfg))
         tokens = sum(int((t != IGNORE).sum()) for _, t in seqs)
         print(f"ewc: lam={self.options.lam:g}; Fisher over {len(seqs)} sequences of "
               f"{self.options.data.name!r} ({tokens} trained tokens)")
 
-    def setup_engine(self, engine: Any, cfg: Any, info: Any) -> dict:
+    def setup_engine(self, engine: Any, cfg: KeelConfig, info: WorkerInfo) -> dict:
         """Load the run's Fisher and anchor partitions, or estimate them on the base weights and save them."""
         self.params = [p for _, p in trainable(engine)]
         seqs = reference_set(self.options, cfg, info.model_path)

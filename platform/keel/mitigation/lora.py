@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+from keel.config import KeelConfig, LoraConfig
+from keel.core.worker import WorkerInfo
+from keel.errors import ConfigError
 from keel.mitigation.base import Mitigation
 
 ADAPTER_DIR = "adapter"
@@ -31,7 +34,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {t: LLAMA_STYLE for t in (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "granite")}
 
 
-def target_modules(options: Any, model_type: str) -> list[str] | str:
+def target_modules(options: LoraConfig, model_type: str) -> list[str] | str:
     """The configured targets, else the family's defaults (PEFT's ``all-linear`` for other families)."""
     targets = list(options.target_modules) if options.target_modules else DEFAULT_TARGETS.get(model_type)
     if targets is None or targets == [ALL_LINEAR]:
@@ -46,7 +49,7 @@ def check_targets(targets: list[str] | str, module_names: list[str]) -> None:
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
     if missing:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names if n})
-        raise ValueError(f"config error: mitigation.lora.target_modules {missing} match no module of the model "
+        raise ConfigError(f"config error: mitigation.lora.target_modules {missing} match no module of the model "
                          f"(its module names end in {leaves})")
 
 
@@ -60,7 +63,7 @@ def model_module_names(path: str, trust_remote_code: bool) -> tuple[str, list[st
     return config.model_type, [name for name, _ in model.named_modules()]
 
 
-def peft_config(options: Any, model_type: str) -> Any:
+def peft_config(options: LoraConfig, model_type: str) -> Any:
     """The PEFT LoraConfig for ``mitigation.lora``."""
     from peft import LoraConfig, TaskType
 
@@ -69,7 +72,7 @@ def peft_config(options: Any, model_type: str) -> Any:
                       target_modules=target_modules(options, model_type))
 
 
-def wrap(model: Any, options: Any, seed: int) -> Any:
+def wrap(model: Any, options: LoraConfig, seed: int) -> Any:
     """``model`` with LoRA adapters, initialised from ``seed`` alone (identical on every rank)."""
     from peft import get_peft_model
 
@@ -125,7 +128,7 @@ def _whole_loads() -> Iterator[None]:
         hf_ds._hf_deepspeed_config_weak_ref = ref
 
 
-def export_merged(model_path: str, adapter_dir: Path, out: Path, cfg: Any) -> None:
+def export_merged(model_path: str, adapter_dir: Path, out: Path, cfg: KeelConfig) -> None:
     """Save base + adapter merged as a plain HF model (safetensors, config, tokenizer) at ``out``."""
     from keel.model.build import load_tokenizer
 
@@ -140,7 +143,7 @@ def export_merged(model_path: str, adapter_dir: Path, out: Path, cfg: Any) -> No
 class Lora(Mitigation):
     name = "lora"
 
-    def configure(self, cfg: Any) -> None:
+    def configure(self, cfg: KeelConfig) -> None:
         """Resolve and check the target modules on the driver, so config.yaml records them."""
         from keel.model.build import model_path
 
@@ -152,16 +155,16 @@ class Lora(Mitigation):
         print(f"lora: r={o.r} alpha={o.alpha} dropout={o.dropout:g} on {o.target_modules} ({model_type}); "
               "the base weights are frozen")
 
-    def check_config(self, cfg: Any) -> list[str]:
+    def check_config(self, cfg: KeelConfig) -> list[str]:
         if cfg.trainer.lr < LORA_MIN_LR:
             return [f"LoRA at lr {cfg.trainer.lr:g} < {LORA_MIN_LR:g} barely moves the adapters: "
                     "LoRA usually wants ~1e-4 (trainer.lr)"]
         return []
 
-    def wrap_model(self, model: Any, cfg: Any) -> Any:
+    def wrap_model(self, model: Any, cfg: KeelConfig) -> Any:
         return wrap(model, self.options, cfg.trainer.seed)
 
-    def export(self, engine: Any, cfg: Any, info: Any, out: Path, full: bool) -> dict:
+    def export(self, engine: Any, cfg: KeelConfig, info: WorkerInfo, out: Path, full: bool) -> dict:
         """The adapter, and with ``merge_export`` the merged full model as the HF export."""
         adapter = out / ADAPTER_DIR
         save_adapter(engine.module, adapter, info.rank)

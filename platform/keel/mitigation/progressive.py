@@ -12,10 +12,11 @@ It builds the schedule itself, so it refuses ``mix=schedule``.
 
 from __future__ import annotations
 
-from typing import Any
-
+from keel.config import KeelConfig, ProgressiveConfig, SourceConfig
+from keel.data.examples import SourceData
 from keel.data.mixing import Schedule
 from keel.data.pipeline import mean_lengths
+from keel.errors import ConfigError, UserError
 from keel.mitigation.base import Mitigation
 from keel.mitigation.replay import replay_weight
 
@@ -27,7 +28,7 @@ def start_mixture(target: list[float], mean_tokens: list[float], ramped: int, sh
     """``target`` with source ``ramped`` re-weighted to ``share`` of the expected tokens, the rest scaled alike."""
     rest = [w for k, w in enumerate(target) if k != ramped]
     if sum(rest) <= 0:
-        raise ValueError("progressive: the target mixture has no weight outside the ramped source")
+        raise UserError("progressive: the target mixture has no weight outside the ramped source")
     rest = [w / sum(rest) for w in rest]
     rest_means = [t for k, t in enumerate(mean_tokens) if k != ramped]
     p = replay_weight(rest, rest_means, mean_tokens[ramped], share)
@@ -40,33 +41,33 @@ class Progressive(Mitigation):
     name = "progressive"
     shapes_rows = True
 
-    def __init__(self, options: Any) -> None:
+    def __init__(self, options: ProgressiveConfig) -> None:
         super().__init__(options)
         self.ramped = options.source.name  # replay's source when replay is enabled (see configure)
         self.own_source = True
 
-    def configure(self, cfg: Any) -> None:
+    def configure(self, cfg: KeelConfig) -> None:
         """Refuse mix=schedule; with replay, ramp replay's source instead of adding one."""
         if cfg.mix.name == "schedule":
-            raise ValueError(REFUSE_SCHEDULE)
+            raise ConfigError(REFUSE_SCHEDULE)
         if cfg.mitigation.replay is not None:
             self.ramped, self.own_source = cfg.mitigation.replay.source.name, False
 
-    def extra_sources(self) -> list[Any]:
+    def extra_sources(self) -> list[SourceConfig]:
         return [self.options.source] if self.own_source else []
 
-    def adjust_weights(self, weights: list[float], sources: list[Any]) -> list[float]:
+    def adjust_weights(self, weights: list[float], sources: list[SourceData]) -> list[float]:
         """The own text source has no share in the target mixture."""
         return [*weights, 0.0] if self.own_source else weights
 
-    def schedule(self, schedule: Schedule, sources: list[Any]) -> Schedule:
+    def schedule(self, schedule: Schedule, sources: list[SourceData]) -> Schedule:
         """Two points: the start mixture at 0, the fixed target mixture at ``ramp``."""
         if not schedule.static:
-            raise ValueError(REFUSE_SCHEDULE)
+            raise ConfigError(REFUSE_SCHEDULE)
         names = [s.name for s in sources]
         r = names.index(self.ramped)
         if not sources[r].input_ids:
-            raise ValueError(f"mitigation.progressive: source {self.ramped!r} has no usable examples "
+            raise UserError(f"mitigation.progressive: source {self.ramped!r} has no usable examples "
                              "(see rejects.jsonl)")
         means = mean_lengths(sources)
         target = list(schedule.points[0][1])

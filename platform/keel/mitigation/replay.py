@@ -5,9 +5,10 @@ ones: replay text is trained on every token, SFT chats mostly on the assistant t
 
 from __future__ import annotations
 
-from typing import Any
-
+from keel.config import SourceConfig
+from keel.data.examples import SourceData
 from keel.data.pipeline import mean_lengths
+from keel.errors import UserError
 from keel.mitigation.base import Mitigation
 
 
@@ -26,14 +27,14 @@ class Replay(Mitigation):
     name = "replay"
     shapes_rows = True
 
-    def extra_sources(self) -> list[Any]:
+    def extra_sources(self) -> list[SourceConfig]:
         return [self.options.source]
 
-    def adjust_weights(self, weights: list[float], sources: list[Any]) -> list[float]:
+    def adjust_weights(self, weights: list[float], sources: list[SourceData]) -> list[float]:
         """``weights`` cover the SFT sources; the replay source is the last of ``sources``."""
         means = mean_lengths(sources)
         if not sources[-1].input_ids:
-            raise ValueError("mitigation.replay.source has no usable examples (see rejects.jsonl)")
+            raise UserError("mitigation.replay.source has no usable examples (see rejects.jsonl)")
         p_r = replay_weight(weights, means[:-1], means[-1], self.options.ratio)
         return [w * (1 - p_r) for w in weights] + [p_r]
 

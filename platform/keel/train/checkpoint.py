@@ -9,7 +9,7 @@ crash at any point leaves a complete checkpoint. It holds the DeepSpeed ZeRO sta
 optimizer, scheduler), every rank's RNG states and ``keel_state.json`` (step = the data position:
 the run resumes with exactly the rows of step N+1, since the row plan is a pure function of the
 config; attempt, world size, ZeRO stage). Resuming checks the structure on the driver and the
-content on the ranks, each hashing only the files it loads (:func:`choose`).
+content on the ranks, each hashing only the files it loads (``keel.train.resume`` decides which).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def verify_rank(ckpt: Path, rank: int, world: int) -> None:
 def verify_agreed(ckpt: Path, rank: int, world: int) -> None:
     """:func:`verify_rank` on every rank (a collective): all raise one CheckpointCorruption naming every rank's
     finding if any rank found a problem (so rank 0, whose lines reach the console, can say which file)."""
-    from keel.train.collectives import all_gather
+    from keel.core.collectives import all_gather
 
     err = None
     try:
@@ -135,32 +135,6 @@ def complete(run_dir: Path) -> list[Path]:
         return []
     found = [p for p in d.iterdir() if p.name.startswith(PREFIX) and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
-
-
-def choose(run_dir: Path, fallback: str = "none", rank: int | None = None, world: int = 1) -> Path | None:
-    """The newest complete checkpoint that verifies; with ``fallback="previous"`` a corrupt newest one is skipped
-    (and reported) in favour of the one before it. The driver (``rank`` None) checks structure and sizes; the
-    ranks (a collective) also hash, each, the files it loads."""
-    ckpts = complete(run_dir)
-    if not ckpts:
-        return None
-
-    def check(c: Path) -> None:
-        if rank is None:
-            verify_structure(c)
-        else:
-            verify_agreed(c, rank, world)
-
-    try:
-        check(ckpts[-1])
-        return ckpts[-1]
-    except CheckpointCorruption as err:
-        if fallback != "previous" or len(ckpts) < 2:
-            raise
-        if rank in (None, 0):
-            print(f"checkpoint: {err}; trainer.resume_fallback=previous uses {ckpts[-2].name}", flush=True)
-        check(ckpts[-2])
-        return ckpts[-2]
 
 
 def state(ckpt: Path) -> dict:
@@ -308,36 +282,6 @@ def universal_dir(ckpt: Path) -> Path:
 def saved_world(ckpt: Path) -> int | None:
     """Data-parallel world size that wrote ``ckpt`` (None for a checkpoint from before it was recorded)."""
     return state(ckpt).get("world_size")
-
-
-def other_world(ckpt: Path, world: int) -> bool:
-    """Whether another world size wrote ``ckpt`` (resuming it goes through :func:`to_universal`)."""
-    return saved_world(ckpt) not in (None, world)
-
-
-def to_universal(ckpt: Path) -> Path:
-    """Convert ``ckpt`` to DeepSpeed's universal checkpoint (per-parameter fp32 weights and Adam moments,
-    independent of the world size) once; returns its directory. Runs on the driver, before the workers."""
-    import argparse
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    out = universal_dir(ckpt)
-    if (out / "zero" / "optimizer_state.pt").is_file():
-        return out
-    verify(ckpt)  # the conversion reads every file anyway: it is made from a verified checkpoint only
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds_to_universal(argparse.Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1,
-                                       num_merge_workers=1, keep_temp_folder=False, no_strict=False,
-                                       inject_missing_state=False))
-    for rng in ckpt.glob("rng_rank*.pt"):
-        shutil.copy2(rng, tmp / rng.name)
-    (tmp / STATE).write_text((ckpt / STATE).read_text())
-    integrity.fsync_tree(tmp, files=True)
-    os.replace(tmp, out)
-    integrity.fsync_dir(out.parent)
-    return out
 
 
 def consolidated_state_dict(engine: Any) -> dict | None:

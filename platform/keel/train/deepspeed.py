@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from keel.config import KeelConfig
 
-def ds_config(cfg: Any, world_size: int, load_universal: bool = False) -> dict:
+
+def ds_config(cfg: KeelConfig, world_size: int, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON config for this run (ZeRO stage, batch geometry, precision)."""
     zero: dict[str, Any] = {
         "stage": cfg.deepspeed.stage,
@@ -33,6 +35,6 @@ def ds_config(cfg: Any, world_size: int, load_universal: bool = False) -> dict:
     }
     if t.max_grad_norm > 0:
         out["gradient_clipping"] = t.max_grad_norm
-    if load_universal:  # resuming a checkpoint written by another world size (keel.train.checkpoint.to_universal)
+    if load_universal:  # resuming a checkpoint written by another world size (keel.train.resume.to_universal)
         out["checkpoint"] = {"load_universal": True}
     return out

@@ -24,6 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from keel.config import KeelConfig
+from keel.core.worker import WorkerInfo
+from keel.errors import UserError
+from keel.mitigation.base import Plugin
 from keel.train import checkpoint as ckpt
 
 EXPORTS = "exports"
@@ -54,6 +58,23 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def export_model(engine: Any, cfg: KeelConfig, info: WorkerInfo, plugins: list[Plugin], out: Path | None = None
+                 ) -> dict:
+    """Model artefacts under ``out`` (None: the final ones, in the run dir): a plugin's own export (LoRA
+    adapters) or the full HF model in ``hf/`` (the final one only with trainer.save_hf); a collective."""
+    full = out is not None or cfg.trainer.save_hf
+    out = info.run_dir if out is None else out
+    for plugin in plugins:
+        result = plugin.export(engine, cfg, info, out, full)
+        if result is not None:
+            return result
+    if not full:
+        return {"hf_dir": None}
+    hf_dir = out / "hf"
+    ckpt.save_hf(engine, info.model_path, hf_dir, info.rank)
+    return {"hf_dir": str(hf_dir)}
+
+
 def save_along(run_dir: Path, step: int, rank: int, keep: int | None, write: Callable[[Path], dict]) -> Path:
     """Export step ``step`` on every rank (a collective): ``write(tmp)`` fills a scratch dir that rank 0
     renames to ``exports/step_N`` once it is whole, then prunes to the newest ``keep`` (None: all)."""
@@ -75,7 +96,7 @@ def save_along(run_dir: Path, step: int, rank: int, keep: int | None, write: Cal
     return final
 
 
-def model_record(cfg: Any, model_path: str) -> dict:
+def model_record(cfg: KeelConfig, model_path: str) -> dict:
     """What ``keel export`` needs about the model, stored in every checkpoint's ``keel_state.json``."""
     return {"path": model_path, "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code}
 
@@ -91,29 +112,29 @@ def _record_from_run(path: Path) -> dict:
 
     run_config = path.parent.parent / "config.yaml"
     if not run_config.is_file():
-        raise ValueError(f"{path}: its {ckpt.STATE} does not record the model and the run's config "
+        raise UserError(f"{path}: its {ckpt.STATE} does not record the model and the run's config "
                          f"{run_config} is missing")
     model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(run_config).model))
     cfg = SimpleNamespace(model=model)  # only the model group: the rest may not validate in this Keel version
-    return model_record(cfg, model_path(cfg))
+    return model_record(cfg, model_path(cfg))  # reads only the model group
 
 
 def checked(path: Path) -> dict:
-    """The state of the complete Keel checkpoint ``path``, verified against its manifest; ValueError naming
+    """The state of the complete Keel checkpoint ``path``, verified against its manifest; UserError naming
     the path otherwise."""
     if not path.is_dir():
-        raise ValueError(f"{path} is not a directory (expected a Keel checkpoint, e.g. outputs/RUN/checkpoints/"
+        raise UserError(f"{path} is not a directory (expected a Keel checkpoint, e.g. outputs/RUN/checkpoints/"
                          f"{ckpt.PREFIX}000100)")
     if not (path / ckpt.MANIFEST).is_file():
         run_dir = path.parent if path.name == "checkpoints" else path  # a run dir or its checkpoints/ was given
         inside = ckpt.complete(run_dir)
         hint = f"; the complete checkpoints there: {', '.join(str(p) for p in inside)}" if inside else ""
-        raise ValueError(f"{path} is not a complete Keel checkpoint: no {ckpt.MANIFEST} (an interrupted write, "
+        raise UserError(f"{path} is not a complete Keel checkpoint: no {ckpt.MANIFEST} (an interrupted write, "
                          f"or not a checkpoint directory){hint}")
     try:
         ckpt.verify(path)
     except ckpt.CheckpointCorruption as err:
-        raise ValueError(str(err)) from err
+        raise UserError(str(err)) from err
     return ckpt.state(path)
 
 
@@ -153,7 +174,7 @@ def _write_full(weights: dict, record: dict, out: Path, source: Path) -> None:
     expected = set(model.state_dict())
     missing, unexpected = expected - set(weights), set(weights) - expected
     if missing or unexpected:
-        raise ValueError(f"{source} does not match the model at {record['path']}: missing {sorted(missing)[:5]}, "
+        raise UserError(f"{source} does not match the model at {record['path']}: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     dtype = getattr(torch, record["dtype"])
     model.save_pretrained(str(out), state_dict={k: v.to(dtype) for k, v in weights.items()}, safe_serialization=True)
@@ -173,7 +194,7 @@ def _write_lora(weights: dict, record: dict, lora: dict, out: Path, merge: bool,
     model = wrap(base, LoraConfig(**lora), seed=0)  # the adapters' shapes; their values come from the checkpoint
     adapters = {k for k, p in model.named_parameters() if p.requires_grad}
     if not adapters <= set(weights):
-        raise ValueError(f"{source} lacks LoRA weights of this model: {sorted(adapters - set(weights))[:5]}")
+        raise UserError(f"{source} lacks LoRA weights of this model: {sorted(adapters - set(weights))[:5]}")
     model.load_state_dict({k: weights[k].to(dtype) for k in adapters}, strict=False)
     if merge:
         model.merge_and_unload().save_pretrained(str(out), safe_serialization=True)
@@ -187,10 +208,10 @@ def export_checkpoint(path: Path, out: Path, merge: bool = False) -> dict:
     state = checked(path)
     lora = state.get("lora")
     if merge and not lora:
-        raise ValueError(f"--merge merges LoRA adapters, but {path} is a full fine-tune's checkpoint "
+        raise UserError(f"--merge merges LoRA adapters, but {path} is a full fine-tune's checkpoint "
                          "(exported whole without it)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} exists and is not an empty directory")
+        raise UserError(f"--out {out} exists and is not an empty directory")
     record = state.get("model") or _record_from_run(path)
     weights = fp32_weights(path)
     out.mkdir(parents=True, exist_ok=True)

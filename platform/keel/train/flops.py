@@ -16,6 +16,7 @@ world size · peak bf16 FLOP/s of one device).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from keel.model.build import full_numel
@@ -54,3 +55,17 @@ def device_peak(use_gpu: bool, override_tflops: float | None) -> float | None:
 
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def counter(model: Any) -> Callable[[int, float], float]:
+    """``flops(tokens, sum_sq_lengths)`` of one optimizer step of ``model``."""
+    params = matmul_params(model)
+    layers, d = model.config.num_hidden_layers, model.config.hidden_size
+    return lambda tokens, sum_sq: step_flops(params, layers, d, tokens, int(sum_sq))
+
+
+def step_metrics(m: dict, dt: float, t_data: float, flops: float, peak: float | None, world: int) -> dict:
+    """A step's metrics with its throughput: tokens/s, time, data wait, TFLOP/s per device and MFU."""
+    return {**m, "tokens_per_s": m["tokens"] / dt, "step_s": dt, "data_wait_s": t_data,
+            "data_wait_share": t_data / dt, "tflops_per_device": flops / dt / world / 1e12,
+            "mfu": flops / dt / world / peak if peak else None}

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from keel.core.loss import supervised_positions, weighted_loss_sum
 from keel.train.head import find as find_loss_head
-from keel.train.loss import supervised_positions, weighted_loss_sum
 
 
 def packed_boundaries(seq_lens: np.ndarray, row_len: int) -> tuple[torch.Tensor, int]:

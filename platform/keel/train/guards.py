@@ -12,6 +12,8 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from keel.config import TrainerConfig
+
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive optimizer steps with a non-finite loss or gradient norm."""
@@ -118,3 +120,55 @@ class Rollbacks:
 def checkpoint_due(now: float, last: float, every_s: float) -> bool:
     """Time-based checkpointing: at least ``every_s`` seconds (0: off) since the last checkpoint."""
     return every_s > 0 and now - last >= every_s
+
+
+class StepGuards:
+    """A worker's numeric guards over the run: the bad-step guard (every rank), the loss-spike detector (rank 0,
+    which holds the metrics) and the rollback counts, carried on from the metrics of the steps before a resume."""
+
+    def __init__(self, t: TrainerConfig, history: list[dict] | None) -> None:
+        """``history``: metrics.jsonl's rows before this start (rank 0), None on the other ranks."""
+        last = history[-1] if history else {}
+        self.bad = BadStepGuard(t.max_bad_steps, last.get("bad_steps", 0))
+        self.spikes: SpikeDetector | None = None
+        if history is not None:
+            # As the live detector: skipped steps were never judged, rolled-back spikes were forgotten.
+            losses = [r["loss"] for r in history if not r.get("bad_step") and "rolled_back_to" not in r]
+            self.spikes = SpikeDetector(t.spike_window, t.spike_z, losses[-max(t.spike_window, 1):],
+                                        last.get("loss_spikes", 0))
+        self.rollbacks = Rollbacks.carried(history or [])
+
+    def judge(self, step: int, m: dict, bad: bool) -> bool:
+        """Count step ``step`` (skipped when ``bad``) and, on rank 0, warn about it; whether its loss was a spike."""
+        self.bad.update(bad)
+        return self.spikes is not None and _warn(step, m, bad, self.bad, self.spikes)
+
+    def rolled(self, step: int, to: int | None) -> dict:
+        """A rollback at ``step`` to checkpoint step ``to`` (None: none); the metrics row's guard fields."""
+        if to is not None and self.spikes is not None:
+            self.spikes.forget_last()  # the rolled-back loss stays out of the window the next losses are judged by
+        return self.rollbacks.record(step, to)
+
+    def row(self, bad: bool) -> dict:
+        """The metrics row's counts (rank 0)."""
+        return {"bad_step": bad, "bad_steps": self.bad.total, "loss_spikes": self.spikes.total}
+
+    def counts(self) -> dict:
+        """The run result's counts."""
+        return {"bad_steps": self.bad.total, "loss_spikes": self.spikes.total if self.spikes else 0,
+                "rollbacks": self.rollbacks.count, "rolled_back_steps": self.rollbacks.steps}
+
+
+def _warn(step: int, m: dict, bad: bool, guard: BadStepGuard, spikes: SpikeDetector) -> bool:
+    """Rank 0's warnings about a skipped non-finite step or a loss spike; whether the step's loss was a spike."""
+    if bad:
+        print(f"warning: step {step}: non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}); the optimizer "
+              f"step was skipped on every rank ({guard.consecutive} in a row, {guard.total} in the run; "
+              f"trainer.max_bad_steps={guard.max_bad})", flush=True)
+        return False
+    z = spikes.observe(m["loss"])
+    if z is not None:
+        print(f"warning: step {step}: loss spike: loss {m['loss']:.4f} is {z:.1f} standard deviations above the "
+              f"mean of the previous losses (trainer.spike_window={spikes.window}, trainer.spike_z={spikes.z}); "
+              f"{spikes.total} spikes in the run", flush=True)
+    return z is not None

@@ -4,7 +4,7 @@
 ``weight`` (and ``bias``) parameters, so state dicts, tied embeddings, checkpoints and exports are
 unchanged. Outside a loss request the head is the plain linear layer (evaluation, generation, EWC).
 Inside ``with head.request(...)`` its forward computes Σ w · CE over the supervised positions only,
-in chunks (``keel.train.loss.chunked_loss_sum``), and returns that sum in place of the logits.
+in chunks (``keel.core.loss.chunked_loss_sum``), and returns that sum in place of the logits.
 
 The loss is computed inside the head's own forward so that DeepSpeed ZeRO-3 gathers the partitioned
 head weight with its module hooks, before the forward and again before the backward (where the
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from keel.train.loss import chunked_loss_sum
+from keel.core.loss import chunked_loss_sum
 
 SOFTCAP = "final_logit_softcapping"
 # Config fields with which a family's forward rescales the head's output (Cohere, Granite): no chunked loss.

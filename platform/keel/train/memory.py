@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keel.train.loss import CHUNK_LOGITS
+from keel.core.loss import CHUNK_LOGITS
 
 GIB = 1 << 30
 # CUDA context, cuBLAS workspaces and NCCL communicator buffers of one worker process.

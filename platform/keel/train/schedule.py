@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from keel.config import TrainerConfig
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 DEFAULT_MIN_LR_RATIO = 0.1  # trainer.min_lr_ratio left unset (cosine, linear, wsd)
@@ -47,7 +50,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float, schedule: st
     return min_ratio + (1 - min_ratio) * (1 - math.sqrt((p - stable) / decay_fraction))
 
 
-def resolved(t: Any) -> dict:
+def resolved(t: TrainerConfig) -> dict:
     """The schedule's settings from the ``trainer`` group, defaults filled in (what the run uses)."""
     min_ratio = DEFAULT_MIN_LR_RATIO if t.min_lr_ratio is None else t.min_lr_ratio
     decay = DEFAULT_DECAY_FRACTION if t.decay_fraction is None else t.decay_fraction
@@ -56,7 +59,7 @@ def resolved(t: Any) -> dict:
             "decay_fraction": decay if t.lr_schedule == "wsd" else 0.0}
 
 
-def lr_lambda(t: Any) -> Callable[[int], float]:
+def lr_lambda(t: TrainerConfig) -> Callable[[int], float]:
     """The LR factor per scheduler step for the ``trainer`` group: the one place the total step count
     (``trainer.max_steps`` as resolved) enters the schedule. A plain function, so a DeepSpeed checkpoint
     of the scheduler stores only its step, never these settings."""
@@ -64,7 +67,7 @@ def lr_lambda(t: Any) -> Callable[[int], float]:
     return lambda s: lr_factor(s, r["warmup"], r["total"], r["min_ratio"], r["schedule"], r["decay_fraction"])
 
 
-def describe(t: Any) -> str:
+def describe(t: TrainerConfig) -> str:
     """One line for the console: the schedule and the LRs it moves between."""
     r = resolved(t)
     warm = f"warmup {r['warmup']} steps, then " if r["warmup"] else ""

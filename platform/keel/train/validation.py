@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from keel.data.pipeline import RowPlan
 
 FIELDS = ("input_ids", "targets", "position_ids", "seq_lens")
 
@@ -31,7 +34,7 @@ def _padding_rows(n: int, width: int, seq_width: int, pad: int) -> dict:
             "seq_lens": np.zeros((n, seq_width), np.int32)}
 
 
-def _source_batches(val: Any, micro: int) -> list[dict]:
+def _source_batches(val: RowPlan, micro: int) -> list[dict]:
     """Micro-batches of ``micro`` rows, each holding one source's rows (the last one of a source padded)."""
     padding = val.source_ids < 0
     pad = int(val.input_ids[padding][0]) if padding.any() else 0
@@ -49,7 +52,7 @@ def _source_batches(val: Any, micro: int) -> list[dict]:
     return out
 
 
-def micro_batches(val: Any, world: int, micro: int) -> list[list[dict]]:
+def micro_batches(val: RowPlan, world: int, micro: int) -> list[list[dict]]:
     """Per rank, the validation micro-batches it runs, dealt round-robin; every rank gets the same number
     (a rank short of one repeats the first batch with ``counted`` false)."""
     batches = _source_batches(val, micro)
@@ -64,9 +67,9 @@ def measure(model: Any, batches: list[dict], names: list[str]) -> dict:
     """``val/loss``, ``val/loss/<source>`` and ``val/tokens`` over every rank's batches (a collective)."""
     import torch
 
-    from keel.train.collectives import all_reduce_sum
+    from keel.core.collectives import all_reduce_sum
+    from keel.core.loss import token_weights
     from keel.train.forward import micro_loss_sum
-    from keel.train.loss import token_weights
 
     sums, counts = np.zeros(len(names)), np.zeros(len(names))
     was_training = model.training

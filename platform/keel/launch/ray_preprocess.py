@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from keel.config import from_plain, to_plain
+from keel.config import KeelConfig, SourceConfig, from_plain, to_plain
 from keel.data.examples import RowResult, SourceData, held_out, process_row, val_fraction, validates, where
 from keel.data.pipeline import Layout, layout_report, pad_id, plan_sources, self_check_report, validation_rows
 from keel.data.preprocessed import REPORT, compat
 from keel.data.shards import VAL_SHARD, write_shard
 from keel.data.sources import iter_source, source_format, validation_source
 from keel.data.store import Column, RejectSink, SourceRejects
+from keel.launch.ray_cluster import init_ray
 from keel.tracking.logger import redact
 
 BLOCK_ROWS = 512  # source rows per Ray Data block
@@ -41,7 +42,7 @@ def _row_block(batch: list[tuple[int, int, int, bytes]]) -> pa.Table:
                      "row": pa.array(row, pa.int64()), "raw": pa.array(raw, pa.binary())})
 
 
-def _read_rows(k: int, src: Any, seed: int, max_row_bytes: int, caps: Any = None) -> Iterator[pa.Table]:
+def _read_rows(k: int, src: SourceConfig, seed: int, max_row_bytes: int, caps: Any = None) -> Iterator[pa.Table]:
     """Source ``k``'s rows in order (canonical examples or readers' Rejects, pickled) in blocks. A capped
     source stops once the consumer says its cap is reached (``caps``): a streamed corpus is not read whole."""
     import ray
@@ -170,7 +171,7 @@ def _source_data(name: str, work: Path, tag: str, rejects: RejectSink) -> Source
     return SourceData(name, Column(work / f"{tag}.ids"), Column(work / f"{tag}.targets"), SourceRejects(rejects))
 
 
-def encode_sources(configs: list, cfg: Any, model_path: str, work: Path, rejects: RejectSink,
+def encode_sources(configs: list, cfg: KeelConfig, model_path: str, work: Path, rejects: RejectSink,
                    procs: int) -> list[SourceData]:
     """Every source through one Ray Data pipeline into on-disk columns under ``work``; rejects stream to
     ``rejects``. Results come back in source and row order, so each source's rows keep their order; the
@@ -245,7 +246,7 @@ class WriteShards:
         return {"shard": batch["shard"], "tokens": tokens, "trained": trained}
 
 
-def write_rows(layout: Layout, sources: list[SourceData], work: Path, out: Path, cfg: Any, pad: int,
+def write_rows(layout: Layout, sources: list[SourceData], work: Path, out: Path, cfg: KeelConfig, pad: int,
                procs: int) -> tuple[int, np.ndarray, np.ndarray]:
     """Every row of the layout as Parquet shards in ``out``; returns the shard count and the rows' token counts."""
     import ray.data
@@ -266,23 +267,11 @@ def write_rows(layout: Layout, sources: list[SourceData], work: Path, out: Path,
     return len(bounds), tokens, trained
 
 
-def init_ray(cfg: Any, procs: int) -> None:
-    """Join the configured Ray cluster, or start a local one with ``procs`` CPUs."""
-    import os
-
+def _init_ray_data(cfg: KeelConfig, procs: int) -> None:
+    """Join the configured Ray cluster, or start a local one with ``procs`` CPUs; Ray Data keeps row order."""
     import ray
 
-    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
-        from keel.launch import ray_train
-
-        ray_train.init_ray(cfg)
-    elif not ray.is_initialized():
-        from keel.launch.ray_train import secure_local_start
-
-        secure_local_start()  # loopback only, token auth
-        ray.init(num_cpus=procs, object_store_memory=cfg.cluster.object_store_memory_mb * 2**20,
-                 include_dashboard=False, log_to_driver=True, configure_logging=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    init_ray(cfg, local_cpus=procs)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # rows come back in source order: row numbers stay exact
     ctx.enable_progress_bars = False
@@ -300,7 +289,8 @@ def _summary(report: dict, configs: list) -> dict:
     return out
 
 
-def _write_validation(sources: list[SourceData], configs: list, cfg: Any, pad: int, out: Path, report: dict) -> int:
+def _write_validation(sources: list[SourceData], configs: list, cfg: KeelConfig, pad: int, out: Path,
+                      report: dict) -> int:
     """The validation rows (as ``pipeline.build`` packs them) as ``val-NNNNN.parquet`` shards; their count."""
     val = validation_rows(sources, configs, cfg, pad)
     if val is None:
@@ -313,11 +303,10 @@ def _write_validation(sources: list[SourceData], configs: list, cfg: Any, pad: i
     return len(starts)
 
 
-def preprocess(cfg: Any, out: Path, procs: int) -> dict:
+def preprocess(cfg: KeelConfig, out: Path, procs: int) -> dict:
     """Run the data path of ``cfg`` on Ray Data into ``out``; returns report.json's content."""
     from keel.data.template import TextEncoder
-    from keel.launch.driver import adjust_hook, schedule_hook
-    from keel.mitigation import configured
+    from keel.mitigation import adjust_hook, configured, schedule_hook
     from keel.model.build import load_tokenizer, model_path
 
     plugins = configured(cfg)
@@ -325,7 +314,7 @@ def preprocess(cfg: Any, out: Path, procs: int) -> dict:
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     work = out / ".work"
     work.mkdir(parents=True)
-    init_ray(cfg, procs)
+    _init_ray_data(cfg, procs)
     configs = [*cfg.data.sources, *(src for p in plugins for src in p.extra_sources())]
     rejects = RejectSink(out / "rejects.jsonl")
     try:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from keel.data.masking import IGNORE
+from keel.errors import ConfigError
+
 LOSS_NORMS = ("token", "sequence")
 
 
@@ -24,7 +26,7 @@ def token_weights(targets: torch.Tensor, position_ids: torch.Tensor, mode: str) 
     if mode == "token":
         return supervised, float(supervised.sum())
     if mode != "sequence":
-        raise ValueError(f"trainer.loss_norm must be one of {list(LOSS_NORMS)}, got {mode!r}")
+        raise ConfigError(f"trainer.loss_norm must be one of {list(LOSS_NORMS)}, got {mode!r}")
     starts = (position_ids == 0).to(torch.int64)
     starts[:, 0] = 1
     doc = torch.cumsum(starts.reshape(-1), 0) - 1  # example index of every token (flattened)
