@@ -30,7 +30,6 @@ OVERRIDES = ["mitigation=ewc", f"mitigation.ewc.samples={SAMPLES}", f"mitigation
 
 
 def _compose(overrides: list[str]):
-    import keel.cli.train  # noqa: F401  (registers the schema)
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 

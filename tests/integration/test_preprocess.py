@@ -9,7 +9,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import keel.cli.train  # noqa: F401
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module

@@ -31,7 +31,6 @@ FAMILY_TOKENS = {
 
 
 def _compose(overrides: list[str]):
-    import keel.cli.train  # noqa: F401  (registers the schema)
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 

@@ -7,7 +7,6 @@ import copy
 import math
 from types import SimpleNamespace
 
-import keel.cli.train  # noqa: F401  (registers the schema)
 import pytest
 import torch
 from hydra import compose, initialize_config_module

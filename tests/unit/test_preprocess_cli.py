@@ -32,7 +32,6 @@ def test_a_capped_source_stops_reading_once_its_cap_is_filled(monkeypatch):
     """keel preprocess: a capped source's reader stops at the block after the consumer filled the cap, so a
     streamed corpus with a cap (data=chat_mix's C4 replay) is not read whole (before: read to its end)."""
     import ray
-
     from keel.config import SourceConfig
     from keel.launch import preprocess as launch_preprocess
 

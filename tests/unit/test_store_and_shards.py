@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import pickle
 
-import keel.cli.train  # noqa: F401
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module

@@ -8,7 +8,6 @@ import math
 import warnings
 from pathlib import Path
 
-import keel.cli.train  # noqa: F401
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module

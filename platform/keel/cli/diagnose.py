@@ -17,8 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from keel.choices import MASKINGS
 from keel.cli.main import run_cli
-from keel.data.masking import MASKINGS
 from keel.data.template import get_template
 from keel.eval import checkers
 from keel.eval.diagnose import HELDOUT_SEED, Thresholds

@@ -74,8 +74,8 @@ def load_config(overrides: list[str], file: str | None, fmt: str) -> KeelConfig:
 
 def load_sources(cfg: KeelConfig) -> tuple[Any, list[Any]]:
     """The tokenizer of the configured model and every source, encoded as for training."""
+    from keel.data.encoding import TextEncoder
     from keel.data.pipeline import load_source
-    from keel.data.template import TextEncoder
     from keel.model.build import load_tokenizer, model_path
 
     tokenizer = load_tokenizer(model_path(cfg), cfg.model.trust_remote_code)

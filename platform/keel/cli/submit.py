@@ -26,12 +26,12 @@ def validate_overrides(overrides: list[str]) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    import keel.cli.train  # noqa: F401  (registers the keel_schema node the defaults list names)
+    from keel.cli.train import resolve_code_execution  # importing keel.config registers the keel_schema node
 
     try:
         with initialize_config_module(config_module="keel.conf", version_base=None):
             cfg = compose(config_name="config", overrides=overrides)
-        OmegaConf.to_object(cfg)
+        resolve_code_execution(OmegaConf.to_object(cfg))
     except (HydraException, OmegaConfBaseException) as err:
         raise ValueError(f"config error: {err}") from err
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from keel.data.encoding import TextEncoder
 from keel.data.masking import Encoded, apply_mask
 from keel.data.sources import load_conversations
-from keel.data.template import TextEncoder, get_template, render_chat, render_text
+from keel.data.template import get_template, render_chat, render_text
 
 __all__ = ["Encoded", "encode", "load_conversations"]
 

@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 
 from keel.data import selfcheck, tokenizer_eos
+from keel.data.encoding import TextEncoder
 from keel.data.formats import validate
 from keel.data.masking import IGNORE, apply_mask
 from keel.data.sources import Reject, iter_source, validation_source
-from keel.data.template import TextEncoder, from_config, render_chat, render_text
+from keel.data.template import from_config, render_chat, render_text
 
 Piece = tuple[np.ndarray, np.ndarray]  # input ids, shifted targets (targets[i] = labels[i + 1])
 

@@ -26,6 +26,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from keel.choices import INTERPOLATIONS
+
 
 def mixture_weights(
     sizes: Sequence[float], T: float = 1.0, quality: Sequence[float] | None = None
@@ -146,9 +148,6 @@ def realised_mixture(plan: Sequence[tuple[int, int]], num_sources: int) -> list[
             raise ValueError(f"plan has source id {source}, outside [0, {num_sources})")
         counts[source] += 1
     return counts
-
-
-INTERPOLATIONS: tuple[str, ...] = ("linear", "step")
 
 
 @dataclass(frozen=True)

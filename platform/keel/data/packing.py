@@ -27,7 +27,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-STRATEGIES: tuple[str, ...] = ("bfd", "ffd", "first_fit", "pad")
+from keel.choices import PACKING_STRATEGIES as STRATEGIES
+
 REFINE_ITEMS = 3000  # items of the least-full BFD bins that the refinement pass repacks
 
 

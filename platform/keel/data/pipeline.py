@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 
 from keel.data import selfcheck
+from keel.data.encoding import TextEncoder
 from keel.data.examples import SourceData, chat_messages, load_source, load_validation, validates
 from keel.data.masking import IGNORE
 from keel.data.mixing import Schedule, mixture_weights, sample_plan, segment_plans
 from keel.data.packing import pack
-from keel.data.template import TextEncoder, from_config
+from keel.data.template import from_config
 
 __all__ = ["Layout", "RowPlan", "SourceData", "build", "chat_messages", "fill_rows", "layout_report",
            "load_source", "mean_lengths", "plan_sources", "row_tokens", "settle_length", "validation_rows"]

@@ -25,15 +25,15 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from keel.choices import DATA_FILE_SUFFIXES, FORMATS, HF_PREFIX, check_fields, check_format
 from keel.data import demo
-from keel.data.formats import FORMATS, Reject, check_fields, check_format, detect_format, to_canonical, validate
+from keel.data.formats import Reject, detect_format, to_canonical, validate
 
 __all__ = ["Reject", "detect_source_format", "iter_raw", "iter_rows", "iter_source", "load_conversations",
-           "names_dataset", "read_file", "resolve_files", "source_format", "validation_source"]
+           "read_file", "resolve_files", "source_format", "validation_source"]
 
 log = logging.getLogger(__name__)
 
-HF_PREFIX = "hf:"
 DEFAULT_MAX_ROW_BYTES = 4 * 2**20  # data.max_row_bytes: a 128k-token row in any script fits; 50 MB lines do not
 _SKIP_CHUNK = 2**20  # the rest of an over-long line is skipped in pieces this size
 CONTAINER_KEYS = ("data", "rows", "examples", "train", "instances", "records", "items")
@@ -167,6 +167,7 @@ READERS: dict[str, Callable[[Path, int], Iterator[Row]]] = {
     ".json": _json_rows, ".jsonl": _jsonl_rows, ".ndjson": _jsonl_rows, ".parquet": _parquet_rows,
     ".csv": _csv_rows,
 }
+assert tuple(READERS) == DATA_FILE_SUFFIXES  # keel.config.names_dataset tells files from datasets by these
 
 
 def _reader(path: Path) -> Callable[[Path, int], Iterator[Row]]:
@@ -282,12 +283,6 @@ def resolve_files(path: str) -> list[str]:
 
 def _is_hf(path: str) -> bool:
     return str(path).startswith(HF_PREFIX) or Path(os.path.expanduser(str(path))).is_dir()
-
-
-def names_dataset(path: str) -> bool:
-    """Whether ``path`` names a Hugging Face dataset (``hf:`` or a folder) rather than data files; by its
-    spelling alone, so a config checks the same on every node."""
-    return str(path).startswith(HF_PREFIX) or Path(str(path)).suffix.lower() not in READERS
 
 
 def _hf_rows(path: str, split: str, subset: str | None, streaming: bool) -> Iterator[Row]:

@@ -6,10 +6,10 @@ import re
 from collections.abc import Callable
 from fractions import Fraction
 
+from keel.choices import CHECKERS, CODE_CHECKERS  # the names (eval.passk.checker); code-executing: opt-in only
 from keel.eval import sandbox
 
 Checker = Callable[[str, str], bool]
-CODE_CHECKERS = ("python",)  # checkers that execute model output: opt-in only
 OPT_IN_HOW = "--allow-code-execution (keel eval passk) or eval.passk.allow_code_execution=true (keel train)"
 
 # ----------------------------------------------------------------------------------------- math
@@ -196,6 +196,7 @@ _REGISTRY: dict[str, Checker] = {
     "contains": check_contains,
     "python": make_python_checker(),
 }
+assert sorted(_REGISTRY) == list(CHECKERS)  # keel.config validates eval.passk.checker against these names
 
 
 def names() -> list[str]:

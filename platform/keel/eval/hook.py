@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from keel.data.encoding import TextEncoder
 from keel.data.masking import IGNORE
-from keel.data.template import TextEncoder, end_of_turn_ids, from_config, generation_prompt
+from keel.data.template import end_of_turn_ids, from_config, generation_prompt
 from keel.eval import checkers
 from keel.eval.diversity import diversity_report, mode_collapse_warnings
 from keel.eval.generate import Prompt, SamplingConfig, sample_batch, stop_ids

@@ -13,8 +13,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from keel.choices import MASKINGS
 from keel.data import encode
-from keel.data.masking import IGNORE, MASKINGS
+from keel.data.masking import IGNORE
 
 Example = str | list[dict] | dict
 

@@ -37,9 +37,11 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-BACKENDS = ("sdpa_block", "flex", "torch_varlen", "fa_varlen")
-# Deprecated names, still accepted in ``model.attention`` (keel.config maps them with a warning).
-ALIASES = {"flash_attn": "fa_varlen"}
+# The backends' names (model.attention), and deprecated names still accepted (keel.config maps them with a
+# warning), are the config's vocabulary.
+from keel.choices import ATTENTION_ALIASES as ALIASES
+from keel.choices import ATTENTION_BACKENDS as BACKENDS
+
 # What ``auto`` tries on a GPU, best first; ``sdpa_block`` (a dense S×S mask) is the fallback.
 GPU_ORDER = ("fa_varlen", "torch_varlen", "flex")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.data import demo
-from keel.data.template import SPECIAL_TOKENS
+from keel.data.encoding import SPECIAL_TOKENS
 
 CORPUS_VERSION = 1  # bump when the demo corpus or tokenizer recipe changes
 

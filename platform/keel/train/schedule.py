@@ -22,7 +22,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-SCHEDULES = ("cosine", "linear", "constant", "wsd")
 DEFAULT_MIN_LR_RATIO = 0.1  # trainer.min_lr_ratio left unset (cosine, linear, wsd)
 DEFAULT_DECAY_FRACTION = 0.2  # trainer.decay_fraction left unset (wsd)
 
