@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
-from keel.data.shards import VAL_SHARD, read_rows
+from keel.data.parquet_rows import VAL_SHARD, read_rows
 from keel.launch import driver
 from keel.mitigation import configured
 from keel.train import checkpoint as ckpt

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from keel.data import demo, examples, pipeline
 from keel.data.formats import validate
 from keel.data.masking import IGNORE
-from keel.data.sharding import step_bundles
+from keel.data.rank_bundles import step_bundles
 from omegaconf import OmegaConf
 
 

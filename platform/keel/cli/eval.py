@@ -74,7 +74,7 @@ def _check_model_dir(path: str) -> None:
 
 def run_passk(args: argparse.Namespace) -> dict:
     """Load, sample, score, print the table and write the report."""
-    from keel.eval.generate import SamplingConfig, check_sampling, load_model, load_prompts
+    from keel.eval.generate import SamplingConfig, check_sampling, load_eval_model, load_prompts
     from keel.eval.report import evaluate_passk, format_table, usable_ks, write_report
 
     checkers.get(args.checker, args.allow_code_execution)  # opt-in and sandbox, before any loading
@@ -88,7 +88,7 @@ def run_passk(args: argparse.Namespace) -> dict:
     prompts, skipped = load_prompts(args.data, args.format, args.limit)
     _check_model_dir(args.model)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_eval_model(args.model, args.device)
     body = evaluate_passk(model, tokenizer, prompts, sampling, args.checker, ks, _progress,
                           allow_code_execution=args.allow_code_execution)
     report = {"config": _config(args, ks, dropped), "prompts": len(prompts), "rows_skipped": skipped,

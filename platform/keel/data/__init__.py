@@ -1,4 +1,16 @@
-"""Data path: sources -> formats -> template -> masking -> mixing -> packing -> sharding.
+"""Data path: sources -> formats -> template -> masking -> mixing -> packing -> rank bundles.
+
+- ``sources`` reads rows (files, globs, Hugging Face datasets); ``formats`` makes them canonical examples;
+  ``demo`` generates the built-in synthetic ones.
+- ``template`` (built-in chat templates, and the one place a template is chosen), ``hf_template``
+  (``template=tokenizer|jinja``) and ``encoding`` (rendered pieces to token ids) render them;
+  ``masking`` labels the trained tokens; ``examples`` does all of it for one row; ``selfcheck``
+  checks a sample at start-up.
+- ``mixing`` weighs and samples sources, ``packing`` fills rows, ``pipeline`` builds the run's packed
+  row plan, ``rank_bundles`` deals each optimizer step's rows out to the ranks.
+- ``keel preprocess`` keeps its working columns in ``disk_columns``, writes ``parquet_rows``, and
+  ``preprocessed_dir`` reads such a directory back for ``data.preprocessed=DIR``.
+- ``inspect`` renders examples for ``keel inspect``.
 
 Nothing in this package imports Ray, DeepSpeed or torch.distributed.
 """

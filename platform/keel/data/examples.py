@@ -43,7 +43,7 @@ class RowResult:
 class SourceData:
     """Encoded, valid examples of one source, plus its rejects.
 
-    ``input_ids``/``targets`` are lists, or on-disk columns (``keel.data.store``) for sources too
+    ``input_ids``/``targets`` are lists, or on-disk columns (``keel.data.disk_columns``) for sources too
     large to hold in memory; ``rejects`` likewise may be a file-backed sink.
     """
 

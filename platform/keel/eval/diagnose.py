@@ -34,6 +34,7 @@ from typing import Any
 
 from keel.data import demo
 from keel.data.sources import load_conversations
+from keel.eval.diversity import COLLAPSE_METRICS
 from keel.eval.report import write_report
 
 # Demo examples for diagnosis come from a seed that no Keel config trains on (data.seed defaults to 0).
@@ -207,7 +208,7 @@ def _fall(base: float | None, tuned: float | None) -> float | None:
 def mode_collapse(base: Scores, tuned: Scores, th: Thresholds) -> dict:
     """Mode-collapse flag with the checks behind it."""
     reasons: list[str] = []
-    for key in ("distinct_2", "mean_entropy"):
+    for key in COLLAPSE_METRICS:
         b, t = getattr(base, key), getattr(tuned, key)
         fall = _fall(b, t)
         if fall is not None and _above(fall, th.collapse_drop):

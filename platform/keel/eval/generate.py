@@ -82,7 +82,7 @@ def prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
 # ---------------------------------------------------------------- model
 
 
-def load_model(path: str, device: str = "auto") -> tuple[Any, Any]:
+def load_eval_model(path: str, device: str = "auto") -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) from an HF dir; bf16 on a capable GPU, else float32."""
     import torch
     from transformers import AutoModelForCausalLM

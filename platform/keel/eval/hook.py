@@ -39,7 +39,7 @@ from keel.data.encoding import TextEncoder
 from keel.data.masking import IGNORE
 from keel.data.template import end_of_turn_ids, from_config, generation_prompt
 from keel.eval import checkers
-from keel.eval.diversity import diversity_report, mode_collapse_warnings
+from keel.eval.diversity import COLLAPSE_METRICS, diversity_report, mode_collapse_warnings
 from keel.eval.generate import Prompt, SamplingConfig, sample_batch, stop_ids
 from keel.eval.passk import pass_at_k_report
 from keel.train.collectives import all_gather, all_reduce_sum
@@ -223,8 +223,8 @@ def warnings(row: dict, baseline: dict | None, cfg: Any) -> list[str]:
         out.append(f"forgetting: held-out pretraining perplexity rose {rise:.0%} since step {baseline['step']} "
                    f"({baseline['forgetting/ppl']:.4g} -> {row['forgetting/ppl']:.4g}; eval.forgetting.spike="
                    f"{cfg.eval.forgetting.spike}); consider mitigation=replay (see keel diagnose)")
-    now = {k: row.get(f"eval/diversity/{k}") for k in ("distinct_2", "mean_entropy")}
-    then = {k: baseline.get(f"eval/diversity/{k}") for k in ("distinct_2", "mean_entropy")}
+    now = {k: row.get(f"eval/diversity/{k}") for k in COLLAPSE_METRICS}
+    then = {k: baseline.get(f"eval/diversity/{k}") for k in COLLAPSE_METRICS}
     out += mode_collapse_warnings(now, then, cfg.eval.collapse_drop)
     return out
 

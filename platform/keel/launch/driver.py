@@ -119,7 +119,7 @@ def _preprocessed(cfg: Any, tokenizer: Any, run_dir: Path) -> tuple[Any, int]:
     """The rows of ``data.preprocessed`` and its reject count; its rejects.jsonl is copied into the run."""
     import shutil
 
-    from keel.data import preprocessed
+    from keel.data import preprocessed_dir as preprocessed
     from keel.launch import runlock
 
     reading = runlock.acquire_shared(Path(cfg.data.preprocessed))  # refused while `keel preprocess` writes it
@@ -159,7 +159,7 @@ def val_batches(val: Any, cfg: Any) -> list[list[dict]] | None:
 def run_meta(cfg: Any, plan: Any, tokenizer: Any) -> dict:
     """Fingerprints stored with every checkpoint; a resume must match them."""
     data = hashlib.sha256(plan.input_ids.tobytes() + plan.targets.tobytes()).hexdigest()[:16]
-    from keel.data.preprocessed import tokenizer_fingerprint
+    from keel.data.preprocessed_dir import tokenizer_fingerprint
 
     tok = tokenizer_fingerprint(tokenizer)
     t = cfg.trainer
@@ -287,7 +287,7 @@ def run_training(cfg: Any, run_dir: Path) -> dict:
     """Everything ``keel train`` does after the config is composed and validated."""
     from omegaconf import OmegaConf
 
-    from keel.data.sharding import step_bundles, step_source_tokens
+    from keel.data.rank_bundles import step_bundles, step_source_tokens
     from keel.launch import ray_train
     from keel.model.attention import expected
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from keel.data.parquet_rows import VAL_SHARD, read_rows
 from keel.data.pipeline import RowPlan, row_tokens, rows_per_step, with_steps
-from keel.data.shards import VAL_SHARD, read_rows
 
 REPORT = "report.json"
 # Config that chooses the rows; report.json records it and a run that differs is told so.
