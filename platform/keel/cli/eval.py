@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from keel.cli.main import run_cli
+from keel.errors import UserError
 from keel.eval import checkers
 
 
@@ -66,9 +67,9 @@ def _progress(done: int, total: int) -> None:
 
 
 def _check_model_dir(path: str) -> None:
-    """Raise ValueError unless ``path`` is a consolidated HF model dir (has config.json)."""
+    """Raise UserError unless ``path`` is a consolidated HF model dir (has config.json)."""
     if not (Path(path) / "config.json").is_file():
-        raise ValueError(f"--model must be a Hugging Face model directory with config.json, got {path!r} "
+        raise UserError(f"--model must be a Hugging Face model directory with config.json, got {path!r} "
                          "(for a Keel run use its outputs/.../hf folder, not the ZeRO-3 checkpoint)")
 
 
@@ -79,7 +80,7 @@ def run_passk(args: argparse.Namespace) -> dict:
 
     checkers.get(args.checker, args.allow_code_execution)  # opt-in and sandbox, before any loading
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
     sampling = SamplingConfig(args.n, args.temperature, args.top_p, args.max_new_tokens, args.batch_size, args.seed)
     check_sampling(sampling)
     ks, dropped = usable_ks(args.k, args.n)

@@ -24,6 +24,7 @@ from keel.cli.train import validate
 from keel.config import KeelConfig, SourceConfig
 from keel.data import inspect as view
 from keel.data.sources import source_format
+from keel.errors import UserError
 
 DESCRIPTION = """Show N rendered examples per source with trained tokens highlighted, and write
 inspect.html + inspect.json. Remaining arguments are Hydra overrides, as for `keel train`
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         tokenizer, sources = load_sources(cfg)
         stats = [{**view.source_stats(s), "format": source_format(src)} for s, src in zip(sources, cfg.data.sources)]
-    except ValueError as err:  # bad data path, unreadable source: no traceback
+    except UserError as err:  # bad data path, unreadable source: no traceback
         sys.exit(f"keel: {err}")
     color = use_color(args.no_color)
     for data, st in zip(sources, stats):

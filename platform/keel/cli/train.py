@@ -10,6 +10,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from keel.choices import CODE_CHECKERS
 from keel.config import KeelConfig, require_gpu
@@ -50,7 +51,7 @@ def resolve_code_execution(cfg: KeelConfig) -> None:
     e.passk.allow_code_execution = sandbox.code_execution_allowed(e.passk.allow_code_execution)
     try:
         sandbox.require_opt_in(e.passk.allow_code_execution, checkers.OPT_IN_HOW)
-    except ValueError as err:
+    except UserError as err:
         raise ConfigError(f"config error: eval.passk.checker={e.passk.checker}: {err}") from None
 
 
@@ -61,7 +62,10 @@ def checked(cfg: DictConfig, explicit: set[str] | None = None) -> KeelConfig:
     from keel.cli.explicit import settle_length
 
     settle_length(cfg, explicit or set())
-    keel_cfg = OmegaConf.to_object(cfg)
+    try:
+        keel_cfg = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:  # a value missing or of the wrong type: a config error too
+        raise ConfigError(f"config error: {err}") from err
     resolve_code_execution(keel_cfg)
     return keel_cfg
 
@@ -117,18 +121,18 @@ def main() -> None:
 def _main(cfg: DictConfig) -> None:
     try:
         load_secret_files()  # keel submit --secret-file: read here, so redaction knows the values too
-    except ValueError as err:
+    except UserError as err:
         sys.exit(f"keel: {err}")
     write_hydra_record(cfg)
     keel_cfg = validate(cfg, _explicit())
     try:
         require_gpu(keel_cfg)  # before Ray or any model work
-    except ValueError as err:
+    except UserError as err:
         sys.exit(f"keel: {err}")
     if keel_cfg.eval.every_n_steps > 0 and keel_cfg.eval.passk.checker in CODE_CHECKERS:
         try:
             checkers.require_code_execution(keel_cfg.eval.passk.allow_code_execution)  # bubblewrap, before Ray
-        except ValueError as err:
+        except UserError as err:
             sys.exit(f"keel: {err}")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     keel_cfg.run_dir = str(run_dir)
@@ -136,7 +140,7 @@ def _main(cfg: DictConfig) -> None:
 
     try:
         summary = run_training(keel_cfg, run_dir)
-    except ValueError as err:  # user errors (bad data, unavailable backend): no traceback
+    except UserError as err:  # user errors (bad data, unavailable backend): no traceback
         sys.exit(f"keel: {err}")
     if summary.get("preempted"):
         from keel.launch.driver import EXIT_PREEMPTED

@@ -23,6 +23,7 @@ from keel.data.encoding import TextEncoder
 from keel.data.masking import Encoded, apply_mask
 from keel.data.sources import load_conversations
 from keel.data.template import get_template, render_chat, render_text
+from keel.errors import UserError
 
 __all__ = ["Encoded", "encode", "load_conversations"]
 
@@ -44,5 +45,5 @@ def encode(messages: list[dict] | str, tokenizer: Any, template: str = "llama3",
 def tokenizer_eos(tokenizer: Any) -> str:
     tok = tokenizer._tok if isinstance(tokenizer, TextEncoder) else tokenizer
     if tok.eos_token is None:
-        raise ValueError("tokenizer has no eos_token; plain-text sources need one")
+        raise UserError("tokenizer has no eos_token; plain-text sources need one")
     return tok.eos_token

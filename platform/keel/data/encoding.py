@@ -22,6 +22,8 @@ import bisect
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from keel.errors import UserError
+
 TRAINABLE = ("reasoning", "content", "eot")  # kinds of an assistant message that masking may train
 
 
@@ -126,7 +128,7 @@ class TextEncoder:
         if token not in self._special:
             idx = self._tok.convert_tokens_to_ids(token)
             if idx is None or idx == getattr(self._tok, "unk_token_id", None):
-                raise ValueError(f"tokenizer has no special token {token!r} needed by the chat template")
+                raise UserError(f"tokenizer has no special token {token!r} needed by the chat template")
             self._special[token] = int(idx)
         return self._special[token]
 

@@ -22,6 +22,7 @@ from keel.data.formats import validate
 from keel.data.masking import IGNORE, apply_mask
 from keel.data.sources import Reject, iter_source, validation_source
 from keel.data.template import from_config, render_chat, render_text
+from keel.errors import UserError
 
 Piece = tuple[np.ndarray, np.ndarray]  # input ids, shifted targets (targets[i] = labels[i + 1])
 
@@ -68,12 +69,12 @@ class SourceData:
         return self._lengths
 
     def add(self, res: RowResult, cfg: Any, where: str, held_out: bool = False) -> None:
-        """Record one row's result (``data.on_error=raise``: a reject is a ValueError naming source and row);
+        """Record one row's result (``data.on_error=raise``: a reject is a UserError naming source and row);
         a ``held_out`` row's examples go to ``val``."""
         self.rows_read += 1
         if res.reason is not None:
             if cfg.data.on_error == "raise":
-                raise ValueError(f"data source {self.name!r} ({res.file or where}) row {res.row}: {res.reason}")
+                raise UserError(f"data source {self.name!r} ({res.file or where}) row {res.row}: {res.reason}")
             where_from = {"file": res.file} if res.file else {}
             self.rejects.append({"source": self.name, **where_from, "row": res.row, "reason": res.reason,
                                  "data": res.data})

@@ -29,6 +29,7 @@ from typing import Any
 
 from keel.choices import BUILT_IN_TEMPLATES
 from keel.data.encoding import Piece, Segment, TextEncoder, encode_pieces
+from keel.errors import ConfigError, UserError
 
 GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 BUILT_IN_HINT = f"use a built-in template instead (template={'|'.join(BUILT_IN_TEMPLATES)})"
@@ -70,14 +71,14 @@ TOKENIZER = JinjaTemplate("tokenizer")  # template=tokenizer: the tokenizer's ow
 def load_jinja(path: str | None) -> JinjaTemplate:
     """template=jinja: the Jinja chat template in the file ``path``."""
     if not path:
-        raise ValueError("template=jinja needs template.path=FILE (a Jinja chat template)")
+        raise ConfigError("template=jinja needs template.path=FILE (a Jinja chat template)")
     try:
         with open(path, encoding="utf-8") as f:
             source = f.read()
     except OSError as err:
-        raise ValueError(f"template.path: cannot read the Jinja chat template {path!r}: {err}") from None
+        raise ConfigError(f"template.path: cannot read the Jinja chat template {path!r}: {err}") from None
     if not source.strip():
-        raise ValueError(f"template.path: the Jinja chat template {path!r} is empty")
+        raise ConfigError(f"template.path: the Jinja chat template {path!r} is empty")
     return JinjaTemplate("jinja", path, source)
 
 
@@ -117,10 +118,10 @@ class _Ctx:
         except Exception as err:  # a Jinja syntax error or the template's own raise_exception
             if self.source is None:
                 raise
-            raise ValueError(f"{self.label}: rendering failed: {err}") from err
+            raise UserError(f"{self.label}: rendering failed: {err}") from err
 
-    def error(self, what: str) -> ValueError:
-        return ValueError(f"{self.label}: {what}; {BUILT_IN_HINT}")
+    def error(self, what: str) -> UserError:
+        return UserError(f"{self.label}: {what}; {BUILT_IN_HINT}")
 
 
 def _refuse_lookalikes(messages: list[dict], ctx: _Ctx) -> None:

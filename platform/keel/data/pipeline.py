@@ -27,6 +27,7 @@ from keel.data.masking import IGNORE
 from keel.data.mixing import Schedule, mixture_weights, sample_plan, segment_plans
 from keel.data.packing import pack
 from keel.data.template import from_config
+from keel.errors import ConfigError, UserError
 
 __all__ = ["Layout", "RowPlan", "SourceData", "build", "chat_messages", "fill_rows", "layout_report",
            "load_source", "mean_lengths", "plan_sources", "row_tokens", "settle_length", "validation_rows"]
@@ -155,7 +156,7 @@ def _epoch_plan(sources: list[SourceData], weights: list[float], cfg: Any) -> tu
     natural = sum(len(s.input_ids) for s in sources[: len(cfg.data.sources)])
     task = sum(weights[: len(cfg.data.sources)])
     if natural == 0 or task == 0:
-        raise ValueError("trainer.epochs counts passes over data.sources, but none of them has usable examples "
+        raise UserError("trainer.epochs counts passes over data.sources, but none of them has usable examples "
                          "with a weight above 0 (see rejects.jsonl)")
     total = max(1, round(cfg.trainer.epochs * natural / task))
     plan = sample_plan([len(s.input_ids) for s in sources], weights, total, cfg.data.seed)
@@ -261,6 +262,11 @@ class Layout:
     steps: int = 0  # the optimizer steps the rows make (trainer.max_steps, or what trainer.epochs came to)
 
 
+def _require_examples(sources: list[SourceData]) -> None:
+    if not any(len(s.input_ids) for s in sources):
+        raise UserError("no usable examples in any data source (see rejects.jsonl)")
+
+
 def plan_layout(sources: list[SourceData], cfg: Any, weights: list[float] | None,
                 schedule: Schedule | None = None) -> Layout:
     """Mix and pack exactly the rows ``trainer.max_steps`` steps will consume (or, with ``trainer.epochs``,
@@ -268,8 +274,7 @@ def plan_layout(sources: list[SourceData], cfg: Any, weights: list[float] | None
 
     ``weights`` is the fixed mixture; a non-static ``schedule`` replaces it (``weights`` unused).
     """
-    if not any(len(s.input_ids) for s in sources):
-        raise ValueError("no usable examples in any data source (see rejects.jsonl)")
+    _require_examples(sources)
     if schedule is None and cfg.trainer.max_steps is None:
         steps, plan, used, width = _epoch_rows(sources, weights, cfg)
         return Layout(plan, used, width, list(weights), steps=steps)
@@ -346,7 +351,7 @@ def settle_length(cfg: Any, report: dict) -> None:
     length = report.get("length")  # absent from a directory preprocessed before runs had epochs
     if cfg.trainer.max_steps is None:
         if length is None:
-            raise ValueError("trainer.epochs: this data report has no planned length; set trainer.max_steps")
+            raise UserError("trainer.epochs: this data report has no planned length; set trainer.max_steps")
         cfg.trainer.max_steps, cfg.trainer.epochs = length["steps"], None
     assert length is None or cfg.trainer.max_steps == length["steps"], (cfg.trainer.max_steps, length)
 
@@ -393,7 +398,7 @@ def config_schedule(cfg: Any) -> Schedule:
     for i, point in enumerate(cfg.mix.schedule):
         unknown = sorted(set(point.weights) - set(names))
         if unknown:
-            raise ValueError(f"config error: mix.schedule[{i}].weights names unknown source {unknown[0]!r}; "
+            raise ConfigError(f"config error: mix.schedule[{i}].weights names unknown source {unknown[0]!r}; "
                              f"the data sources are {names}")
         points.append((point.at, tuple(float(point.weights.get(n, 0.0)) for n in names)))
     return Schedule(tuple(points), cfg.mix.interpolation)
@@ -430,7 +435,8 @@ def plan_sources(cfg: Any, sources: list[SourceData], configs: list, enc: TextEn
     notes = _self_check(sources, configs, enc, cfg)
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
-        raise ValueError(f"config error: data source names must be unique, with the mitigation sources: {names}")
+        raise ConfigError(f"config error: data source names must be unique, with the mitigation sources: {names}")
+    _require_examples(sources)  # before the mixture, whose weights need a source with examples
     weights, sched = _mixture(cfg, sources, adjust, schedule)
     assert weights is None or len(weights) == len(sources)
     return plan_layout(sources, cfg, weights, sched), notes
@@ -481,7 +487,7 @@ def validation_rows(sources: list[SourceData], configs: list, cfg: Any, pad: int
             rows.append([len(picks) + i for i in range(len(b))])
             picks += [(k, i) for i in b]
     if not rows:
-        raise ValueError("validation: no usable validation examples in any source (data.val_fraction="
+        raise UserError("validation: no usable validation examples in any source (data.val_fraction="
                          f"{cfg.data.val_fraction}; see rejects.jsonl)")
     layout = Layout(picks, rows, max(len(r) for r in rows), [])
     arrays = fill_rows(layout, vals, 0, len(rows), cfg.packing.max_len, pad)
@@ -503,7 +509,7 @@ def _val_origin(src: Any, cfg: Any) -> str:
 
 
 def _self_check(sources: list[SourceData], configs: list, enc: TextEncoder, cfg: Any) -> list[str]:
-    """keel.data.selfcheck on each source's sampled chats (ValueError on a mismatch); the notes to print."""
+    """keel.data.selfcheck on each source's sampled chats (UserError on a mismatch); the notes to print."""
     template = from_config(cfg.template)
     compare, why = selfcheck.same_template(enc, template)
     for data, src in zip(sources, configs):

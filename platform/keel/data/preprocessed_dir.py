@@ -17,6 +17,7 @@ import numpy as np
 
 from keel.data.parquet_rows import VAL_SHARD, read_rows
 from keel.data.pipeline import RowPlan, row_tokens, rows_per_step, with_steps
+from keel.errors import UserError
 
 REPORT = "report.json"
 # Config that chooses the rows; report.json records it and a run that differs is told so.
@@ -47,10 +48,10 @@ def compat(cfg: Any, tokenizer: Any) -> dict:
 
 
 def read_report(directory: str | Path) -> dict:
-    """``report.json`` of a preprocessed directory; ValueError when there is none."""
+    """``report.json`` of a preprocessed directory; UserError when there is none."""
     path = Path(directory) / REPORT
     if not path.is_file():
-        raise ValueError(f"data.preprocessed={directory}: no {REPORT} there; write it with "
+        raise UserError(f"data.preprocessed={directory}: no {REPORT} there; write it with "
                          f"`keel preprocess --out {directory}`")
     return json.loads(path.read_text())
 
@@ -75,12 +76,12 @@ def differing(recorded: dict, current: dict) -> list[str]:
 
 
 def check_compat(report: dict, cfg: Any, tokenizer: Any, directory: str) -> None:
-    """ValueError naming the first field this run would render differently from the preprocessed rows."""
+    """UserError naming the first field this run would render differently from the preprocessed rows."""
     now = compat(cfg, tokenizer)
     for key, value in now.items():
         then = report["compat"].get(key)
         if then != value:
-            raise ValueError(f"data.preprocessed={directory} was preprocessed with {key}={then!r}, this run has "
+            raise UserError(f"data.preprocessed={directory} was preprocessed with {key}={then!r}, this run has "
                              f"{value!r}; preprocess again with this run's settings")
 
 
@@ -112,7 +113,7 @@ def _steps(report: dict, cfg: Any, directory: str) -> int:
         return cfg.trainer.max_steps
     length = report["data_report"].get("length", {})
     if length.get("epochs_asked") != cfg.trainer.epochs or length.get("rows_per_step") != rows_per_step(cfg):
-        raise ValueError(f"data.preprocessed={directory} was planned for trainer.epochs={length.get('epochs_asked')} "
+        raise UserError(f"data.preprocessed={directory} was planned for trainer.epochs={length.get('epochs_asked')} "
                          f"at {length.get('rows_per_step')} rows per step; this run asks trainer.epochs="
                          f"{cfg.trainer.epochs} at {rows_per_step(cfg)}: preprocess with this run's settings, "
                          "or set trainer.max_steps")
@@ -134,7 +135,7 @@ def _validation(report: dict, current: dict, directory: str, max_len: int) -> Ro
     then = _validation_settings(report.get("config", {}).get("data") or {})
     now = _validation_settings(current.get("data") or {})
     if then != now:
-        raise ValueError(f"data.preprocessed={directory} holds the validation rows of {then}; this run asks for "
+        raise UserError(f"data.preprocessed={directory} holds the validation rows of {then}; this run asks for "
                          f"{now}: preprocess with this run's data.val_fraction / val_path / val_split")
     if not report.get("val_shards"):
         return None
@@ -155,7 +156,7 @@ def load(cfg: Any, tokenizer: Any, current: dict) -> tuple[RowPlan, list[str]]:
     cfg = _with_steps(cfg, _steps(report, cfg, directory))
     needed = cfg.trainer.max_steps * rows_per_step(cfg)
     if needed > report["rows"]:
-        raise ValueError(f"data.preprocessed={directory} holds {report['rows']} packed rows; this run needs "
+        raise UserError(f"data.preprocessed={directory} holds {report['rows']} packed rows; this run needs "
                          f"{needed} (trainer.max_steps x cluster.num_workers x trainer.grad_accum x "
                          "trainer.micro_batch_size); preprocess with this run's settings")
     arrays = read_rows(directory, report["shards"], needed, cfg.packing.max_len)

@@ -28,6 +28,7 @@ from typing import Any
 from keel.choices import DATA_FILE_SUFFIXES, FORMATS, HF_PREFIX, check_fields, check_format
 from keel.data import demo
 from keel.data.formats import Reject, detect_format, to_canonical, validate
+from keel.errors import UserError
 
 __all__ = ["Reject", "detect_source_format", "iter_raw", "iter_rows", "iter_source", "load_conversations",
            "read_file", "resolve_files", "source_format", "validation_source"]
@@ -173,12 +174,12 @@ assert tuple(READERS) == DATA_FILE_SUFFIXES  # keel.config.names_dataset tells f
 def _reader(path: Path) -> Callable[[Path, int], Iterator[Row]]:
     suffix = path.suffix.lower()
     if suffix not in READERS:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(READERS)})")
+        raise UserError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(READERS)})")
     return READERS[suffix]
 
 
 def check_file(path: str | os.PathLike) -> Path:
-    """``path`` as a readable regular file; ValueError saying what it is instead (missing, a broken or
+    """``path`` as a readable regular file; UserError saying what it is instead (missing, a broken or
     looping symbolic link, a directory, a FIFO or device, unreadable)."""
     p = Path(path).expanduser()
     if os.path.islink(p):
@@ -187,14 +188,14 @@ def check_file(path: str | os.PathLike) -> Path:
         except OSError as err:
             kind = "a symbolic link loop" if "loop" in str(err).lower() or err.errno == 40 else \
                 f"a broken symbolic link (to {os.readlink(p)!r})"
-            raise ValueError(f"data source file {p}: {kind}") from None
+            raise UserError(f"data source file {p}: {kind}") from None
     if not p.exists():
-        raise ValueError(f"data source file not found: {p} (for a Hugging Face Hub dataset write "
+        raise UserError(f"data source file not found: {p} (for a Hugging Face Hub dataset write "
                          f"'{HF_PREFIX}owner/name')")
     if not p.is_file():
-        raise ValueError(f"data source file {p}: not a regular file (a directory, FIFO or device)")
+        raise UserError(f"data source file {p}: not a regular file (a directory, FIFO or device)")
     if not os.access(p, os.R_OK):
-        raise ValueError(f"data source file {p}: permission denied")
+        raise UserError(f"data source file {p}: permission denied")
     return p
 
 
@@ -272,7 +273,7 @@ def resolve_files(path: str) -> list[str]:
     else:
         files = glob_files(expanded)
         if not files:
-            raise ValueError(f"no files match the data source glob {expanded!r}")
+            raise UserError(f"no files match the data source glob {expanded!r}")
     for f in files:
         _reader(Path(f))  # fail on an unsupported type before reading anything
     return files
@@ -292,7 +293,7 @@ def _hf_rows(path: str, split: str, subset: str | None, streaming: bool) -> Iter
     try:
         ds = load_dataset(name, subset, split=split, streaming=streaming)
     except (FileNotFoundError, ValueError) as err:
-        raise ValueError(f"{path}: cannot load Hugging Face dataset (split={split!r}): {err}") from err
+        raise UserError(f"{path}: cannot load Hugging Face dataset (split={split!r}): {err}") from err
     yield from enumerate(ds)
 
 
@@ -392,13 +393,13 @@ def iter_rows(path: str, format: str = "auto", fields: Mapping[str, str] | None 
 
 def detect_source_format(path: str, fields: Mapping[str, str] | None = None, *, split: str = "train",
                          subset: str | None = None, streaming: bool = False) -> str:
-    """The format ``format="auto"`` would choose for ``path``; ValueError if none fits."""
+    """The format ``format="auto"`` would choose for ``path``; UserError if none fits."""
     check_fields("auto", fields)
     for _, _, raw in iter_raw(path, split=split, subset=subset, streaming=streaming):
         fmt = detect_format(raw, fields)
         if fmt is not None:
             return fmt
-    raise ValueError(f"{path}: no row has the fields of a known format ({', '.join(FORMATS)})")
+    raise UserError(f"{path}: no row has the fields of a known format ({', '.join(FORMATS)})")
 
 
 def load_conversations(path: str, format: str = "auto", fields: Mapping[str, str] | None = None, *,

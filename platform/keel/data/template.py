@@ -18,6 +18,7 @@ from keel.choices import BUILT_IN_TEMPLATES
 from keel.data.encoding import Piece, Renderer, Segment, TextEncoder, encode_pieces
 from keel.data.formats import ROLES
 from keel.data.hf_template import TOKENIZER, load_jinja
+from keel.errors import UserError
 
 if TYPE_CHECKING:
     from keel.config import TemplateConfig
@@ -152,7 +153,7 @@ def get_template(name: str, path: str | None = None) -> Renderer:
     if name == "jinja":
         return load_jinja(path)
     if name not in BUILT_IN:
-        raise ValueError(f"unknown template {name!r}; built-in templates: {sorted(BUILT_IN)}, or tokenizer, "
+        raise UserError(f"unknown template {name!r}; built-in templates: {sorted(BUILT_IN)}, or tokenizer, "
                          f"or jinja (template.path=FILE)")
     return BUILT_IN[name]
 
@@ -207,7 +208,7 @@ def _place_system(messages: list[dict], template: ChatTemplate) -> list[tuple[in
     system, rest = messages[0]["content"], indexed[1:]
     users = [k for k, (_, m) in enumerate(rest) if m["role"] == "user"]
     if not users:
-        raise ValueError(f"template {template.name} has no system role and the conversation has no user turn")
+        raise UserError(f"template {template.name} has no system role and the conversation has no user turn")
     k = users[0] if template.system == "first_user" else users[-1]
     i, m = rest[k]
     rest[k] = (i, {**m, "content": system + "\n\n" + m["content"]})

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from fractions import Fraction
 
 from keel.choices import CHECKERS, CODE_CHECKERS  # the names (eval.passk.checker); code-executing: opt-in only
+from keel.errors import UserError
 from keel.eval import sandbox
 
 Checker = Callable[[str, str], bool]
@@ -96,7 +97,7 @@ def check_math(completion: str, reference: str) -> bool:
     """True iff the completion's final answer equals the reference's, numerically when both are numbers."""
     want = _reference_answer(reference)
     if want is None:
-        raise ValueError("math checker: empty reference")
+        raise UserError("math checker: empty reference")
     got = extract_answer(completion)
     if got is None:
         return False
@@ -121,7 +122,7 @@ def check_regex(completion: str, reference: str) -> bool:
     try:
         pattern = re.compile(reference)
     except re.error as e:
-        raise ValueError(f"regex checker: bad reference pattern {reference!r}: {e}") from e
+        raise UserError(f"regex checker: bad reference pattern {reference!r}: {e}") from e
     return pattern.fullmatch(completion.strip()) is not None
 
 
@@ -134,7 +135,7 @@ def check_contains(completion: str, reference: str) -> bool:
     """
     needle = reference.strip()
     if not needle:
-        raise ValueError("contains checker: empty reference would match everything")
+        raise UserError("contains checker: empty reference would match everything")
     return needle in completion
 
 
@@ -209,7 +210,7 @@ def get(name: str, allow_code_execution: bool = False) -> Checker:
     try:
         check = _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown checker {name!r}; valid: {', '.join(names())}") from None
+        raise UserError(f"unknown checker {name!r}; valid: {', '.join(names())}") from None
     if name in CODE_CHECKERS:
         require_code_execution(allow_code_execution)
         return PythonChecker(check.limits, allow_code_execution=True)

@@ -38,6 +38,7 @@ import torch
 from keel.data.encoding import TextEncoder
 from keel.data.masking import IGNORE
 from keel.data.template import end_of_turn_ids, from_config, generation_prompt
+from keel.errors import ConfigError, UserError
 from keel.eval import checkers
 from keel.eval.diversity import COLLAPSE_METRICS, diversity_report, mode_collapse_warnings
 from keel.eval.generate import Prompt, SamplingConfig, sample_batch, stop_ids
@@ -72,7 +73,7 @@ def forgetting_sequences(cfg: Any, enc: TextEncoder) -> tuple[list[tuple[np.ndar
     held_out = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=HELDOUT_SEED))
     data = load_source(src, held_out if src.kind == "demo" else cfg, enc)
     if not data.input_ids:
-        raise ValueError(f"config error: eval.forgetting.source has no usable examples ({len(data.rejects)} "
+        raise ConfigError(f"config error: eval.forgetting.source has no usable examples ({len(data.rejects)} "
                          f"rejected, e.g. {data.rejects[0]['reason'] if data.rejects else 'none read'})")
     return list(zip(data.input_ids, data.targets)), data.rejects
 
@@ -88,8 +89,8 @@ def passk_prompts(cfg: Any) -> list[Prompt]:
 
     try:
         return load_prompts(p.data, p.format, p.prompts)[0]
-    except ValueError as err:
-        raise ValueError(f"config error: eval.passk.data: {err}") from None
+    except UserError as err:
+        raise ConfigError(f"config error: eval.passk.data: {err}") from None
 
 
 def load_sets(cfg: Any, tokenizer: Any) -> EvalSets:

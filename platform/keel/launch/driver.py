@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.config import to_plain
+from keel.errors import UserError
 from keel.tracking.context import write_run_context
 from keel.tracking.logger import STARTS, redact
 
@@ -176,7 +177,7 @@ def check_resumable(saved: dict, meta: dict, allowed: list[str]) -> None:
     """Refuse a resume whose data, tokenizer, template, batch geometry or LoRA adapters changed."""
     for key, value in meta.items():
         if key in saved and saved[key] != value and key not in allowed:
-            raise ValueError(f"cannot resume: {key} changed since the checkpoint ({saved[key]!r} -> {value!r}); "
+            raise UserError(f"cannot resume: {key} changed since the checkpoint ({saved[key]!r} -> {value!r}); "
                              f"set trainer.resume_allow_changes=[{key}] to allow it, or trainer.resume=none")
 
 
@@ -195,7 +196,7 @@ def _start_step(cfg: Any, run_dir: Path, meta: dict) -> int:
             _check_elastic(cfg, ckpt.state(chosen), world)
             out = ckpt.to_universal(chosen)  # verifies every file first: the conversion reads them all
     except ckpt.CheckpointCorruption as err:
-        raise ValueError(f"{err}; set trainer.resume_fallback=previous to use the checkpoint before it") from err
+        raise UserError(f"{err}; set trainer.resume_fallback=previous to use the checkpoint before it") from err
     if chosen is None:
         return 0
     saved = ckpt.state(chosen)
@@ -212,7 +213,7 @@ def _start_step(cfg: Any, run_dir: Path, meta: dict) -> int:
 
 def _check_elastic(cfg: Any, saved: dict, world: int) -> None:
     if cfg.deepspeed.stage not in (1, 2, 3):
-        raise ValueError(f"cannot resume on {world} workers a checkpoint written by {saved['world_size']}: "
+        raise UserError(f"cannot resume on {world} workers a checkpoint written by {saved['world_size']}: "
                          "deepspeed.stage 0 has no universal checkpoint")
 
 
@@ -237,7 +238,7 @@ def _explained(err: Exception, run_dir: Path, started: float) -> Exception:
         return RuntimeError(watchdog.stalled_message(dumps))
     corrupt = corruption_in(err)
     if corrupt:  # found by the ranks hashing what they load: a user decision, not a traceback
-        return ValueError(f"{corrupt}; set trainer.resume_fallback=previous to use the checkpoint before it")
+        return UserError(f"{corrupt}; set trainer.resume_fallback=previous to use the checkpoint before it")
     return err
 
 

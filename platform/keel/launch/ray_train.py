@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.config import from_plain, to_plain
+from keel.errors import ConfigError, UserError
 from keel.launch import console
 
 WORKER_RESULT = "worker_result.json"
@@ -75,7 +76,7 @@ def init_ray(cfg: Any) -> None:
         wait_for_nodes(cfg.cluster.num_nodes, cfg.cluster.join_timeout_s)
         return
     if cfg.cluster.name == "slurm":
-        raise ValueError("cluster=slurm joins the Ray cluster that slurm/sft.sh starts on the job's nodes, "
+        raise ConfigError("cluster=slurm joins the Ray cluster that slurm/sft.sh starts on the job's nodes, "
                          "but neither RAY_ADDRESS nor cluster.address is set")
     secure_local_start()  # every Ray server on 127.0.0.1, token auth with a fresh token
     # Logical CPUs: one per worker plus headroom for Ray Data's coordinator tasks.
@@ -95,7 +96,7 @@ def wait_for_nodes(expected: int, timeout_s: float) -> int:
             print(f"ray: {alive} node(s) alive")
             return alive
         if time.monotonic() > deadline:
-            raise ValueError(f"only {alive} of cluster.num_nodes={expected} Ray nodes joined within "
+            raise UserError(f"only {alive} of cluster.num_nodes={expected} Ray nodes joined within "
                              f"{timeout_s}s (cluster.join_timeout_s); see the Ray node logs")
         time.sleep(2)
 

@@ -25,10 +25,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from keel.errors import UserError
+
 LOCK_FILE = "keel.lock"
 
 
-class DirectoryInUse(ValueError):
+class DirectoryInUse(UserError):
     """Another live process holds the directory's lock (a user error: the message names it)."""
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from keel.errors import UserError
 from keel.tracking.secrets import SECRET_FILES_ENV, is_secret_key
 
 # Never uploaded with the working dir: environments, outputs and caches.
@@ -92,9 +93,9 @@ def check_secret_files(secret_files: dict[str, str]) -> dict[str, str]:
     name a file inside the uploaded working dir, i.e. upload the secret)."""
     for key, path in secret_files.items():
         if not key.isidentifier():
-            raise ValueError(f"--secret-file {key}=...: {key!r} is not an environment variable name")
+            raise UserError(f"--secret-file {key}=...: {key!r} is not an environment variable name")
         if not (path.startswith("/") or path.startswith("~")):
-            raise ValueError(f"--secret-file {key}={path}: the path must be absolute, on the cluster nodes (a "
+            raise UserError(f"--secret-file {key}={path}: the path must be absolute, on the cluster nodes (a "
                              "relative path would be read from the uploaded working directory)")
     return dict(secret_files)
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from keel.data.masking import IGNORE
+from keel.errors import ConfigError
 from keel.mitigation.base import Mitigation
 from keel.train.collectives import all_reduce_sum
 from keel.train.loss import token_loss_sum
@@ -149,7 +150,7 @@ def reference_set(options: Any, cfg: Any, model_path: str) -> list[Sequence]:
 
     data = load_source(options.data, cfg, TextEncoder(load_tokenizer(model_path, cfg.model.trust_remote_code)))
     if len(data.input_ids) < options.samples:
-        raise ValueError(f"config error: mitigation.ewc.samples={options.samples} exceeds the "
+        raise ConfigError(f"config error: mitigation.ewc.samples={options.samples} exceeds the "
                          f"{len(data.input_ids)} usable examples of mitigation.ewc.data "
                          f"({len(data.rejects)} rejected; see num_examples, packing.max_len)")
     return list(zip(data.input_ids, data.targets))[: options.samples]
@@ -234,7 +235,7 @@ class Ewc(Mitigation):
         from keel.model.build import model_path
 
         if cfg.deepspeed.stage != 3:
-            raise ValueError(REFUSE_STAGE.format(stage=cfg.deepspeed.stage))
+            raise ConfigError(REFUSE_STAGE.format(stage=cfg.deepspeed.stage))
         seqs = reference_set(self.options, cfg, model_path(cfg))
         tokens = sum(int((t != IGNORE).sum()) for _, t in seqs)
         print(f"ewc: lam={self.options.lam:g}; Fisher over {len(seqs)} sequences of "

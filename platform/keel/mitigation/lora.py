@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from keel.errors import ConfigError
 from keel.mitigation.base import Mitigation
 
 ADAPTER_DIR = "adapter"
@@ -46,7 +47,7 @@ def check_targets(targets: list[str] | str, module_names: list[str]) -> None:
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
     if missing:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names if n})
-        raise ValueError(f"config error: mitigation.lora.target_modules {missing} match no module of the model "
+        raise ConfigError(f"config error: mitigation.lora.target_modules {missing} match no module of the model "
                          f"(its module names end in {leaves})")
 
 

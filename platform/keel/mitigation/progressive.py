@@ -16,6 +16,7 @@ from typing import Any
 
 from keel.data.mixing import Schedule
 from keel.data.pipeline import mean_lengths
+from keel.errors import ConfigError, UserError
 from keel.mitigation.base import Mitigation
 from keel.mitigation.replay import replay_weight
 
@@ -27,7 +28,7 @@ def start_mixture(target: list[float], mean_tokens: list[float], ramped: int, sh
     """``target`` with source ``ramped`` re-weighted to ``share`` of the expected tokens, the rest scaled alike."""
     rest = [w for k, w in enumerate(target) if k != ramped]
     if sum(rest) <= 0:
-        raise ValueError("progressive: the target mixture has no weight outside the ramped source")
+        raise UserError("progressive: the target mixture has no weight outside the ramped source")
     rest = [w / sum(rest) for w in rest]
     rest_means = [t for k, t in enumerate(mean_tokens) if k != ramped]
     p = replay_weight(rest, rest_means, mean_tokens[ramped], share)
@@ -48,7 +49,7 @@ class Progressive(Mitigation):
     def configure(self, cfg: Any) -> None:
         """Refuse mix=schedule; with replay, ramp replay's source instead of adding one."""
         if cfg.mix.name == "schedule":
-            raise ValueError(REFUSE_SCHEDULE)
+            raise ConfigError(REFUSE_SCHEDULE)
         if cfg.mitigation.replay is not None:
             self.ramped, self.own_source = cfg.mitigation.replay.source.name, False
 
@@ -62,11 +63,11 @@ class Progressive(Mitigation):
     def schedule(self, schedule: Schedule, sources: list[Any]) -> Schedule:
         """Two points: the start mixture at 0, the fixed target mixture at ``ramp``."""
         if not schedule.static:
-            raise ValueError(REFUSE_SCHEDULE)
+            raise ConfigError(REFUSE_SCHEDULE)
         names = [s.name for s in sources]
         r = names.index(self.ramped)
         if not sources[r].input_ids:
-            raise ValueError(f"mitigation.progressive: source {self.ramped!r} has no usable examples "
+            raise UserError(f"mitigation.progressive: source {self.ramped!r} has no usable examples "
                              "(see rejects.jsonl)")
         means = mean_lengths(sources)
         target = list(schedule.points[0][1])

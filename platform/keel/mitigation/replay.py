@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from keel.data.pipeline import mean_lengths
+from keel.errors import UserError
 from keel.mitigation.base import Mitigation
 
 
@@ -33,7 +34,7 @@ class Replay(Mitigation):
         """``weights`` cover the SFT sources; the replay source is the last of ``sources``."""
         means = mean_lengths(sources)
         if not sources[-1].input_ids:
-            raise ValueError("mitigation.replay.source has no usable examples (see rejects.jsonl)")
+            raise UserError("mitigation.replay.source has no usable examples (see rejects.jsonl)")
         p_r = replay_weight(weights, means[:-1], means[-1], self.options.ratio)
         return [w * (1 - p_r) for w in weights] + [p_r]
 

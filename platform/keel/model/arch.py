@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.config import ARCH_FAMILY_KEYS, ArchConfig
+from keel.errors import ConfigError
 
 # Keel's arch keys whose Hugging Face name differs.
 HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
@@ -82,7 +83,7 @@ def model_hf_config(model: Any) -> tuple[Any, str]:
     if model.path == "tiny":
         return hf_config(tiny_arch(model.tiny)), "model.tiny"
     if model.arch is None:
-        raise ValueError(f"config error: model.arch is not set and model.path={model.path} is not a local "
+        raise ConfigError(f"config error: model.arch is not set and model.path={model.path} is not a local "
                          "directory: sizing offline needs the architecture (a preset's model.arch, or a local "
                          "checkpoint whose config.json is read)")
     return hf_config(model.arch), f"model.arch (model={model.name})"

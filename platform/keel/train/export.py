@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from keel.errors import UserError
 from keel.train import checkpoint as ckpt
 
 EXPORTS = "exports"
@@ -91,7 +92,7 @@ def _record_from_run(path: Path) -> dict:
 
     run_config = path.parent.parent / "config.yaml"
     if not run_config.is_file():
-        raise ValueError(f"{path}: its {ckpt.STATE} does not record the model and the run's config "
+        raise UserError(f"{path}: its {ckpt.STATE} does not record the model and the run's config "
                          f"{run_config} is missing")
     model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(run_config).model))
     cfg = SimpleNamespace(model=model)  # only the model group: the rest may not validate in this Keel version
@@ -102,18 +103,18 @@ def checked(path: Path) -> dict:
     """The state of the complete Keel checkpoint ``path``, verified against its manifest; ValueError naming
     the path otherwise."""
     if not path.is_dir():
-        raise ValueError(f"{path} is not a directory (expected a Keel checkpoint, e.g. outputs/RUN/checkpoints/"
+        raise UserError(f"{path} is not a directory (expected a Keel checkpoint, e.g. outputs/RUN/checkpoints/"
                          f"{ckpt.PREFIX}000100)")
     if not (path / ckpt.MANIFEST).is_file():
         run_dir = path.parent if path.name == "checkpoints" else path  # a run dir or its checkpoints/ was given
         inside = ckpt.complete(run_dir)
         hint = f"; the complete checkpoints there: {', '.join(str(p) for p in inside)}" if inside else ""
-        raise ValueError(f"{path} is not a complete Keel checkpoint: no {ckpt.MANIFEST} (an interrupted write, "
+        raise UserError(f"{path} is not a complete Keel checkpoint: no {ckpt.MANIFEST} (an interrupted write, "
                          f"or not a checkpoint directory){hint}")
     try:
         ckpt.verify(path)
     except ckpt.CheckpointCorruption as err:
-        raise ValueError(str(err)) from err
+        raise UserError(str(err)) from err
     return ckpt.state(path)
 
 
@@ -153,7 +154,7 @@ def _write_full(weights: dict, record: dict, out: Path, source: Path) -> None:
     expected = set(model.state_dict())
     missing, unexpected = expected - set(weights), set(weights) - expected
     if missing or unexpected:
-        raise ValueError(f"{source} does not match the model at {record['path']}: missing {sorted(missing)[:5]}, "
+        raise UserError(f"{source} does not match the model at {record['path']}: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     dtype = getattr(torch, record["dtype"])
     model.save_pretrained(str(out), state_dict={k: v.to(dtype) for k, v in weights.items()}, safe_serialization=True)
@@ -173,7 +174,7 @@ def _write_lora(weights: dict, record: dict, lora: dict, out: Path, merge: bool,
     model = wrap(base, LoraConfig(**lora), seed=0)  # the adapters' shapes; their values come from the checkpoint
     adapters = {k for k, p in model.named_parameters() if p.requires_grad}
     if not adapters <= set(weights):
-        raise ValueError(f"{source} lacks LoRA weights of this model: {sorted(adapters - set(weights))[:5]}")
+        raise UserError(f"{source} lacks LoRA weights of this model: {sorted(adapters - set(weights))[:5]}")
     model.load_state_dict({k: weights[k].to(dtype) for k in adapters}, strict=False)
     if merge:
         model.merge_and_unload().save_pretrained(str(out), safe_serialization=True)
@@ -187,10 +188,10 @@ def export_checkpoint(path: Path, out: Path, merge: bool = False) -> dict:
     state = checked(path)
     lora = state.get("lora")
     if merge and not lora:
-        raise ValueError(f"--merge merges LoRA adapters, but {path} is a full fine-tune's checkpoint "
+        raise UserError(f"--merge merges LoRA adapters, but {path} is a full fine-tune's checkpoint "
                          "(exported whole without it)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} exists and is not an empty directory")
+        raise UserError(f"--out {out} exists and is not an empty directory")
     record = state.get("model") or _record_from_run(path)
     weights = fp32_weights(path)
     out.mkdir(parents=True, exist_ok=True)
