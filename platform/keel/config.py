@@ -796,8 +796,8 @@ def require_gpu(cfg: KeelConfig) -> None:
                      "(slow; meant for tests)")
 
 
-def to_plain(cfg: Any) -> dict:
-    """A KeelConfig (or nested dataclass) as plain dicts/lists, for workers and logs."""
+def to_plain(cfg: KeelConfig) -> dict:
+    """A KeelConfig as plain dicts/lists, for workers and logs."""
     from dataclasses import asdict, is_dataclass
 
     assert is_dataclass(cfg)

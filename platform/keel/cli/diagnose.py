@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from keel.choices import MASKINGS
 from keel.cli.main import run_cli
@@ -23,6 +23,9 @@ from keel.data.template import get_template
 from keel.errors import UserError
 from keel.eval import checkers
 from keel.eval.diagnose import HELDOUT_SEED, Thresholds
+
+if TYPE_CHECKING:
+    from keel.eval.diagnose_measure import Plan
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -125,7 +128,7 @@ def _probe(args: argparse.Namespace) -> tuple[list, str]:
     return probe_items(prompts), f"{args.probe_data} ({len(prompts)} items, {skipped} rows skipped)"
 
 
-def build_plan(args: argparse.Namespace) -> tuple[Any, dict]:
+def build_plan(args: argparse.Namespace) -> tuple[Plan, dict]:
     """(measurement plan, description of the data) from the arguments; no model is loaded."""
     from keel.eval.diagnose import continuation_prompts, few_shot_messages, load_pretrain
     from keel.eval.diagnose_measure import Plan
@@ -152,7 +155,7 @@ def _progress(role: str) -> Callable[[str], None]:
     return lambda step: print(f"  {role}: {step}", file=sys.stderr, flush=True)
 
 
-def _measure(path: str, role: str, plan: Any, device: str) -> dict:
+def _measure(path: str, role: str, plan: Plan, device: str) -> dict:
     """Measure one model; a model that cannot be loaded is a user error."""
     from keel.eval.diagnose_measure import measure
 

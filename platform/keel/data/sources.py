@@ -23,12 +23,16 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keel.choices import DATA_FILE_SUFFIXES, FORMATS, HF_PREFIX, check_fields, check_format
 from keel.data import demo
 from keel.data.formats import Reject, detect_format, to_canonical, validate
 from keel.errors import UserError
+
+if TYPE_CHECKING:
+    from keel.config import SourceConfig
+
 
 __all__ = ["Reject", "detect_source_format", "iter_raw", "iter_rows", "iter_source", "load_conversations",
            "read_file", "resolve_files", "source_format", "validation_source"]
@@ -411,7 +415,7 @@ def load_conversations(path: str, format: str = "auto", fields: Mapping[str, str
             yield item
 
 
-def iter_source(src: Any, seed: int, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[tuple[int, Any]]:
+def iter_source(src: SourceConfig, seed: int, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[tuple[int, Any]]:
     """(row number, canonical example or Reject) pairs of one configured source: a demo source's
     ``num_examples`` generated rows, or every row of a file source (``cap`` is applied by the reader's caller;
     a Reject knows its ``file``)."""
@@ -427,7 +431,7 @@ def iter_source(src: Any, seed: int, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES)
         yield i, row
 
 
-def validation_source(src: Any) -> Any | None:
+def validation_source(src: SourceConfig) -> SourceConfig | None:
     """The source's own validation rows as a source (``val_path`` or ``val_split``), or None."""
     import dataclasses
 
@@ -438,7 +442,7 @@ def validation_source(src: Any) -> Any | None:
     return None
 
 
-def source_format(src: Any) -> str:
+def source_format(src: SourceConfig) -> str:
     """The format a source is read with (what ``format=auto`` picks, for files)."""
     if src.kind != "file" or src.format != "auto":
         return "demo" if src.kind == "demo" else src.format

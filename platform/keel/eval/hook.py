@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,10 @@ from keel.eval.generate import Prompt, SamplingConfig, sample_batch, stop_ids
 from keel.eval.passk import pass_at_k_report
 from keel.train.collectives import all_gather, all_reduce_sum
 from keel.train.loss import token_loss_sum
+
+if TYPE_CHECKING:
+    from keel.config import KeelConfig
+
 
 
 @dataclass
@@ -63,7 +67,7 @@ def due(step: int, every: int, max_steps: int) -> bool:
     return every > 0 and (step % every == 0 or step == max_steps)
 
 
-def forgetting_sequences(cfg: Any, enc: TextEncoder) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[dict]]:
+def forgetting_sequences(cfg: KeelConfig, enc: TextEncoder) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[dict]]:
     """``eval.forgetting.source`` encoded like a training source (demo data from the held-out seed), and
     the rejected rows."""
     from keel.data.pipeline import load_source
@@ -78,7 +82,7 @@ def forgetting_sequences(cfg: Any, enc: TextEncoder) -> tuple[list[tuple[np.ndar
     return list(zip(data.input_ids, data.targets)), data.rejects
 
 
-def passk_prompts(cfg: Any) -> list[Prompt]:
+def passk_prompts(cfg: KeelConfig) -> list[Prompt]:
     """``eval.passk.prompts`` prompts with references: a data file's, or held-out demo arithmetic questions."""
     p = cfg.eval.passk
     if p.data is None:
@@ -93,7 +97,7 @@ def passk_prompts(cfg: Any) -> list[Prompt]:
         raise ConfigError(f"config error: eval.passk.data: {err}") from None
 
 
-def load_sets(cfg: Any, tokenizer: Any) -> EvalSets:
+def load_sets(cfg: KeelConfig, tokenizer: Any) -> EvalSets:
     """The evaluation sets (the same on every rank: built from the config alone)."""
     from keel.data.pipeline import chat_messages
 
@@ -141,7 +145,7 @@ def generation_attention(model: Any) -> Iterator[None]:
         base.set_attn_implementation(packed)
 
 
-def sample(model: Any, tokenizer: Any, sets: EvalSets, cfg: Any, rank: int, world: int, seed: int) -> list:
+def sample(model: Any, tokenizer: Any, sets: EvalSets, cfg: KeelConfig, rank: int, world: int, seed: int) -> list:
     """(prompt index, samples) for this rank's prompts; every rank makes the same number of generate calls."""
     p, size = cfg.eval.passk, cfg.eval.batch_size
     sampling = SamplingConfig(n=p.n, temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens)
@@ -158,7 +162,7 @@ def sample(model: Any, tokenizer: Any, sets: EvalSets, cfg: Any, rank: int, worl
     return out
 
 
-def score(sets: EvalSets, gathered: list, cfg: Any) -> tuple[dict, list[dict]]:
+def score(sets: EvalSets, gathered: list, cfg: KeelConfig) -> tuple[dict, list[dict]]:
     """pass@k, diversity and the generations table from every rank's samples."""
     by_prompt = dict(pair for part in gathered for pair in part)
     check = checkers.get(cfg.eval.passk.checker, cfg.eval.passk.allow_code_execution)
@@ -195,7 +199,7 @@ def _eval_mode(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-def evaluate(model: Any, tokenizer: Any, sets: EvalSets, cfg: Any, step: int, rank: int,
+def evaluate(model: Any, tokenizer: Any, sets: EvalSets, cfg: KeelConfig, step: int, rank: int,
              world: int) -> tuple[dict, list[dict]] | None:
     """One evaluation on every rank; rank 0 gets (metrics row, generations table), the others None."""
     start, tasks = time.perf_counter(), cfg.eval.tasks
@@ -214,7 +218,7 @@ def evaluate(model: Any, tokenizer: Any, sets: EvalSets, cfg: Any, step: int, ra
     return {"step": step, **row, **metrics, "eval/seconds": time.perf_counter() - start}, table
 
 
-def warnings(row: dict, baseline: dict | None, cfg: Any) -> list[str]:
+def warnings(row: dict, baseline: dict | None, cfg: KeelConfig) -> list[str]:
     """Forgetting-spike and mode-collapse warnings against the first evaluation of the run."""
     if baseline is None or baseline is row:
         return []
