@@ -49,7 +49,6 @@ class Piece:
     markup: bool
 
 
-
 class Renderer(Protocol):
     """A chat template: conversations to labelled token segments (for training) and to generation prompts."""
 

@@ -30,11 +30,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from keel.config import KeelConfig
 from keel.data.encoding import TextEncoder
 from keel.data.masking import IGNORE
 from keel.data.template import end_of_turn_ids, from_config, generation_prompt
@@ -45,10 +46,6 @@ from keel.eval.generate import Prompt, SamplingConfig, sample_batch, stop_ids
 from keel.eval.passk import pass_at_k_report
 from keel.train.collectives import all_gather, all_reduce_sum
 from keel.train.loss import token_loss_sum
-
-if TYPE_CHECKING:
-    from keel.config import KeelConfig
-
 
 
 @dataclass

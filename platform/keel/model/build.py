@@ -9,7 +9,6 @@ if TYPE_CHECKING:
     from keel.config import KeelConfig
 
 
-
 def model_path(cfg: KeelConfig) -> str:
     """Local directory or hub id of the base model (builds the tiny model if needed)."""
     if cfg.model.path == "tiny":

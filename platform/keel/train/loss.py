@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from keel.choices import LOSS_NORMS  # trainer.loss_norm's names: the config's vocabulary
-
 IGNORE = -100
+LOSS_NORMS = ("token", "sequence")
 
 
 def token_weights(targets: torch.Tensor, position_ids: torch.Tensor, mode: str) -> tuple[torch.Tensor, float]:
