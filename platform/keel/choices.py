@@ -7,8 +7,8 @@ system Python by the sandbox tests) and the config schema can all import it chea
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import PurePath
-from typing import Any
 
 from keel.errors import ConfigError
 
@@ -38,7 +38,7 @@ DATA_FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".csv")
 BUILT_IN_TEMPLATES = ("llama3", "llama3.1", "chatml", "qwen2.5", "qwen3", "mistral", "gemma", "phi3")
 TEMPLATES = (*BUILT_IN_TEMPLATES, "tokenizer", "jinja")
 MASKINGS = ("assistant_only", "last_turn", "all_tokens")  # masking.name (keel.data.masking)
-MIXES = ("temperature", "proportional", "quality", "explicit", "schedule")  # mix.name (keel.data.mixing)
+MIXES = ("temperature", "proportional", "quality", "explicit", "schedule")  # mix.name (keel.data.pipeline)
 INTERPOLATIONS = ("linear", "step")  # between mixture schedule points (keel.data.mixing.Schedule)
 PACKING_STRATEGIES = ("bfd", "ffd", "first_fit", "pad")  # packing.strategy (keel.data.packing)
 MODEL_DTYPES = ("float32", "bfloat16")  # model.dtype
@@ -47,7 +47,7 @@ MODEL_DTYPES = ("float32", "bfloat16")  # model.dtype
 ATTENTION_BACKENDS = ("sdpa_block", "flex", "torch_varlen", "fa_varlen")
 ATTENTION_ALIASES = {"flash_attn": "fa_varlen"}
 LR_SCHEDULES = ("cosine", "linear", "constant", "wsd")  # trainer.lr_schedule (keel.train.schedule)
-LOSS_NORMS = ("token", "sequence")  # trainer.loss_norm (the loss's normaliser)
+LOSS_NORMS = ("token", "sequence")  # trainer.loss_norm (the loss's normaliser, keel.train.loss)
 # eval.passk.checker: the answer checkers (keel.eval.checkers); those that execute model output need opt-in.
 CHECKERS = ("contains", "exact", "math", "python", "regex")
 CODE_CHECKERS = ("python",)
@@ -64,7 +64,7 @@ def check_format(fmt: str) -> str:
     return name
 
 
-def check_fields(fmt: str, fields: Any) -> None:
+def check_fields(fmt: str, fields: Mapping[str, str] | None) -> None:
     """Raise ConfigError if ``fields`` renames a field that ``fmt`` (or no format, for auto) has."""
     if not fields:
         return
