@@ -100,10 +100,10 @@ def evaluate(hf_dir: str, n_text: int, n_sft: int, n_probe: int) -> dict:
     from keel.eval import checkers
     from keel.eval.diagnose import HELDOUT_SEED, demo_probe, demo_text
     from keel.eval.diagnose_measure import greedy
-    from keel.eval.generate import load_model
+    from keel.eval.generate import load_eval_model
     from keel.eval.perplexity import perplexity
 
-    model, tok = load_model(hf_dir, device="cpu")
+    model, tok = load_eval_model(hf_dir, device="cpu")
     text = perplexity(model, tok, demo_text(n_text), masking="all_tokens")
     sft_examples = list(demo.generate("arithmetic", n_sft, HELDOUT_SEED))
     sft = perplexity(model, tok, sft_examples, masking="assistant_only")

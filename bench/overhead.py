@@ -73,7 +73,7 @@ def compose(run_dir: Path):
 
 def rows(cfg, run_dir: Path) -> tuple[str, list[dict], object]:
     """Model path, the run's step bundles (rank 0 of 1) and the plan, through Keel's data path."""
-    from keel.data.sharding import step_bundles
+    from keel.data.rank_bundles import step_bundles
     from keel.launch.prepare import prepare_data
     from keel.mitigation import configured
 
@@ -88,7 +88,7 @@ def keel_round(cfg, path: str, bundles: list[dict], plan, run_dir: Path, full_lo
     """Per-step times of Keel's worker loop: the gaps between its consecutive step logs. ``full_logits``: the
     loss from the model's own head over every position, as before the chunked loss (isolates the loop)."""
     from keel.core.worker import WorkerInfo
-    from keel.data.sharding import step_source_tokens
+    from keel.data.rank_bundles import step_source_tokens
     from keel.tracking import logger as logger_mod
     from keel.train import step as step_mod
     from keel.train.trainer import train

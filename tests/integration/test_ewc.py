@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from keel.config import KeelConfig
 from transformers import AutoModelForCausalLM
 
 from .conftest import keel_train
@@ -29,8 +30,7 @@ OVERRIDES = ["mitigation=ewc", f"mitigation.ewc.samples={SAMPLES}", f"mitigation
              "trainer.micro_batch_size=1", "trainer.grad_accum=2", "trainer.warmup_steps=0", "logger=none"]
 
 
-def _compose(overrides: list[str]):
-    import keel.cli.train  # noqa: F401  (registers the schema)
+def _compose(overrides: list[str]) -> KeelConfig:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 

@@ -70,7 +70,6 @@ def test_chat_mix_on_local_files_of_each_format(tmp_path, capsys):
     read and every source gives examples."""
     if not SHARED.is_dir():
         pytest.skip("../shared/data is not here")
-    import keel.cli.train  # noqa: F401
     from hydra import compose, initialize_config_module
     from keel.launch import prepare
     from keel.mitigation import configured

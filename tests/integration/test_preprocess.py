@@ -13,7 +13,7 @@ import keel.cli.train  # noqa: F401
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
-from keel.data.shards import VAL_SHARD, read_rows
+from keel.data.parquet_rows import VAL_SHARD, read_rows
 from keel.launch import prepare
 from keel.mitigation import configured
 from keel.train import checkpoint as ckpt

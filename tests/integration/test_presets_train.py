@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import pytest
+from keel.config import KeelConfig
 
 pytestmark = pytest.mark.integration
 
@@ -30,8 +31,7 @@ FAMILY_TOKENS = {
 }
 
 
-def _compose(overrides: list[str]):
-    import keel.cli.train  # noqa: F401  (registers the schema)
+def _compose(overrides: list[str]) -> KeelConfig:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 

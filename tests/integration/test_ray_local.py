@@ -15,7 +15,6 @@ pytestmark = pytest.mark.integration
 PROBE = textwrap.dedent("""
     import json, os, sys
     import psutil
-    import keel.cli.train  # registers the schema
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
     from keel.launch import ray_cluster

@@ -53,7 +53,6 @@ def test_resume_refuses_changed_fingerprints():
 
 def test_resume_refuses_other_lora_adapters(tokenizer):
     """A LoRA checkpoint holds adapters of one shape: a resume with another r (or LoRA switched on) is refused."""
-    import keel.cli.train  # noqa: F401
     import numpy as np
     from hydra import compose, initialize_config_module
     from keel.data.pipeline import RowPlan

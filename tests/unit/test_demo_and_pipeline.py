@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 
-import keel.cli.train  # noqa: F401
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 from keel.data import demo, examples, pipeline
 from keel.data.formats import validate
 from keel.data.masking import IGNORE
-from keel.data.sharding import step_bundles
+from keel.data.rank_bundles import step_bundles
 from omegaconf import OmegaConf
 
 

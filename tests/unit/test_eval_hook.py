@@ -8,7 +8,7 @@ import pytest
 import torch
 from keel.config import EvalConfig, PasskEvalConfig
 from keel.data import encode
-from keel.data.template import TEMPLATES, TextEncoder, end_of_turn_ids, generation_prompt
+from keel.data.template import BUILT_IN, TextEncoder, end_of_turn_ids, generation_prompt
 from keel.eval import hook, pass_at_k
 from keel.eval.generate import Prompt, Sample
 from keel.eval.perplexity import perplexity
@@ -19,7 +19,6 @@ CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 @pytest.fixture(scope="module")
 def cfg():
-    import keel.cli.train  # noqa: F401  (registers the schema)
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
@@ -52,14 +51,14 @@ def test_config_errors_name_the_key(override, key):
         EvalConfig(name="x", every_n_steps=-1)
 
 
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("name", sorted(BUILT_IN))
 def test_generation_prompt_is_the_trained_prefix_of_the_answer(tokenizer, name):
     """What the model is asked to continue is exactly what preceded the answer in training."""
     enc = TextEncoder(tokenizer)
     full = encode(CONV, enc, template=name).input_ids
-    prompt = generation_prompt(CONV[:-1], enc, TEMPLATES[name])
+    prompt = generation_prompt(CONV[:-1], enc, BUILT_IN[name])
     assert full[: len(prompt)] == prompt and len(full) > len(prompt)
-    eot = end_of_turn_ids(enc, TEMPLATES[name])
+    eot = end_of_turn_ids(enc, BUILT_IN[name])
     assert eot == [] or eot[0] in full[len(prompt):]
 
 

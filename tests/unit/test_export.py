@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import keel.cli.train  # noqa: F401  (registers the schema)
 import pytest
 from hydra import compose, initialize_config_module
 from keel.cli.export import main as keel_export

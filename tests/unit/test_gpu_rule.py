@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import keel.cli.train  # noqa: F401  (registers the schema)
 import keel.config
 import pytest
 from hydra import compose, initialize_config_module

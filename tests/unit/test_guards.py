@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-import keel.cli.train  # noqa: F401  (registers the schema)
 import numpy as np
 import pytest
 import torch

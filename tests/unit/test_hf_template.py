@@ -69,7 +69,7 @@ def test_a_tokenizer_without_a_template_is_refused(tokenizer):
 # ---------------------------------------------------------------- reasoning, template=jinja, non-incremental
 from pathlib import Path  # noqa: E402
 
-from keel.data.template import TEMPLATES, render_chat  # noqa: E402
+from keel.data.template import BUILT_IN, render_chat  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_templates"
 REASONED = [{"role": "user", "content": "What is 2 + 2?"},
@@ -141,5 +141,5 @@ def test_every_built_in_renders_through_render_chat(tokenizer):
     from keel.data.template import TextEncoder
 
     enc = TextEncoder(tokenizer)
-    for name, tpl in TEMPLATES.items():
+    for name, tpl in BUILT_IN.items():
         assert render_chat(REASONED, enc, tpl), name

@@ -149,7 +149,6 @@ def test_huge_rows_of_parsed_formats_are_rejected_before_tokenising(tmp_path):
 
 
 def test_the_pipeline_applies_data_max_row_bytes_and_names_the_file(tmp_path, tokenizer):
-    import keel.cli.train  # noqa: F401  (registers the keel_schema node)
     from hydra import compose, initialize_config_module
     from keel.data.examples import load_source
     from keel.data.template import TextEncoder

@@ -6,7 +6,6 @@ import shlex
 import subprocess
 from pathlib import Path
 
-import keel.cli.train  # noqa: F401  (registers the schema)
 import pytest
 from hydra import compose, initialize_config_module
 from keel.launch import submit as jobs

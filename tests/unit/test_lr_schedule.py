@@ -7,15 +7,15 @@ import copy
 import math
 from types import SimpleNamespace
 
-import keel.cli.train  # noqa: F401  (registers the schema)
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from keel.config import TrainerConfig
 from keel.train.schedule import describe, lr_factor, lr_lambda
 from omegaconf import OmegaConf
 
 
-def _trainer(*overrides):
+def _trainer(*overrides) -> TrainerConfig:
     with initialize_config_module(config_module="keel.conf", version_base=None):
         return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides))).trainer
 

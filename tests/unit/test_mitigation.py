@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import keel.cli.train  # noqa: F401
 import pytest
 from hydra import compose, initialize_config_module
 from keel.data import pipeline

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import keel.cli.train  # noqa: F401  (registers the schema)
 import pytest
 from hydra import compose, initialize_config_module
 from keel.cli.plan import main as plan_main

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import keel.cli.train  # noqa: F401
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module

@@ -302,12 +302,12 @@ def test_a_sandbox_that_cannot_start_is_an_error(monkeypatch, tmp_path):
 
 
 def _compose(overrides: list[str]):
-    import keel.cli.train  # noqa: F401  (registers the keel_schema node)
+    """The config as a run validates it: the CLI resolves the code-execution opt-in (keel.cli.train.checked)."""
     from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
+    from keel.cli.train import checked
 
     with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+        return checked(compose(config_name="config", overrides=overrides))
 
 
 def test_config_refuses_python_checker_without_opt_in(monkeypatch):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import copy
 
-import keel.cli.train  # noqa: F401  (registers the schema)
 import pytest
 from hydra import compose, initialize_config_module
 from keel.data import encode, examples, pipeline, selfcheck
-from keel.data.template import TEMPLATES, TextEncoder
+from keel.data.template import BUILT_IN, TextEncoder
 from omegaconf import OmegaConf
 
 CHAT = {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."},
@@ -44,29 +43,29 @@ def test_a_rendering_difference_stops_with_a_diff(tokenizer):
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = tok.chat_template.replace(" | trim", "")
     enc = TextEncoder(tok)
-    same, why = selfcheck.same_template(enc, TEMPLATES["llama3"])
+    same, why = selfcheck.same_template(enc, BUILT_IN["llama3"])
     assert same and why == ""
     padded = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  Hello  "}]}
-    selfcheck.check_source("chat", [_sample(tok, CHAT)], enc, TEMPLATES["llama3"], "assistant_only", True, same)
+    selfcheck.check_source("chat", [_sample(tok, CHAT)], enc, BUILT_IN["llama3"], "assistant_only", True, same)
     with pytest.raises(ValueError, match=r"data source 'chat' row 7 .*render it differently: first difference"):
-        selfcheck.check_source("chat", [_sample(tok, padded)], enc, TEMPLATES["llama3"], "assistant_only", True, same)
+        selfcheck.check_source("chat", [_sample(tok, padded)], enc, BUILT_IN["llama3"], "assistant_only", True, same)
 
 
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("name", sorted(BUILT_IN))
 @pytest.mark.parametrize("masking", ["assistant_only", "last_turn"])
 def test_trained_spans_decode_to_the_answers(tokenizer, name, masking):
     enc = TextEncoder(tokenizer)
     row, example, ids, labels = _sample(tokenizer, CHAT, name, masking)
-    assert selfcheck.check_example(example, ids, labels, enc, TEMPLATES[name], masking, True, False) is None
+    assert selfcheck.check_example(example, ids, labels, enc, BUILT_IN[name], masking, True, False) is None
     shifted = [-100] + labels[:-1]  # an off-by-one mask: trains the token before each answer token
-    failure = selfcheck.check_example(example, ids, shifted, enc, TEMPLATES[name], masking, True, False)
+    failure = selfcheck.check_example(example, ids, shifted, enc, BUILT_IN[name], masking, True, False)
     assert failure and failure.startswith("the trained tokens decode to")
 
 
 def test_train_eot_false_and_skipped_rows(tokenizer):
     enc = TextEncoder(tokenizer)
     ex = encode(CHAT["messages"], tokenizer, template="llama3", train_eot=False)
-    assert selfcheck.check_example(CHAT, ex.input_ids, ex.labels, enc, TEMPLATES["llama3"], "assistant_only", False,
+    assert selfcheck.check_example(CHAT, ex.input_ids, ex.labels, enc, BUILT_IN["llama3"], "assistant_only", False,
                                    True) is None
     tools = {**CHAT, "tools": [{"name": "f"}]}
     assert not selfcheck._checkable(tools) and not selfcheck._checkable({"text": "plain"})

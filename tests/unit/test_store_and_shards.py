@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import pickle
 
-import keel.cli.train  # noqa: F401
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 from keel.config import to_plain
-from keel.data import pipeline, preprocessed
-from keel.data.shards import read_rows, write_shard
-from keel.data.store import Column, RejectSink
+from keel.data import pipeline
+from keel.data import preprocessed_dir as preprocessed
+from keel.data.disk_columns import Column, RejectSink
+from keel.data.parquet_rows import read_rows, write_shard
 from omegaconf import OmegaConf
 
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from keel.data import encode
 from keel.data.selfcheck import same_text, trained_runs
-from keel.data.template import TEMPLATES, THINK, TextEncoder, render_pieces
+from keel.data.template import BUILT_IN, THINK, TextEncoder, render_pieces
 
 from . import family_tokenizers
 
@@ -73,7 +73,7 @@ def conversations(template: str, n: int = 30, seed: int = 0, system: bool | None
 def expected_runs(messages: list[dict], template: str, train_reasoning: bool) -> list[str]:
     """What each assistant answer's trained tokens must decode to: the text the template writes for it."""
     runs: dict[int, str] = {}
-    for p in render_pieces(messages, TEMPLATES[template]):
+    for p in render_pieces(messages, BUILT_IN[template]):
         if p.role == "assistant" and (p.kind in ("content", "eot") or (p.kind == "reasoning" and train_reasoning)):
             runs[p.message] = runs.get(p.message, "") + p.text
     return list(runs.values())
@@ -134,7 +134,7 @@ def test_qwen3_reasoning_is_rendered_where_qwen3_renders_it(families):
     answers lose theirs, as Qwen3's template writes them; reasoning inside the content is split out."""
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "reasoning_content": "greet"},
             {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}]
-    text = "".join(p.text for p in render_pieces(conv, TEMPLATES["qwen3"]))
+    text = "".join(p.text for p in render_pieces(conv, BUILT_IN["qwen3"]))
     assert text == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\n"
                     "2+2?<|im_end|>\n<|im_start|>assistant\n" + THINK[0] + "add" + THINK[1] + "4<|im_end|>\n")
     tok = families["qwen"]

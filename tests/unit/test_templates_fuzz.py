@@ -11,9 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from keel.data import encode
+from keel.data.encoding import SPECIAL_TOKENS
 from keel.data.masking import IGNORE
 from keel.data.selfcheck import _expected_runs, same_text
-from keel.data.template import SPECIAL_TOKENS, TEMPLATES, TextEncoder, get_template
+from keel.data.template import BUILT_IN, TextEncoder, get_template
 
 # Printable unicode (no lone surrogates), with special-token look-alikes mixed in.
 TEXT = st.lists(st.one_of(st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=12),
@@ -46,7 +47,7 @@ def _specials(ids: list[int], special_ids: set[int]) -> int:
     return sum(1 for t in ids if t in special_ids)
 
 
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("name", sorted(BUILT_IN))
 def test_random_conversations_train_exactly_the_answers(tokenizer, name):
     enc = TextEncoder(tokenizer)
     tpl = get_template(name)

@@ -8,7 +8,6 @@ import math
 import warnings
 from pathlib import Path
 
-import keel.cli.train  # noqa: F401
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
@@ -451,8 +450,8 @@ def test_a_preprocessed_directory_keeps_the_epochs_and_the_validation_rows(tmp_p
     """data.preprocessed: the directory's planned steps serve the same trainer.epochs, its validation rows the
     same validation settings; other settings are refused naming them."""
     from keel.config import to_plain
-    from keel.data import preprocessed
-    from keel.data.shards import VAL_SHARD, write_shard
+    from keel.data import preprocessed_dir as preprocessed
+    from keel.data.parquet_rows import VAL_SHARD, write_shard
 
     source = _source(_chats(tmp_path / "mine.jsonl", 400))
     made = _cfg(source, "trainer.max_steps=null", "trainer.epochs=1", "data.val_fraction=0.1")

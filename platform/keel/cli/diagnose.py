@@ -15,13 +15,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from keel.choices import MASKINGS
 from keel.cli.main import run_cli
-from keel.data.masking import MASKINGS
 from keel.data.template import get_template
+from keel.errors import UserError
 from keel.eval import checkers
 from keel.eval.diagnose import HELDOUT_SEED, Thresholds
+
+if TYPE_CHECKING:
+    from keel.eval.diagnose_measure import Plan
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -89,27 +93,27 @@ def parser() -> argparse.ArgumentParser:
 
 
 def resolve_model(arg: str, flag: str) -> str:
-    """An HF model dir (or a Keel run dir's hf/), or a hub id; ValueError otherwise."""
+    """An HF model dir (or a Keel run dir's hf/), or a hub id; UserError otherwise."""
     path = Path(arg).expanduser()
     if path.is_dir():
         for cand in (path, path / "hf"):
             if (cand / "config.json").is_file():
                 return str(cand.resolve())
-        raise ValueError(f"{flag} {arg}: no config.json there or in hf/ (pass a Hugging Face model dir or a Keel run "
+        raise UserError(f"{flag} {arg}: no config.json there or in hf/ (pass a Hugging Face model dir or a Keel run "
                          "dir; ZeRO-3 checkpoints are not read)")
     if not path.exists() and _HUB_ID.fullmatch(arg):
         return arg
-    raise ValueError(f"{flag} {arg}: not a model directory or a Hugging Face Hub id (owner/name)")
+    raise UserError(f"{flag} {arg}: not a model directory or a Hugging Face Hub id (owner/name)")
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    """Raise ValueError on counts that cannot work."""
+    """Raise UserError on counts that cannot work."""
     for name in ("shots", "limit", "diversity_prompts", "samples", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_len < 2:
-        raise ValueError(f"--max-len must be >= 2, got {args.max_len}")
-    get_template(args.template)  # unknown name: ValueError before any model is loaded
+        raise UserError(f"--max-len must be >= 2, got {args.max_len}")
+    get_template(args.template)  # unknown name: UserError before any model is loaded
 
 
 def _probe(args: argparse.Namespace) -> tuple[list, str]:
@@ -124,7 +128,7 @@ def _probe(args: argparse.Namespace) -> tuple[list, str]:
     return probe_items(prompts), f"{args.probe_data} ({len(prompts)} items, {skipped} rows skipped)"
 
 
-def build_plan(args: argparse.Namespace) -> tuple[Any, dict]:
+def build_plan(args: argparse.Namespace) -> tuple[Plan, dict]:
     """(measurement plan, description of the data) from the arguments; no model is loaded."""
     from keel.eval.diagnose import continuation_prompts, few_shot_messages, load_pretrain
     from keel.eval.diagnose_measure import Plan
@@ -151,7 +155,7 @@ def _progress(role: str) -> Callable[[str], None]:
     return lambda step: print(f"  {role}: {step}", file=sys.stderr, flush=True)
 
 
-def _measure(path: str, role: str, plan: Any, device: str) -> dict:
+def _measure(path: str, role: str, plan: Plan, device: str) -> dict:
     """Measure one model; a model that cannot be loaded is a user error."""
     from keel.eval.diagnose_measure import measure
 
@@ -159,7 +163,7 @@ def _measure(path: str, role: str, plan: Any, device: str) -> dict:
     try:
         return measure(path, plan, device, _progress(role))
     except OSError as err:
-        raise ValueError(f"cannot load the {role} model {path!r}: {err}") from err
+        raise UserError(f"cannot load the {role} model {path!r}: {err}") from err
 
 
 def run(args: argparse.Namespace) -> dict:

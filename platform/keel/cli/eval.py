@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from keel.cli.main import run_cli
+from keel.errors import UserError
 from keel.eval import checkers
 
 
@@ -66,20 +67,20 @@ def _progress(done: int, total: int) -> None:
 
 
 def _check_model_dir(path: str) -> None:
-    """Raise ValueError unless ``path`` is a consolidated HF model dir (has config.json)."""
+    """Raise UserError unless ``path`` is a consolidated HF model dir (has config.json)."""
     if not (Path(path) / "config.json").is_file():
-        raise ValueError(f"--model must be a Hugging Face model directory with config.json, got {path!r} "
+        raise UserError(f"--model must be a Hugging Face model directory with config.json, got {path!r} "
                          "(for a Keel run use its outputs/.../hf folder, not the ZeRO-3 checkpoint)")
 
 
 def run_passk(args: argparse.Namespace) -> dict:
     """Load, sample, score, print the table and write the report."""
-    from keel.eval.generate import SamplingConfig, check_sampling, load_model, load_prompts
+    from keel.eval.generate import SamplingConfig, check_sampling, load_eval_model, load_prompts
     from keel.eval.report import evaluate_passk, format_table, usable_ks, write_report
 
     checkers.get(args.checker, args.allow_code_execution)  # opt-in and sandbox, before any loading
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
     sampling = SamplingConfig(args.n, args.temperature, args.top_p, args.max_new_tokens, args.batch_size, args.seed)
     check_sampling(sampling)
     ks, dropped = usable_ks(args.k, args.n)
@@ -88,7 +89,7 @@ def run_passk(args: argparse.Namespace) -> dict:
     prompts, skipped = load_prompts(args.data, args.format, args.limit)
     _check_model_dir(args.model)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_eval_model(args.model, args.device)
     body = evaluate_passk(model, tokenizer, prompts, sampling, args.checker, ks, _progress,
                           allow_code_execution=args.allow_code_execution)
     report = {"config": _config(args, ks, dropped), "prompts": len(prompts), "rows_skipped": skipped,

@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from keel.errors import ConfigError
+
 LENGTH_KEYS = ("trainer.max_steps", "trainer.epochs")
 # Config sources that hold the user's own files (Keel's package is "main", Hydra's own "hydra").
 USER_PROVIDERS = ("command-line", "hydra.searchpath in command-line", "hydra.searchpath in main")
@@ -76,13 +78,13 @@ def settle_length(cfg: DictConfig, explicit: set[str]) -> None:
     """Leave one of ``trainer.epochs`` / ``trainer.max_steps`` in the composed config.
 
     ``epochs`` set (by anyone) and ``max_steps`` not set by the user: ``max_steps`` (a default or a
-    preset's) gives way. Both set by the user: a ValueError naming both. ``max_steps`` set by the user
+    preset's) gives way. Both set by the user: a ConfigError naming both. ``max_steps`` set by the user
     and ``epochs`` only by a preset: the user's ``max_steps`` wins.
     """
     if cfg.trainer.get("epochs") is None or cfg.trainer.get("max_steps") is None:
         return
     if {"trainer.epochs", "trainer.max_steps"} <= explicit:
-        raise ValueError(f"config error: trainer.epochs={cfg.trainer.epochs} and trainer.max_steps="
+        raise ConfigError(f"config error: trainer.epochs={cfg.trainer.epochs} and trainer.max_steps="
                          f"{cfg.trainer.max_steps} are both set; the run's length comes from one of them")
     if "trainer.max_steps" in explicit:
         cfg.trainer.epochs = None

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
@@ -24,6 +24,10 @@ from keel.cli.train import validate
 from keel.config import KeelConfig, SourceConfig
 from keel.data import inspect as view
 from keel.data.sources import source_format
+from keel.errors import UserError
+
+if TYPE_CHECKING:
+    from keel.data.examples import SourceData
 
 DESCRIPTION = """Show N rendered examples per source with trained tokens highlighted, and write
 inspect.html + inspect.json. Remaining arguments are Hydra overrides, as for `keel train`
@@ -72,10 +76,10 @@ def load_config(overrides: list[str], file: str | None, fmt: str) -> KeelConfig:
     return validate(cfg, explicit)
 
 
-def load_sources(cfg: KeelConfig) -> tuple[Any, list[Any]]:
+def load_sources(cfg: KeelConfig) -> tuple[Any, list[SourceData]]:
     """The tokenizer of the configured model and every source, encoded as for training."""
+    from keel.data.encoding import TextEncoder
     from keel.data.pipeline import load_source
-    from keel.data.template import TextEncoder
     from keel.model.build import load_tokenizer, model_path
 
     tokenizer = load_tokenizer(model_path(cfg), cfg.model.trust_remote_code)
@@ -90,7 +94,7 @@ def summary_line(stats: dict) -> str:
             f"length {stats['length']['min']}..{stats['length']['max']} (mean {stats['length']['mean']:.0f})")
 
 
-def print_source(tokenizer: Any, data: Any, stats: dict, n: int, color: bool) -> None:
+def print_source(tokenizer: Any, data: SourceData, stats: dict, n: int, color: bool) -> None:
     """Terminal view of one source: summary, reject reasons, N rendered examples."""
     print(f"=== {data.name} [{stats['format']}]: {summary_line(stats)}")
     for group in stats["rejects_by_reason"]:
@@ -108,7 +112,8 @@ def run_summary(cfg: KeelConfig) -> dict:
             "default_system": cfg.template.default_system}
 
 
-def write_report(out: Path, cfg: KeelConfig, tokenizer: Any, sources: list[Any], stats: list[dict], n: int) -> None:
+def write_report(out: Path, cfg: KeelConfig, tokenizer: Any, sources: list[SourceData], stats: list[dict],
+                 n: int) -> None:
     """Write ``inspect.html`` and ``inspect.json`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     sections = []
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         tokenizer, sources = load_sources(cfg)
         stats = [{**view.source_stats(s), "format": source_format(src)} for s, src in zip(sources, cfg.data.sources)]
-    except ValueError as err:  # bad data path, unreadable source: no traceback
+    except UserError as err:  # bad data path, unreadable source: no traceback
         sys.exit(f"keel: {err}")
     color = use_color(args.no_color)
     for data, st in zip(sources, stats):

@@ -1,4 +1,7 @@
-"""The ``keel`` command. Only this package touches Hydra."""
+"""The ``keel`` command. Only this package touches Hydra (but ``keel.config``, which registers its schema).
+
+A :class:`keel.errors.UserError` (``ConfigError`` among them) is shown as one ``keel <command>: ...`` line;
+any other exception is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
+
+from keel.errors import UserError
 
 USAGE = """usage: keel <command> [options | hydra overrides]
 
@@ -34,11 +39,13 @@ COMMANDS = {"train": "keel.cli.train", "inspect": "keel.cli.inspect", "preproces
 
 def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any],
             argv: list[str] | None = None) -> Any:
-    """Parse ``argv`` and run; a user error (ValueError) exits with one ``<prog>: <message>`` line."""
+    """Parse ``argv`` and run; a user error (:class:`keel.errors.UserError`: a bad config, data file or flag, a
+    missing sandbox...) exits with one ``<prog>: <message>`` line. Anything else is a bug and keeps its
+    traceback."""
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return run(args)
-    except ValueError as err:
+    except UserError as err:
         sys.exit(f"{parser.prog}: {err}")
 
 

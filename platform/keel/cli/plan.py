@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from keel.cli.train import validate
 from keel.config import KeelConfig
+from keel.errors import UserError
 
 DESCRIPTION = """Print what the configured run needs per GPU: parameters, world size, ZeRO stage, template,
 attention backend, and memory (model states, activations, logits, margin) against --gpu-memory-gib.
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         result = plan(cfg, args.gpu_memory_gib)
-    except ValueError as err:
+    except UserError as err:
         sys.exit(f"keel: {err}")
     print(json.dumps(result, indent=2) if args.json else render(result))
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from keel.cli.inspect import load_config
+from keel.errors import UserError
 
 DESCRIPTION = """Run sources -> format -> template -> mask -> mix -> pack on Ray Data and write Parquet
 shards of packed rows plus report.json (and rejects.jsonl) to --out. Remaining arguments are Hydra
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         report = preprocess(cfg, out, args.procs)
-    except ValueError as err:  # bad data (data.on_error=raise), unreadable source: no traceback
+    except UserError as err:  # bad data (data.on_error=raise), unreadable source: no traceback
         sys.exit(f"keel: {err}")
     print_report(report, out)
 

@@ -16,24 +16,25 @@ import argparse
 import sys
 from typing import Optional
 
+from keel.errors import ConfigError, UserError
 from keel.launch import submit as jobs
 
 
 def validate_overrides(overrides: list[str]) -> None:
-    """Compose and type-check the config the job will run; ValueError names the bad key."""
+    """Compose and type-check the config the job will run; ConfigError names the bad key."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    import keel.cli.train  # noqa: F401  (registers the keel_schema node the defaults list names)
+    from keel.cli.train import resolve_code_execution  # importing keel.config registers the keel_schema node
 
     try:
         with initialize_config_module(config_module="keel.conf", version_base=None):
             cfg = compose(config_name="config", overrides=overrides)
-        OmegaConf.to_object(cfg)
+        resolve_code_execution(OmegaConf.to_object(cfg))
     except (HydraException, OmegaConfBaseException) as err:
-        raise ValueError(f"config error: {err}") from err
+        raise ConfigError(f"config error: {err}") from err
 
 
 def submit(overrides: list[str], address: Optional[str] = None, **kwargs) -> jobs.JobResult:
@@ -87,7 +88,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         result = submit(args.overrides, args.address, run_dir=args.run_dir, job_id=args.job_id, env=env,
                         working_dir=None if args.no_working_dir else args.working_dir, wait=not args.no_wait,
                         secret_files=secret_files)
-    except ValueError as err:
+    except UserError as err:
         sys.exit(f"keel submit: {err}")
     print(f"job_id={result.job_id} status={result.status} run_dir={result.run_dir}")
     sys.exit(0 if result.ok or args.no_wait else 1)

@@ -8,16 +8,15 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from keel.choices import CODE_CHECKERS
 from keel.config import KeelConfig, require_gpu
-from keel.eval import checkers
+from keel.errors import ConfigError, UserError
+from keel.eval import checkers, sandbox
 from keel.tracking.secrets import load_secret_files, redact
-
-ConfigStore.instance().store(name="keel_schema", node=KeelConfig)
-
 
 # Hydra's own flags that take a value; `keel train` accepts them anywhere among the overrides.
 VALUE_FLAGS = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--cfg", "-c",
@@ -42,15 +41,40 @@ def argv(args: list[str]) -> list[str]:
     return flags + overrides
 
 
-def validate(cfg: DictConfig, explicit: set[str] | None = None) -> KeelConfig:
-    """Typed, value-checked config; a user error exits with the offending key named. ``explicit``: the
-    length keys the user set (``keel.cli.explicit``), which decide between trainer.epochs and max_steps."""
+def resolve_code_execution(cfg: KeelConfig) -> None:
+    """A code-executing checker during training (``eval.passk.checker=python``) needs the opt-in: the config key
+    or ``KEEL_ALLOW_CODE_EXECUTION``, resolved into the config here so the Ray workers see it. Only the opt-in
+    (keel submit validates on a machine that may lack the sandbox; keel train checks bubblewrap at start)."""
+    e = cfg.eval
+    if not (e.every_n_steps > 0 and "passk" in e.tasks and e.passk.checker in CODE_CHECKERS):
+        return
+    e.passk.allow_code_execution = sandbox.code_execution_allowed(e.passk.allow_code_execution)
+    try:
+        sandbox.require_opt_in(e.passk.allow_code_execution, checkers.OPT_IN_HOW)
+    except UserError as err:
+        raise ConfigError(f"config error: eval.passk.checker={e.passk.checker}: {err}") from None
+
+
+def checked(cfg: DictConfig, explicit: set[str] | None = None) -> KeelConfig:
+    """The composed config typed and value-checked (raising ConfigError naming the key), with what depends on
+    this environment resolved. ``explicit``: the length keys the user set (``keel.cli.explicit``), which
+    decide between trainer.epochs and max_steps."""
     from keel.cli.explicit import settle_length
 
+    settle_length(cfg, explicit or set())
     try:
-        settle_length(cfg, explicit or set())
-        return OmegaConf.to_object(cfg)
-    except ValueError as err:
+        keel_cfg = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:  # a value missing or of the wrong type: a config error too
+        raise ConfigError(f"config error: {err}") from err
+    resolve_code_execution(keel_cfg)
+    return keel_cfg
+
+
+def validate(cfg: DictConfig, explicit: set[str] | None = None) -> KeelConfig:
+    """:func:`checked`; a user error exits with the offending key named, in one line."""
+    try:
+        return checked(cfg, explicit)
+    except UserError as err:
         sys.exit(f"keel: {err}")
 
 
@@ -97,18 +121,18 @@ def main() -> None:
 def _main(cfg: DictConfig) -> None:
     try:
         load_secret_files()  # keel submit --secret-file: read here, so redaction knows the values too
-    except ValueError as err:
+    except UserError as err:
         sys.exit(f"keel: {err}")
     write_hydra_record(cfg)
     keel_cfg = validate(cfg, _explicit())
     try:
         require_gpu(keel_cfg)  # before Ray or any model work
-    except ValueError as err:
+    except UserError as err:
         sys.exit(f"keel: {err}")
-    if keel_cfg.eval.every_n_steps > 0 and keel_cfg.eval.passk.checker in checkers.CODE_CHECKERS:
+    if keel_cfg.eval.every_n_steps > 0 and keel_cfg.eval.passk.checker in CODE_CHECKERS:
         try:
             checkers.require_code_execution(keel_cfg.eval.passk.allow_code_execution)  # bubblewrap, before Ray
-        except ValueError as err:
+        except UserError as err:
             sys.exit(f"keel: {err}")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     keel_cfg.run_dir = str(run_dir)
@@ -116,7 +140,7 @@ def _main(cfg: DictConfig) -> None:
 
     try:
         summary = run_training(keel_cfg, run_dir)
-    except ValueError as err:  # user errors (bad data, unavailable backend): no traceback
+    except UserError as err:  # user errors (bad data, unavailable backend): no traceback
         sys.exit(f"keel: {err}")
     if summary.get("preempted"):
         from keel.launch.driver import EXIT_PREEMPTED

@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from keel.choices import LOSS_NORMS
 from keel.data.masking import IGNORE
 from keel.errors import ConfigError
-
-LOSS_NORMS = ("token", "sequence")
 
 
 def token_weights(targets: torch.Tensor, position_ids: torch.Tensor, mode: str) -> tuple[torch.Tensor, float]:

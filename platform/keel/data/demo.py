@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
+from keel.errors import ConfigError
+
 DEMO_TASKS = ("arithmetic", "strings", "text")
 
 _WORDS = (
@@ -89,7 +91,7 @@ _GENERATORS = {"arithmetic": _arithmetic, "strings": _strings, "text": _text}
 def generate(task: str, num_examples: int, seed: int) -> Iterator[dict]:
     """Yield ``num_examples`` canonical examples of a demo task, deterministic in (task, seed)."""
     if task not in _GENERATORS:
-        raise ValueError(f"unknown demo task {task!r}; choose one of {list(DEMO_TASKS)}")
+        raise ConfigError(f"unknown demo task {task!r}; choose one of {list(DEMO_TASKS)}")
     # String seeds are hashed deterministically by random.Random (not by hash()).
     rng = random.Random(f"keel-demo:{task}:{seed}")
     for _ in range(num_examples):

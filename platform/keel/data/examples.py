@@ -12,15 +12,21 @@ import hashlib
 import json
 from collections.abc import MutableSequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from keel.data import selfcheck, tokenizer_eos
+from keel.data.encoding import TextEncoder
 from keel.data.formats import validate
 from keel.data.masking import IGNORE, apply_mask
 from keel.data.sources import Reject, iter_source, validation_source
-from keel.data.template import TextEncoder, from_config, render_chat, render_text
+from keel.data.template import from_config, render_chat, render_text
+from keel.errors import UserError
+
+if TYPE_CHECKING:
+    from keel.config import KeelConfig, SourceConfig
+
 
 Piece = tuple[np.ndarray, np.ndarray]  # input ids, shifted targets (targets[i] = labels[i + 1])
 
@@ -42,7 +48,7 @@ class RowResult:
 class SourceData:
     """Encoded, valid examples of one source, plus its rejects.
 
-    ``input_ids``/``targets`` are lists, or on-disk columns (``keel.data.store``) for sources too
+    ``input_ids``/``targets`` are lists, or on-disk columns (``keel.data.disk_columns``) for sources too
     large to hold in memory; ``rejects`` likewise may be a file-backed sink.
     """
 
@@ -66,13 +72,13 @@ class SourceData:
             self._lengths = np.fromiter(map(len, self.input_ids), np.int64, len(self.input_ids))
         return self._lengths
 
-    def add(self, res: RowResult, cfg: Any, where: str, held_out: bool = False) -> None:
-        """Record one row's result (``data.on_error=raise``: a reject is a ValueError naming source and row);
+    def add(self, res: RowResult, cfg: KeelConfig, where: str, held_out: bool = False) -> None:
+        """Record one row's result (``data.on_error=raise``: a reject is a UserError naming source and row);
         a ``held_out`` row's examples go to ``val``."""
         self.rows_read += 1
         if res.reason is not None:
             if cfg.data.on_error == "raise":
-                raise ValueError(f"data source {self.name!r} ({res.file or where}) row {res.row}: {res.reason}")
+                raise UserError(f"data source {self.name!r} ({res.file or where}) row {res.row}: {res.reason}")
             where_from = {"file": res.file} if res.file else {}
             self.rejects.append({"source": self.name, **where_from, "row": res.row, "reason": res.reason,
                                  "data": res.data})
@@ -100,7 +106,7 @@ def held_out(row: Any, fraction: float) -> bool:
     return int.from_bytes(digest, "big") < fraction * 2**64
 
 
-def val_fraction(src: Any, cfg: Any) -> float:
+def val_fraction(src: SourceConfig, cfg: KeelConfig) -> float:
     """The share of ``src``'s rows held out: ``data.val_fraction`` unless the source has its own validation
     rows (``val_path``/``val_split``); 0 for the sources plugins add (replay, progressive)."""
     if validation_source(src) is not None or src.name not in {s.name for s in cfg.data.sources}:
@@ -108,12 +114,12 @@ def val_fraction(src: Any, cfg: Any) -> float:
     return cfg.data.val_fraction
 
 
-def where(src: Any) -> str:
+def where(src: SourceConfig) -> str:
     """How errors name a source's origin."""
     return src.path if src.kind == "file" else f"demo:{src.task}"
 
 
-def chat_messages(ex: dict, cfg: Any) -> list[dict]:
+def chat_messages(ex: dict, cfg: KeelConfig) -> list[dict]:
     """The messages a chat example is rendered from (``template.default_system`` added when it has none)."""
     messages = ex["messages"]
     if cfg.template.default_system and messages[0]["role"] != "system":
@@ -121,7 +127,7 @@ def chat_messages(ex: dict, cfg: Any) -> list[dict]:
     return messages
 
 
-def _encode_example(ex: dict, enc: TextEncoder, cfg: Any, masking: str) -> tuple[np.ndarray, np.ndarray]:
+def _encode_example(ex: dict, enc: TextEncoder, cfg: KeelConfig, masking: str) -> tuple[np.ndarray, np.ndarray]:
     tpl = from_config(cfg.template)
     if "text" in ex and "messages" not in ex:
         segs = render_text(ex["text"], enc, tpl, tokenizer_eos(enc._tok))
@@ -158,7 +164,7 @@ def _turn_units(messages: list[dict]) -> tuple[list[dict], list[list[dict]]]:
     return head, units
 
 
-def _split_chat(ex: dict, enc: TextEncoder, cfg: Any, masking: str) -> list[tuple[np.ndarray, np.ndarray]]:
+def _split_chat(ex: dict, enc: TextEncoder, cfg: KeelConfig, masking: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """Split an over-length chat at turn boundaries into pieces that fit (greedy, in order)."""
     head, units = _turn_units(ex["messages"])
     pieces, start = [], 0
@@ -177,7 +183,7 @@ def _split_chat(ex: dict, enc: TextEncoder, cfg: Any, masking: str) -> list[tupl
     return pieces
 
 
-def _fit(ex: dict, ids: np.ndarray, targets: np.ndarray, enc: TextEncoder, cfg: Any, masking: str) -> tuple:
+def _fit(ex: dict, ids: np.ndarray, targets: np.ndarray, enc: TextEncoder, cfg: KeelConfig, masking: str) -> tuple:
     """Apply ``data.overlength``: (pieces, action) with action kept|truncated|split."""
     max_len, policy = cfg.packing.max_len, cfg.data.overlength
     if len(ids) <= max_len:
@@ -191,7 +197,7 @@ def _fit(ex: dict, ids: np.ndarray, targets: np.ndarray, enc: TextEncoder, cfg: 
     raise _OverLength(f"over-length: {len(ids)} tokens > packing.max_len={max_len} (data.overlength=drop)")
 
 
-def _row_pieces(row: Any, cfg: Any, enc: TextEncoder, masking: str) -> tuple[list[Piece], str]:
+def _row_pieces(row: Any, cfg: KeelConfig, enc: TextEncoder, masking: str) -> tuple[list[Piece], str]:
     """Encoded pieces of one row and the action taken; raises Reject or _OverLength with the reason."""
     if isinstance(row, Reject):
         raise row
@@ -207,7 +213,7 @@ def _row_pieces(row: Any, cfg: Any, enc: TextEncoder, masking: str) -> tuple[lis
     return pieces, action
 
 
-def process_row(row_no: int, row: Any, cfg: Any, enc: TextEncoder, masking: str) -> RowResult:
+def process_row(row_no: int, row: Any, cfg: KeelConfig, enc: TextEncoder, masking: str) -> RowResult:
     """Validate, encode and fit one row (a canonical example or a reader's Reject)."""
     try:
         pieces, action = _row_pieces(row, cfg, enc, masking)
@@ -219,12 +225,12 @@ def process_row(row_no: int, row: Any, cfg: Any, enc: TextEncoder, masking: str)
     return RowResult(row_no, pieces, action, example=example)
 
 
-def validates(src: Any, cfg: Any) -> bool:
+def validates(src: SourceConfig, cfg: KeelConfig) -> bool:
     """Whether ``src`` has validation rows (held out of it, or its own)."""
     return val_fraction(src, cfg) > 0 or validation_source(src) is not None
 
 
-def load_source(src: Any, cfg: Any, enc: TextEncoder) -> SourceData:
+def load_source(src: SourceConfig, cfg: KeelConfig, enc: TextEncoder) -> SourceData:
     """Validate and encode one source; every row is either kept or rejected with a reason. With
     ``data.val_fraction`` the held-out rows' examples go to ``.val`` (``load_validation`` adds a
     ``val_path``/``val_split``'s)."""
@@ -240,7 +246,7 @@ def load_source(src: Any, cfg: Any, enc: TextEncoder) -> SourceData:
     return out
 
 
-def load_validation(src: Any, data: SourceData, cfg: Any, enc: TextEncoder) -> None:
+def load_validation(src: SourceConfig, data: SourceData, cfg: KeelConfig, enc: TextEncoder) -> None:
     """Encode a source's own validation rows (``val_path`` or ``val_split``) into ``data.val``."""
     vsrc = validation_source(src)
     if vsrc is None:

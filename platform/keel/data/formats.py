@@ -24,27 +24,12 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-ROLES = ("system", "user", "assistant", "tool")
+# The formats (in detection order), their aliases and field names are the config's vocabulary
+# (data.sources[*].format and fields): defined in keel.choices, with check_format and check_fields.
+from keel.choices import DEFAULT_FIELDS, FORMATS, REQUIRED_FIELDS
 
-# Detection order matters: the first format whose required fields a row has wins.
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "gsm8k", "text")
-FORMAT_ALIASES = {"openai": "messages", "hf": "messages", "conversations": "sharegpt"}
-
-_CHAT_FIELDS = ("messages", "role", "content", "tool_calls", "tools", "system", "reasoning_content")
+ROLES = ("system", "user", "assistant", "tool")  # a canonical message's roles
 REASONING_ALIASES = ("thinking",)  # read when the reasoning field itself is absent
-DEFAULT_FIELDS: dict[str, dict[str, str]] = {
-    "messages": {k: k for k in _CHAT_FIELDS},
-    "sharegpt": {"messages": "conversations", "role": "from", "content": "value", "tool_calls": "tool_calls",
-                 "tools": "tools", "system": "system", "reasoning_content": "reasoning_content"},
-    "alpaca": {k: k for k in ("instruction", "input", "output", "system", "history")},
-    "prompt_completion": {k: k for k in ("prompt", "completion", "system")},
-    "gsm8k": {k: k for k in ("question", "answer")},
-    "text": {"text": "text"},
-}
-REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
-    "messages": ("messages",), "sharegpt": ("messages",), "alpaca": ("instruction", "output"),
-    "prompt_completion": ("prompt", "completion"), "gsm8k": ("question", "answer"), "text": ("text",),
-}
 
 # Role names seen in the wild -> canonical role. "function_call" is handled apart: it
 # becomes a tool call on an assistant message.
@@ -65,27 +50,6 @@ class Reject(Exception):
 
 
 # ---------------------------------------------------------------- format and field names
-
-
-def check_format(fmt: str) -> str:
-    """The canonical name of ``fmt`` ("auto" or a known format); ValueError otherwise."""
-    name = FORMAT_ALIASES.get(fmt, fmt)
-    if name != "auto" and name not in FORMATS:
-        raise ValueError(f"unknown data format {fmt!r}; choose 'auto' or one of {list(FORMATS)}")
-    return name
-
-
-def check_fields(fmt: str, fields: Mapping[str, str] | None) -> None:
-    """Raise ValueError if ``fields`` renames a field that ``fmt`` (or no format, for auto) has."""
-    if not fields:
-        return
-    known = set().union(*DEFAULT_FIELDS.values()) if fmt == "auto" else set(DEFAULT_FIELDS[fmt])
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"fields: {unknown} not used by format {fmt!r}; known fields: {sorted(known)}")
-    bad = [k for k, v in fields.items() if not isinstance(v, str) or not v]
-    if bad:
-        raise ValueError(f"fields: the names given for {bad} must be non-empty strings")
 
 
 def field_names(fmt: str, fields: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -24,12 +24,62 @@ from __future__ import annotations
 import functools
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
-from keel.data.template import TEMPLATES, JinjaTemplate, Piece, Segment, TextEncoder, encode_pieces
+from keel.choices import BUILT_IN_TEMPLATES
+from keel.data.encoding import Piece, Segment, TextEncoder, encode_pieces
+from keel.errors import ConfigError, UserError
 
 GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
-BUILT_IN_HINT = f"use a built-in template instead (template={'|'.join(TEMPLATES)})"
+BUILT_IN_HINT = f"use a built-in template instead (template={'|'.join(BUILT_IN_TEMPLATES)})"
+
+
+@dataclass(frozen=True)
+class JinjaTemplate:
+    """A :class:`keel.data.encoding.Renderer` rendering a Jinja chat template: the tokenizer's own
+    (``template=tokenizer``, ``source`` None) or a file's (``template=jinja``, ``template.path``)."""
+
+    name: str
+    path: str | None = None
+    source: str | None = None
+
+    uses_jinja = True
+
+    @property
+    def _own(self) -> JinjaTemplate | None:
+        """This template when it is a file's (None: the tokenizer's own chat_template)."""
+        return self if self.source is not None else None
+
+    def render(self, messages: list[dict], enc: TextEncoder, tools: list | None = None) -> list[Segment]:
+        return render_with_tokenizer(messages, enc, tools, self._own)
+
+    def generation_prompt(self, messages: list[dict], enc: TextEncoder, tools: list | None = None) -> list[int]:
+        return template_ids(enc.tokenizer, messages, tools, generation_prompt=True, chat_template=self.source)
+
+    def bos_token(self, enc: TextEncoder) -> str | None:
+        return enc.tokenizer.bos_token  # the Jinja template writes bos itself; a plain-text row gets the tokenizer's
+
+    def end_of_turn_ids(self, enc: TextEncoder) -> list[int]:
+        return []
+
+
+TOKENIZER = JinjaTemplate("tokenizer")  # template=tokenizer: the tokenizer's own chat_template
+
+
+@functools.lru_cache(maxsize=8)
+def load_jinja(path: str | None) -> JinjaTemplate:
+    """template=jinja: the Jinja chat template in the file ``path``."""
+    if not path:
+        raise ConfigError("template=jinja needs template.path=FILE (a Jinja chat template)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except OSError as err:
+        raise ConfigError(f"template.path: cannot read the Jinja chat template {path!r}: {err}") from None
+    if not source.strip():
+        raise ConfigError(f"template.path: the Jinja chat template {path!r} is empty")
+    return JinjaTemplate("jinja", path, source)
 
 
 def _render(tok: Any, messages: list[dict], tools: list | None, generation_prompt: bool = False,
@@ -68,10 +118,10 @@ class _Ctx:
         except Exception as err:  # a Jinja syntax error or the template's own raise_exception
             if self.source is None:
                 raise
-            raise ValueError(f"{self.label}: rendering failed: {err}") from err
+            raise UserError(f"{self.label}: rendering failed: {err}") from err
 
-    def error(self, what: str) -> ValueError:
-        return ValueError(f"{self.label}: {what}; {BUILT_IN_HINT}")
+    def error(self, what: str) -> UserError:
+        return UserError(f"{self.label}: {what}; {BUILT_IN_HINT}")
 
 
 def _refuse_lookalikes(messages: list[dict], ctx: _Ctx) -> None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keel.data.template import Segment
+from keel.choices import MASKINGS
+from keel.data.encoding import TRAINABLE, Segment
 
-IGNORE = -100
-MASKINGS = ("assistant_only", "last_turn", "all_tokens")
+IGNORE = -100  # the label of an untrained token (PyTorch cross-entropy's ignore_index); defined here only
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Encoded:
 def _trained(seg: Segment, masking: str, train_eot: bool, last_assistant: int, train_reasoning: bool) -> bool:
     if masking == "all_tokens":
         return seg.kind != "bos"
-    if seg.role != "assistant" or seg.kind not in ("reasoning", "content", "eot"):
+    if seg.role != "assistant" or seg.kind not in TRAINABLE:
         return False
     if (seg.kind == "eot" and not train_eot) or (seg.kind == "reasoning" and not train_reasoning):
         return False

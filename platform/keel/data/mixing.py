@@ -26,6 +26,9 @@ from fractions import Fraction
 
 import numpy as np
 
+from keel.choices import INTERPOLATIONS
+from keel.errors import UserError
+
 
 def mixture_weights(
     sizes: Sequence[float], T: float = 1.0, quality: Sequence[float] | None = None
@@ -44,7 +47,7 @@ def mixture_weights(
         mass = size_arr * qual_arr
     positive = mass > 0
     if not positive.any():
-        raise ValueError("quality is zero for every non-empty source; no source can be sampled")
+        raise UserError("quality is zero for every non-empty source; no source can be sampled")
     # Work in log space so large sizes with small T neither overflow nor underflow to all-zero.
     logw = np.full(mass.shape, -np.inf)
     logw[positive] = np.log(mass[positive]) / T
@@ -146,9 +149,6 @@ def realised_mixture(plan: Sequence[tuple[int, int]], num_sources: int) -> list[
             raise ValueError(f"plan has source id {source}, outside [0, {num_sources})")
         counts[source] += 1
     return counts
-
-
-INTERPOLATIONS: tuple[str, ...] = ("linear", "step")
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,7 @@ def _check_weights(weights: Sequence[float], sizes: list[int], name: str) -> np.
         raise ValueError(f"{name} must contain at least one positive weight")
     for k, (n, w) in enumerate(zip(sizes, arr, strict=True)):
         if w > 0 and n == 0:
-            raise ValueError(f"source {k} has weight {w} but size 0; it cannot be sampled")
+            raise UserError(f"source {k} has weight {w} but size 0; it cannot be sampled")
     return arr
 
 

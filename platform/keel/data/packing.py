@@ -27,7 +27,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-STRATEGIES: tuple[str, ...] = ("bfd", "ffd", "first_fit", "pad")
+from keel.choices import PACKING_STRATEGIES as STRATEGIES
+
 REFINE_ITEMS = 3000  # items of the least-full BFD bins that the refinement pass repacks
 
 
@@ -135,6 +136,76 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+class _OpenBins:
+    """Best-fit state: the open bins by remaining capacity (a stack of bin ids per capacity, a bitmask of the
+    non-empty capacities), and the placements made so far (bin id and items placed, per step)."""
+
+    __slots__ = ("buckets", "mask", "n_bins", "bin_seq", "take")
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, list[int]] = {}  # remaining capacity -> stack of bin ids
+        self.mask = 0  # bit c set <=> buckets[c] is non-empty
+        self.n_bins = 0
+        self.bin_seq: list[int] = []
+        self.take: list[int] = []
+
+    def push(self, cap: int, ids: list[int]) -> None:
+        """Bins ``ids`` now have ``cap`` left (a full bin can never take another item, so it is dropped)."""
+        if cap == 0:
+            return
+        stack = self.buckets.get(cap)
+        if stack is None:
+            self.buckets[cap] = list(ids)
+            self.mask |= 1 << cap
+        else:
+            stack.extend(ids)
+
+    def best(self, length: int) -> int | None:
+        """The smallest remaining capacity that fits ``length``, or None when no open bin does."""
+        above = self.mask >> length
+        return length + (above & -above).bit_length() - 1 if above else None
+
+    def open_fresh(self, length: int, remaining: int, max_len: int) -> None:
+        """No open bin fits: place ``remaining`` items of ``length`` in ceil(remaining / q) fresh bins."""
+        q = max_len // length
+        full, rest = divmod(remaining, q)
+        ids = list(range(self.n_bins, self.n_bins + full))
+        self.n_bins += full
+        self.bin_seq.extend(ids)
+        self.take.extend([q] * full)
+        self.push(max_len - q * length, ids)
+        if rest:
+            self.bin_seq.append(self.n_bins)
+            self.take.append(rest)
+            self.push(max_len - rest * length, [self.n_bins])
+            self.n_bins += 1
+
+    def fill(self, cap: int, length: int, remaining: int) -> int:
+        """Place items of ``length`` into the bins of capacity ``cap``; returns how many are left."""
+        stack = self.buckets[cap]
+        q = cap // length
+        full = min(len(stack), remaining // q)
+        if full:
+            ids = stack[-full:]
+            del stack[-full:]
+            self.bin_seq.extend(ids)
+            self.take.extend([q] * full)
+            remaining -= full * q
+            self.push(cap - q * length, ids)
+        if remaining and stack:
+            # Fewer than q items left: they all go into the next best bin.
+            assert remaining < q
+            b = stack.pop()
+            self.bin_seq.append(b)
+            self.take.append(remaining)
+            self.push(cap - remaining * length, [b])
+            remaining = 0
+        if not stack:
+            del self.buckets[cap]
+            self.mask ^= 1 << cap
+        return remaining
+
+
 def _best_fit_runs(values: list[int], counts: list[int], max_len: int) -> tuple[list[int], list[int]]:
     """Best-fit over runs of equal lengths; returns (bin id, items placed) per placement step.
 
@@ -142,64 +213,15 @@ def _best_fit_runs(values: list[int], counts: list[int], max_len: int) -> tuple[
     ``c // L`` more items: capacities in ``[L, c)`` were empty and its new capacity
     ``c - q*L`` is below L. So each bucket visit places whole blocks at once.
     """
-    buckets: dict[int, list[int]] = {}  # remaining capacity -> stack of bin ids
-    mask = 0  # bit c set <=> buckets[c] is non-empty
-    n_bins = 0
-    bin_seq: list[int] = []
-    take: list[int] = []
-
-    def push(cap: int, ids: list[int]) -> None:
-        nonlocal mask
-        if cap == 0:
-            return  # a full bin can never take another item
-        stack = buckets.get(cap)
-        if stack is None:
-            buckets[cap] = list(ids)
-            mask |= 1 << cap
-        else:
-            stack.extend(ids)
-
+    bins = _OpenBins()
     for length, remaining in zip(values, counts, strict=True):
         while remaining:
-            above = mask >> length
-            if not above:
-                # No open bin fits: open ceil(remaining / q) fresh bins.
-                q = max_len // length
-                full, rest = divmod(remaining, q)
-                ids = list(range(n_bins, n_bins + full))
-                n_bins += full
-                bin_seq.extend(ids)
-                take.extend([q] * full)
-                push(max_len - q * length, ids)
-                if rest:
-                    bin_seq.append(n_bins)
-                    take.append(rest)
-                    push(max_len - rest * length, [n_bins])
-                    n_bins += 1
+            cap = bins.best(length)
+            if cap is None:
+                bins.open_fresh(length, remaining, max_len)
                 break
-            cap = length + (above & -above).bit_length() - 1
-            stack = buckets[cap]
-            q = cap // length
-            full = min(len(stack), remaining // q)
-            if full:
-                ids = stack[-full:]
-                del stack[-full:]
-                bin_seq.extend(ids)
-                take.extend([q] * full)
-                remaining -= full * q
-                push(cap - q * length, ids)
-            if remaining and stack:
-                # Fewer than q items left: they all go into the next best bin.
-                assert remaining < q
-                b = stack.pop()
-                bin_seq.append(b)
-                take.append(remaining)
-                push(cap - remaining * length, [b])
-                remaining = 0
-            if not stack:
-                del buckets[cap]
-                mask ^= 1 << cap
-    return bin_seq, take
+            remaining = bins.fill(cap, length, remaining)
+    return bins.bin_seq, bins.take
 
 
 def _first_fit_runs(

@@ -16,16 +16,22 @@ import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from keel.data import selfcheck
+from keel.data.encoding import TextEncoder
 from keel.data.examples import SourceData, chat_messages, load_source, load_validation, validates
 from keel.data.masking import IGNORE
 from keel.data.mixing import Schedule, mixture_weights, sample_plan, segment_plans
 from keel.data.packing import pack
-from keel.data.template import TextEncoder, from_config
+from keel.data.template import from_config
+from keel.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from keel.config import KeelConfig, SourceConfig
+
 
 __all__ = ["Layout", "RowPlan", "SourceData", "build", "chat_messages", "fill_rows", "layout_report",
            "load_source", "mean_lengths", "plan_sources", "row_tokens", "settle_length", "validation_rows"]
@@ -56,12 +62,12 @@ def _pick_lengths(sources: list[SourceData], plan: list[tuple[int, int]]) -> lis
     return [int(lens[k][i]) for k, i in plan]
 
 
-def rows_per_step(cfg: Any) -> int:
+def rows_per_step(cfg: KeelConfig) -> int:
     """Packed rows in one optimizer step across all data-parallel ranks."""
     return cfg.cluster.num_workers * cfg.trainer.grad_accum * cfg.trainer.micro_batch_size
 
 
-def _plan_bins(sources: list[SourceData], weights: list[float], cfg: Any, needed: int, seed: int | None = None):
+def _plan_bins(sources: list[SourceData], weights: list[float], cfg: KeelConfig, needed: int, seed: int | None = None):
     sizes = [len(s.input_ids) for s in sources]
     mean_len = sum(w * m for w, m in zip(weights, mean_lengths(sources)) if w > 0)
     total = math.ceil(needed * cfg.packing.max_len / mean_len * 1.05) + 16
@@ -74,14 +80,14 @@ def _plan_bins(sources: list[SourceData], weights: list[float], cfg: Any, needed
         total = math.ceil(total * 1.25)
 
 
-def segment_steps(cfg: Any) -> list[tuple[int, int]]:
+def segment_steps(cfg: KeelConfig) -> list[tuple[int, int]]:
     """Step ranges ``[lo, hi)`` of the schedule segments: ``mix.segments`` near-equal parts (each >= 1 step)."""
     steps = cfg.trainer.max_steps
     n = min(cfg.mix.segments, steps)
     return [(s * steps // n, (s + 1) * steps // n) for s in range(n)]
 
 
-def _fit_prefix(lengths: list[int], rows: int, cfg: Any) -> tuple[int, list[list[int]]]:
+def _fit_prefix(lengths: list[int], rows: int, cfg: KeelConfig) -> tuple[int, list[list[int]]]:
     """The longest prefix of a segment's picks that packs into at most ``rows`` bins, and its bins."""
     memo: dict[int, list[list[int]]] = {}  # the search and the result read the same prefixes
 
@@ -104,7 +110,7 @@ def _fit_prefix(lengths: list[int], rows: int, cfg: Any) -> tuple[int, list[list
     return lo, bins
 
 
-def _plan_segments(sources: list[SourceData], seg_weights: list[list[float]], rows: list[int], cfg: Any):
+def _plan_segments(sources: list[SourceData], seg_weights: list[list[float]], rows: list[int], cfg: KeelConfig):
     """Per segment, the kept picks and exactly ``rows[s]`` bins packed within the segment.
 
     Each segment keeps the longest prefix of its (evenly interleaved) picks that fills its
@@ -129,7 +135,7 @@ def _plan_segments(sources: list[SourceData], seg_weights: list[list[float]], ro
         totals = [math.ceil(t * 1.25) if sh else t for t, sh in zip(totals, short)]
 
 
-def _static_rows(sources: list[SourceData], weights: list[float], cfg: Any, needed: int):
+def _static_rows(sources: list[SourceData], weights: list[float], cfg: KeelConfig, needed: int):
     """Plan, the ``needed`` bins used (in row order) and the widest bin, for a fixed mixture."""
     plan, _, bins = _plan_bins(sources, weights, cfg, needed)
     # Rows keep time order by window, shuffled (seeded) so a step is not all-long or all-short.
@@ -137,12 +143,12 @@ def _static_rows(sources: list[SourceData], weights: list[float], cfg: Any, need
     return plan, [bins[b] for b in order], max(len(b) for b in bins)
 
 
-def _pack(sources: list[SourceData], plan: list[tuple[int, int]], cfg: Any) -> list[list[int]]:
+def _pack(sources: list[SourceData], plan: list[tuple[int, int]], cfg: KeelConfig) -> list[list[int]]:
     return pack(_pick_lengths(sources, plan), cfg.packing.max_len, strategy=cfg.packing.strategy,
                 window=cfg.packing.window)
 
 
-def _epoch_plan(sources: list[SourceData], weights: list[float], cfg: Any) -> tuple[list, list[list[int]], int]:
+def _epoch_plan(sources: list[SourceData], weights: list[float], cfg: KeelConfig) -> tuple[list, list[list[int]], int]:
     """``trainer.epochs`` natural sizes of the task sources: their picks, the bins they pack into, and the
     steps those bins make (their count over the rows per step, rounded to the nearest, at least 1).
 
@@ -154,7 +160,7 @@ def _epoch_plan(sources: list[SourceData], weights: list[float], cfg: Any) -> tu
     natural = sum(len(s.input_ids) for s in sources[: len(cfg.data.sources)])
     task = sum(weights[: len(cfg.data.sources)])
     if natural == 0 or task == 0:
-        raise ValueError("trainer.epochs counts passes over data.sources, but none of them has usable examples "
+        raise UserError("trainer.epochs counts passes over data.sources, but none of them has usable examples "
                          "with a weight above 0 (see rejects.jsonl)")
     total = max(1, round(cfg.trainer.epochs * natural / task))
     plan = sample_plan([len(s.input_ids) for s in sources], weights, total, cfg.data.seed)
@@ -162,7 +168,7 @@ def _epoch_plan(sources: list[SourceData], weights: list[float], cfg: Any) -> tu
     return plan, bins, max(1, round(len(bins) / rows_per_step(cfg)))
 
 
-def _epoch_rows(sources: list[SourceData], weights: list[float], cfg: Any):
+def _epoch_rows(sources: list[SourceData], weights: list[float], cfg: KeelConfig):
     """Like ``_static_rows`` for a run sized by ``trainer.epochs``: the steps, the plan, its rows, the widest.
 
     Rounding the steps down leaves a few bins out (chosen at random); rounding up fills the missing rows
@@ -179,7 +185,7 @@ def _epoch_rows(sources: list[SourceData], weights: list[float], cfg: Any):
     return steps, plan, [bins[b] for b in order], max(len(b) for b in bins)
 
 
-def _scheduled_steps(sources: list[SourceData], schedule: Schedule, cfg: Any) -> int:
+def _scheduled_steps(sources: list[SourceData], schedule: Schedule, cfg: KeelConfig) -> int:
     """The steps in which a changing mixture draws ``trainer.epochs`` natural sizes of the task sources.
 
     Every segment has as many rows; one holds ``L x packing efficiency / mean length`` examples, of which
@@ -196,12 +202,12 @@ def _scheduled_steps(sources: list[SourceData], schedule: Schedule, cfg: Any) ->
     return max(1, round(cfg.trainer.epochs * natural / per_row / rows_per_step(cfg)))
 
 
-def with_steps(cfg: Any, steps: int) -> Any:
+def with_steps(cfg: KeelConfig, steps: int) -> KeelConfig:
     """``cfg`` with the run's length fixed at ``steps`` (what a run sized by ``trainer.epochs`` trains)."""
     return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=steps, epochs=None))
 
 
-def _scheduled_rows(sources: list[SourceData], schedule: Schedule, cfg: Any):
+def _scheduled_rows(sources: list[SourceData], schedule: Schedule, cfg: KeelConfig):
     """Like ``_static_rows`` per segment: segment s fills exactly the rows of its steps."""
     steps, per_step = cfg.trainer.max_steps, rows_per_step(cfg)
     segs = segment_steps(cfg)
@@ -235,7 +241,7 @@ def _fill_row(r: int, bin_items: list[int], plan, sources, arrays: dict, pad_id:
     arrays["position_ids"][r, pos:] = np.arange(tail)
 
 
-def source_weights(sources: list[SourceData], cfg: Any) -> list[float]:
+def source_weights(sources: list[SourceData], cfg: KeelConfig) -> list[float]:
     """Mixture weights p_k per the ``mix`` group (N_k counted in examples or tokens)."""
     if cfg.mix.name == "explicit":
         raw = [cfg.mix.weights[src.name] for src in cfg.data.sources]
@@ -260,15 +266,19 @@ class Layout:
     steps: int = 0  # the optimizer steps the rows make (trainer.max_steps, or what trainer.epochs came to)
 
 
-def plan_layout(sources: list[SourceData], cfg: Any, weights: list[float] | None,
+def _require_examples(sources: list[SourceData]) -> None:
+    if not any(len(s.input_ids) for s in sources):
+        raise UserError("no usable examples in any data source (see rejects.jsonl)")
+
+
+def plan_layout(sources: list[SourceData], cfg: KeelConfig, weights: list[float] | None,
                 schedule: Schedule | None = None) -> Layout:
     """Mix and pack exactly the rows ``trainer.max_steps`` steps will consume (or, with ``trainer.epochs``,
     the steps that many epochs make: ``Layout.steps``).
 
     ``weights`` is the fixed mixture; a non-static ``schedule`` replaces it (``weights`` unused).
     """
-    if not any(len(s.input_ids) for s in sources):
-        raise ValueError("no usable examples in any data source (see rejects.jsonl)")
+    _require_examples(sources)
     if schedule is None and cfg.trainer.max_steps is None:
         steps, plan, used, width = _epoch_rows(sources, weights, cfg)
         return Layout(plan, used, width, list(weights), steps=steps)
@@ -302,7 +312,7 @@ def row_tokens(arrays: dict, num_sources: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def layout_report(sources: list[SourceData], layout: Layout, tokens: np.ndarray, trained: np.ndarray,
-                  cfg: Any) -> dict:
+                  cfg: KeelConfig) -> dict:
     """The data report: rows, packing efficiency, and per source what it has and what the rows hold.
 
     ``tokens``/``trained`` are ``row_tokens`` of every row, in order.
@@ -330,7 +340,7 @@ def layout_report(sources: list[SourceData], layout: Layout, tokens: np.ndarray,
     return report
 
 
-def _length_report(sources: list[SourceData], layout: Layout, examples: Counter, cfg: Any) -> dict:
+def _length_report(sources: list[SourceData], layout: Layout, examples: Counter, cfg: KeelConfig) -> dict:
     """The run's length: steps, rows per step, and the epochs over the task sources' natural size."""
     task = range(len(cfg.data.sources))
     natural = sum(len(sources[k].input_ids) for k in task)
@@ -339,13 +349,13 @@ def _length_report(sources: list[SourceData], layout: Layout, examples: Counter,
             "natural_size": natural, "epochs": used / max(1, natural)}
 
 
-def settle_length(cfg: Any, report: dict) -> None:
+def settle_length(cfg: KeelConfig, report: dict) -> None:
     """Fix ``trainer.max_steps`` at the steps the data report planned (a run sized by ``trainer.epochs``):
     the workers, the LR schedule and the checkpoints see an ordinary ``max_steps`` run."""
     length = report.get("length")  # absent from a directory preprocessed before runs had epochs
     if cfg.trainer.max_steps is None:
         if length is None:
-            raise ValueError("trainer.epochs: this data report has no planned length; set trainer.max_steps")
+            raise UserError("trainer.epochs: this data report has no planned length; set trainer.max_steps")
         cfg.trainer.max_steps, cfg.trainer.epochs = length["steps"], None
     assert length is None or cfg.trainer.max_steps == length["steps"], (cfg.trainer.max_steps, length)
 
@@ -373,7 +383,7 @@ def _schedule_report(sources, schedule: Schedule, seg_weights, plan, used, cfg) 
             "segments": segments, "expected": (expected / max(1, n_items)).tolist()}
 
 
-def _with_token_shares(sched: dict, tokens: np.ndarray, cfg: Any) -> dict:
+def _with_token_shares(sched: dict, tokens: np.ndarray, cfg: KeelConfig) -> dict:
     """The schedule report with each segment's realised token share per source."""
     per_step = rows_per_step(cfg)
     names = list(sched["start"])
@@ -385,20 +395,20 @@ def _with_token_shares(sched: dict, tokens: np.ndarray, cfg: Any) -> dict:
     return {**sched, "segments": segments}
 
 
-def config_schedule(cfg: Any) -> Schedule:
+def config_schedule(cfg: KeelConfig) -> Schedule:
     """``mix.schedule`` as a Schedule over ``data.sources`` (unnamed sources weigh 0 at a point)."""
     names = [src.name for src in cfg.data.sources]
     points = []
     for i, point in enumerate(cfg.mix.schedule):
         unknown = sorted(set(point.weights) - set(names))
         if unknown:
-            raise ValueError(f"config error: mix.schedule[{i}].weights names unknown source {unknown[0]!r}; "
+            raise ConfigError(f"config error: mix.schedule[{i}].weights names unknown source {unknown[0]!r}; "
                              f"the data sources are {names}")
         points.append((point.at, tuple(float(point.weights.get(n, 0.0)) for n in names)))
     return Schedule(tuple(points), cfg.mix.interpolation)
 
 
-def _mixture(cfg: Any, sources: list[SourceData], adjust: Any, schedule: Any) -> tuple:
+def _mixture(cfg: KeelConfig, sources: list[SourceData], adjust: Any, schedule: Any) -> tuple:
     """(weights, None) for a fixed mixture, or (None, schedule) when it changes over training."""
     if cfg.mix.name == "schedule":
         sched = config_schedule(cfg)
@@ -423,13 +433,14 @@ def pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def plan_sources(cfg: Any, sources: list[SourceData], configs: list, enc: TextEncoder, adjust: Any = None,
+def plan_sources(cfg: KeelConfig, sources: list[SourceData], configs: list, enc: TextEncoder, adjust: Any = None,
                  schedule: Any = None) -> tuple[Layout, list[str]]:
     """Self-checks, the mixture and the row layout of loaded sources; returns the layout and the notes."""
     notes = _self_check(sources, configs, enc, cfg)
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
-        raise ValueError(f"config error: data source names must be unique, with the mitigation sources: {names}")
+        raise ConfigError(f"config error: data source names must be unique, with the mitigation sources: {names}")
+    _require_examples(sources)  # before the mixture, whose weights need a source with examples
     weights, sched = _mixture(cfg, sources, adjust, schedule)
     assert weights is None or len(weights) == len(sources)
     return plan_layout(sources, cfg, weights, sched), notes
@@ -440,7 +451,7 @@ def self_check_report(sources: list[SourceData], notes: list[str]) -> dict:
     return {"samples": {s.name: len(s.samples) for s in sources}, "notes": notes}
 
 
-def build(cfg: Any, tokenizer: Any, extra_sources: tuple = (), adjust: Any = None,
+def build(cfg: KeelConfig, tokenizer: Any, extra_sources: tuple = (), adjust: Any = None,
           schedule: Any = None) -> tuple[RowPlan, list[dict]]:
     """Run the data path for ``cfg``; returns the row plan and every rejected row.
 
@@ -466,7 +477,7 @@ def build(cfg: Any, tokenizer: Any, extra_sources: tuple = (), adjust: Any = Non
     return plan, rejects + [r for s in sources if s.val is not None for r in s.val.rejects]  # as preprocess reads
 
 
-def validation_rows(sources: list[SourceData], configs: list, cfg: Any, pad: int) -> RowPlan | None:
+def validation_rows(sources: list[SourceData], configs: list, cfg: KeelConfig, pad: int) -> RowPlan | None:
     """Each source's validation examples packed apart (a row holds one source's), in source order; None
     when no source validates. ``source_ids`` index ``sources``, as in the training rows."""
     if not any(validates(src, cfg) for src in configs):
@@ -480,7 +491,7 @@ def validation_rows(sources: list[SourceData], configs: list, cfg: Any, pad: int
             rows.append([len(picks) + i for i in range(len(b))])
             picks += [(k, i) for i in b]
     if not rows:
-        raise ValueError("validation: no usable validation examples in any source (data.val_fraction="
+        raise UserError("validation: no usable validation examples in any source (data.val_fraction="
                          f"{cfg.data.val_fraction}; see rejects.jsonl)")
     layout = Layout(picks, rows, max(len(r) for r in rows), [])
     arrays = fill_rows(layout, vals, 0, len(rows), cfg.packing.max_len, pad)
@@ -493,7 +504,7 @@ def validation_rows(sources: list[SourceData], configs: list, cfg: Any, pad: int
     return RowPlan(source_names=[s.name for s in sources], report=report, **arrays)
 
 
-def _val_origin(src: Any, cfg: Any) -> str:
+def _val_origin(src: SourceConfig, cfg: KeelConfig) -> str:
     if getattr(src, "val_path", None):
         return f"val_path={src.val_path}"
     if getattr(src, "val_split", None):
@@ -501,8 +512,8 @@ def _val_origin(src: Any, cfg: Any) -> str:
     return f"data.val_fraction={cfg.data.val_fraction}"
 
 
-def _self_check(sources: list[SourceData], configs: list, enc: TextEncoder, cfg: Any) -> list[str]:
-    """keel.data.selfcheck on each source's sampled chats (ValueError on a mismatch); the notes to print."""
+def _self_check(sources: list[SourceData], configs: list, enc: TextEncoder, cfg: KeelConfig) -> list[str]:
+    """keel.data.selfcheck on each source's sampled chats (UserError on a mismatch); the notes to print."""
     template = from_config(cfg.template)
     compare, why = selfcheck.same_template(enc, template)
     for data, src in zip(sources, configs):

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from keel.data.encoding import Renderer, TextEncoder
 from keel.data.hf_template import template_ids
 from keel.data.masking import IGNORE
-from keel.data.template import ChatTemplate, TextEncoder, render_chat, render_pieces, uses_jinja
+from keel.data.template import ChatTemplate, render_chat, render_pieces, uses_jinja
+from keel.errors import UserError
 
 SAMPLE = 8  # valid chat rows checked per source
 PROBE = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hi there!"},
@@ -49,7 +51,7 @@ def first_difference(ours: list[int], theirs: list[int], tokenizer: Any, context
             f"tokenizer {show(theirs)}")
 
 
-def same_template(enc: TextEncoder, template: ChatTemplate) -> tuple[bool, str]:
+def same_template(enc: TextEncoder, template: Renderer) -> tuple[bool, str]:
     """Whether the tokenizer's chat_template renders the probe conversation exactly like ``template``."""
     tokenizer = enc.tokenizer
     if uses_jinja(template) or not getattr(tokenizer, "chat_template", None):
@@ -134,9 +136,9 @@ def not_same_note(template_name: str, why: str) -> str:
 
 
 def check_source(name: str, samples: list[tuple[int, dict, list[int], list[int]]], enc: TextEncoder,
-                 template: ChatTemplate, masking: str, train_eot: bool, compare: bool,
+                 template: Renderer, masking: str, train_eot: bool, compare: bool,
                  train_reasoning: bool = True) -> None:
-    """Run the checks on (row, example, input_ids, labels) samples of a source; ValueError naming the source
+    """Run the checks on (row, example, input_ids, labels) samples of a source; UserError naming the source
     and row on the first failure. ``compare``: the tokenizer carries the same template (``same_template``)."""
     if uses_jinja(template):
         return
@@ -145,5 +147,5 @@ def check_source(name: str, samples: list[tuple[int, dict, list[int], list[int]]
             continue
         failure = check_example(example, ids, labels, enc, template, masking, train_eot, compare, train_reasoning)
         if failure:
-            raise ValueError(f"self-check failed: data source {name!r} row {row} (template={template.name}, "
+            raise UserError(f"self-check failed: data source {name!r} row {row} (template={template.name}, "
                              f"masking={masking}): {failure}")

@@ -23,17 +23,22 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from keel.choices import DATA_FILE_SUFFIXES, FORMATS, HF_PREFIX, check_fields, check_format
 from keel.data import demo
-from keel.data.formats import FORMATS, Reject, check_fields, check_format, detect_format, to_canonical, validate
+from keel.data.formats import Reject, detect_format, to_canonical, validate
+from keel.errors import UserError
+
+if TYPE_CHECKING:
+    from keel.config import SourceConfig
+
 
 __all__ = ["Reject", "detect_source_format", "iter_raw", "iter_rows", "iter_source", "load_conversations",
-           "names_dataset", "read_file", "resolve_files", "source_format", "validation_source"]
+           "read_file", "resolve_files", "source_format", "validation_source"]
 
 log = logging.getLogger(__name__)
 
-HF_PREFIX = "hf:"
 DEFAULT_MAX_ROW_BYTES = 4 * 2**20  # data.max_row_bytes: a 128k-token row in any script fits; 50 MB lines do not
 _SKIP_CHUNK = 2**20  # the rest of an over-long line is skipped in pieces this size
 CONTAINER_KEYS = ("data", "rows", "examples", "train", "instances", "records", "items")
@@ -167,17 +172,18 @@ READERS: dict[str, Callable[[Path, int], Iterator[Row]]] = {
     ".json": _json_rows, ".jsonl": _jsonl_rows, ".ndjson": _jsonl_rows, ".parquet": _parquet_rows,
     ".csv": _csv_rows,
 }
+assert tuple(READERS) == DATA_FILE_SUFFIXES  # keel.config.names_dataset tells files from datasets by these
 
 
 def _reader(path: Path) -> Callable[[Path, int], Iterator[Row]]:
     suffix = path.suffix.lower()
     if suffix not in READERS:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(READERS)})")
+        raise UserError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(READERS)})")
     return READERS[suffix]
 
 
 def check_file(path: str | os.PathLike) -> Path:
-    """``path`` as a readable regular file; ValueError saying what it is instead (missing, a broken or
+    """``path`` as a readable regular file; UserError saying what it is instead (missing, a broken or
     looping symbolic link, a directory, a FIFO or device, unreadable)."""
     p = Path(path).expanduser()
     if os.path.islink(p):
@@ -186,14 +192,14 @@ def check_file(path: str | os.PathLike) -> Path:
         except OSError as err:
             kind = "a symbolic link loop" if "loop" in str(err).lower() or err.errno == 40 else \
                 f"a broken symbolic link (to {os.readlink(p)!r})"
-            raise ValueError(f"data source file {p}: {kind}") from None
+            raise UserError(f"data source file {p}: {kind}") from None
     if not p.exists():
-        raise ValueError(f"data source file not found: {p} (for a Hugging Face Hub dataset write "
+        raise UserError(f"data source file not found: {p} (for a Hugging Face Hub dataset write "
                          f"'{HF_PREFIX}owner/name')")
     if not p.is_file():
-        raise ValueError(f"data source file {p}: not a regular file (a directory, FIFO or device)")
+        raise UserError(f"data source file {p}: not a regular file (a directory, FIFO or device)")
     if not os.access(p, os.R_OK):
-        raise ValueError(f"data source file {p}: permission denied")
+        raise UserError(f"data source file {p}: permission denied")
     return p
 
 
@@ -271,7 +277,7 @@ def resolve_files(path: str) -> list[str]:
     else:
         files = glob_files(expanded)
         if not files:
-            raise ValueError(f"no files match the data source glob {expanded!r}")
+            raise UserError(f"no files match the data source glob {expanded!r}")
     for f in files:
         _reader(Path(f))  # fail on an unsupported type before reading anything
     return files
@@ -284,12 +290,6 @@ def _is_hf(path: str) -> bool:
     return str(path).startswith(HF_PREFIX) or Path(os.path.expanduser(str(path))).is_dir()
 
 
-def names_dataset(path: str) -> bool:
-    """Whether ``path`` names a Hugging Face dataset (``hf:`` or a folder) rather than data files; by its
-    spelling alone, so a config checks the same on every node."""
-    return str(path).startswith(HF_PREFIX) or Path(str(path)).suffix.lower() not in READERS
-
-
 def _hf_rows(path: str, split: str, subset: str | None, streaming: bool) -> Iterator[Row]:
     from datasets import load_dataset
 
@@ -297,7 +297,7 @@ def _hf_rows(path: str, split: str, subset: str | None, streaming: bool) -> Iter
     try:
         ds = load_dataset(name, subset, split=split, streaming=streaming)
     except (FileNotFoundError, ValueError) as err:
-        raise ValueError(f"{path}: cannot load Hugging Face dataset (split={split!r}): {err}") from err
+        raise UserError(f"{path}: cannot load Hugging Face dataset (split={split!r}): {err}") from err
     yield from enumerate(ds)
 
 
@@ -397,13 +397,13 @@ def iter_rows(path: str, format: str = "auto", fields: Mapping[str, str] | None 
 
 def detect_source_format(path: str, fields: Mapping[str, str] | None = None, *, split: str = "train",
                          subset: str | None = None, streaming: bool = False) -> str:
-    """The format ``format="auto"`` would choose for ``path``; ValueError if none fits."""
+    """The format ``format="auto"`` would choose for ``path``; UserError if none fits."""
     check_fields("auto", fields)
     for _, _, raw in iter_raw(path, split=split, subset=subset, streaming=streaming):
         fmt = detect_format(raw, fields)
         if fmt is not None:
             return fmt
-    raise ValueError(f"{path}: no row has the fields of a known format ({', '.join(FORMATS)})")
+    raise UserError(f"{path}: no row has the fields of a known format ({', '.join(FORMATS)})")
 
 
 def load_conversations(path: str, format: str = "auto", fields: Mapping[str, str] | None = None, *,
@@ -415,7 +415,7 @@ def load_conversations(path: str, format: str = "auto", fields: Mapping[str, str
             yield item
 
 
-def iter_source(src: Any, seed: int, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[tuple[int, Any]]:
+def iter_source(src: SourceConfig, seed: int, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[tuple[int, Any]]:
     """(row number, canonical example or Reject) pairs of one configured source: a demo source's
     ``num_examples`` generated rows, or every row of a file source (``cap`` is applied by the reader's caller;
     a Reject knows its ``file``)."""
@@ -431,7 +431,7 @@ def iter_source(src: Any, seed: int, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES)
         yield i, row
 
 
-def validation_source(src: Any) -> Any | None:
+def validation_source(src: SourceConfig) -> SourceConfig | None:
     """The source's own validation rows as a source (``val_path`` or ``val_split``), or None."""
     import dataclasses
 
@@ -442,7 +442,7 @@ def validation_source(src: Any) -> Any | None:
     return None
 
 
-def source_format(src: Any) -> str:
+def source_format(src: SourceConfig) -> str:
     """The format a source is read with (what ``format=auto`` picks, for files)."""
     if src.kind != "file" or src.format != "auto":
         return "demo" if src.kind == "demo" else src.format

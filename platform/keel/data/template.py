@@ -1,54 +1,27 @@
-"""Chat templates that render a conversation to token ids and message spans in one pass.
+r"""Chat templates: the built-in ones, and the one place that chooses a template (:func:`get_template`).
 
-A built-in template renders a conversation to *pieces*: runs of text each labelled with the
-message, role and kind (header, reasoning, content, end-of-turn, ...) it belongs to. The pieces'
-text, concatenated, is exactly what the model family's own Jinja chat template writes, and it is
-tokenised whole, the way inference servers do (``tokenizer(text, add_special_tokens=False)``), so
-the ids are token-identical to serving; each token then takes the label of the piece it starts in
-(a token that reaches into a trained piece, e.g. a merged newline, is trained with it). No
-response-template search after tokenisation.
-
-Special tokens come only from the template's markup: if a user string holds special-token text
-(``<|eot_id|>``), the conversation is encoded with content as plain text instead (the one case
-where the ids differ from serving, where that text would become a control token).
+A built-in template (:class:`ChatTemplate`) renders a conversation to *pieces*: runs of text each
+labelled with the message, role and kind (header, reasoning, content, end-of-turn, ...) it belongs
+to, whose concatenated text is exactly what the model family's own Jinja chat template writes;
+``keel.data.encoding`` tokenises them whole, as served, and labels each token. ``template=tokenizer``
+and ``template=jinja`` render a Jinja template instead (``keel.data.hf_template``). All three are
+:class:`keel.data.encoding.Renderer`\ s; the functions at the end of this module render through it.
 """
 
 from __future__ import annotations
 
-import bisect
-import functools
 import json
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
-ROLES = ("system", "user", "assistant", "tool")
-TRAINABLE = ("reasoning", "content", "eot")  # kinds of an assistant message that masking may train
+from keel.choices import BUILT_IN_TEMPLATES
+from keel.data.encoding import Piece, Renderer, Segment, TextEncoder, encode_pieces
+from keel.data.formats import ROLES
+from keel.data.hf_template import TOKENIZER, load_jinja
+from keel.errors import UserError
 
-
-class Tokenizer(Protocol):
-    def convert_tokens_to_ids(self, tokens: Any) -> Any: ...
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A run of tokens with the message index and kind it belongs to."""
-
-    ids: list[int]
-    role: str  # system | user | assistant | tool | text
-    kind: str  # bos | header | reasoning | content | eot | sep | eos
-    message: int  # index of the message (-1 for bos and template-added text)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Rendered text of one part of a message; ``markup`` text is the template's own (its
-    special-token text is real), anything else is user data (encoded as text)."""
-
-    text: str
-    role: str
-    kind: str
-    message: int
-    markup: bool
+if TYPE_CHECKING:
+    from keel.config import TemplateConfig
 
 
 @dataclass(frozen=True)
@@ -98,6 +71,24 @@ class ChatTemplate:
         """What a generation prompt appends: the assistant header."""
         return self.header_for("assistant")
 
+    # ---- the Renderer protocol (keel.data.encoding)
+
+    uses_jinja = False
+
+    def render(self, messages: list[dict], enc: TextEncoder, tools: list | None = None) -> list[Segment]:
+        return encode_pieces(render_pieces(messages, self, tools), enc)
+
+    def generation_prompt(self, messages: list[dict], enc: TextEncoder, tools: list | None = None) -> list[int]:
+        pieces = render_pieces(messages, self, tools, generation_prompt=True)
+        return [i for seg in encode_pieces(pieces, enc) for i in seg.ids]
+
+    def bos_token(self, enc: TextEncoder) -> str | None:
+        return self.bos
+
+    def end_of_turn_ids(self, enc: TextEncoder) -> list[int]:
+        ids = enc.markup(self.eot_for("assistant"))
+        return ids if len(ids) == 1 else []
+
 
 _CALLS_JSON = "Call tools by replying with JSON of the form {\"name\": ..., \"arguments\": {...}}.\n"
 _ALL = ROLES
@@ -111,7 +102,7 @@ _CHATML = dict(bos=None, header="<|im_start|>{role}\n", eot="<|im_end|>", sep="\
                result_open="<tool_response>\n", result_close="\n</tool_response>",
                tools_intro="# Tools\n\nYou may call one or more functions. Function signatures:\n")
 
-TEMPLATES: dict[str, ChatTemplate] = {
+BUILT_IN: dict[str, ChatTemplate] = {
     # Llama 3 (Meta-Llama-3-8B-Instruct): contents trimmed. Tool calls as in Llama 3.1's JSON tool calling:
     # bare JSON calls, results back as role "ipython".
     "llama3": ChatTemplate("llama3", **_LLAMA),
@@ -151,135 +142,25 @@ TEMPLATES: dict[str, ChatTemplate] = {
                          call_key="arguments", call_open="", call_close="", result_open="Tool result:\n",
                          result_close="", tools_intro=_CALLS_JSON, end="<|endoftext|>"),
 }
-
-SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                  "<|eot_id|>", "<|im_start|>", "<|im_end|>", "<|pad|>",
-                  "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]",
-                  "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-                  "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>",
-                  "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>")
+assert tuple(BUILT_IN) == BUILT_IN_TEMPLATES  # keel.config validates template.name against these names
 THINK = ("<think>\n", "\n</think>\n\n")  # reasoning markup (Qwen3's; the text rendering of other templates)
 
-# template=tokenizer: the tokenizer's own Jinja chat_template (keel.data.hf_template).
-TOKENIZER = ChatTemplate("tokenizer", None, "", "", "", trim=(), tool_role="tool", call_key="arguments",
-                         call_open="", call_close="", result_open="", result_close="", tools_intro="")
-NAMES = (*TEMPLATES, "tokenizer", "jinja")  # every template.name option
 
-
-@dataclass(frozen=True)
-class JinjaTemplate:
-    """template=jinja: a Jinja chat template from a file, rendered like template=tokenizer."""
-
-    path: str
-    source: str
-    name: str = "jinja"
-
-
-def get_template(name: str, path: str | None = None) -> Any:
-    """The template called ``name`` (``jinja`` reads the Jinja file at ``path``)."""
+def get_template(name: str, path: str | None = None) -> Renderer:
+    """The template called ``name`` (``jinja`` reads the Jinja file at ``path``): the one place that chooses."""
     if name == "tokenizer":
         return TOKENIZER
     if name == "jinja":
         return load_jinja(path)
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}; built-in templates: {sorted(TEMPLATES)}, or tokenizer, "
+    if name not in BUILT_IN:
+        raise UserError(f"unknown template {name!r}; built-in templates: {sorted(BUILT_IN)}, or tokenizer, "
                          f"or jinja (template.path=FILE)")
-    return TEMPLATES[name]
+    return BUILT_IN[name]
 
 
-def from_config(cfg: Any) -> Any:
+def from_config(cfg: TemplateConfig) -> Renderer:
     """The template a ``template`` config group selects (name, and path for ``jinja``)."""
-    return get_template(cfg.name, getattr(cfg, "path", None))
-
-
-@functools.lru_cache(maxsize=8)
-def load_jinja(path: str | None) -> JinjaTemplate:
-    if not path:
-        raise ValueError("template=jinja needs template.path=FILE (a Jinja chat template)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
-    except OSError as err:
-        raise ValueError(f"template.path: cannot read the Jinja chat template {path!r}: {err}") from None
-    if not source.strip():
-        raise ValueError(f"template.path: the Jinja chat template {path!r} is empty")
-    return JinjaTemplate(path, source)
-
-
-def uses_jinja(template: Any) -> bool:
-    """template=tokenizer or template=jinja: spans come from rendering a Jinja template."""
-    return template is TOKENIZER or isinstance(template, JinjaTemplate)
-
-
-class TextEncoder:
-    """Encodes text the way the tokenizer does for serving, plain strings with special tokens
-    treated as text, and special tokens by name."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        backend = tokenizer.backend_tokenizer
-        # Private copies: flipping encode_special_tokens must not change the caller's tokenizer.
-        from tokenizers import Tokenizer as RustTokenizer
-
-        self._raw = RustTokenizer.from_str(backend.to_str())
-        self._raw.encode_special_tokens = True
-        self._served = RustTokenizer.from_str(backend.to_str())  # as tokenizer(text, add_special_tokens=False)
-        self._served.encode_special_tokens = False
-        self._tok = tokenizer
-        self._special: dict[str, int] = {}
-        self._markup: dict[str, tuple[int, ...]] = {}  # headers repeat every message: encode once
-        self.special_ids = frozenset(tokenizer.all_special_ids) | frozenset(
-            int(i) for i, t in tokenizer.added_tokens_decoder.items() if t.special)
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._tok
-
-    def text(self, s: str) -> list[int]:
-        if not s:
-            return []
-        return self._raw.encode(s, add_special_tokens=False).ids
-
-    def served(self, s: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids and character offsets of ``s`` tokenised as an inference server does."""
-        out = self._served.encode(s, add_special_tokens=False)
-        return out.ids, out.offsets
-
-    def text_offsets(self, s: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids and character offsets of ``s`` with special-token text encoded as text."""
-        out = self._raw.encode(s, add_special_tokens=False)
-        return out.ids, out.offsets
-
-    def special(self, token: str) -> int:
-        if token not in self._special:
-            idx = self._tok.convert_tokens_to_ids(token)
-            if idx is None or idx == getattr(self._tok, "unk_token_id", None):
-                raise ValueError(f"tokenizer has no special token {token!r} needed by the chat template")
-            self._special[token] = int(idx)
-        return self._special[token]
-
-    def markup(self, s: str) -> list[int]:
-        """Encode template markup: special tokens by id, the text between them as text."""
-        if s not in self._markup:
-            self._markup[s] = tuple(i for part in split_specials(s) for i in
-                                    ([self.special(part[1])] if part[0] else self.text(part[1])))
-        return list(self._markup[s])
-
-
-def split_specials(s: str) -> list[tuple[bool, str]]:
-    """``s`` cut into (is special token, text) parts at the templates' special tokens."""
-    parts: list[tuple[bool, str]] = []
-    rest = s
-    while rest:
-        hits = [(rest.find(t), -len(t), t) for t in SPECIAL_TOKENS if t in rest]
-        if not hits:
-            parts.append((False, rest))
-            break
-        pos, _, tok = min(hits)
-        if pos:
-            parts.append((False, rest[:pos]))
-        parts.append((True, tok))
-        rest = rest[pos + len(tok):]
-    return parts
+    return get_template(cfg.name, cfg.path)
 
 
 # ---------------------------------------------------------------- rendering to pieces
@@ -327,7 +208,7 @@ def _place_system(messages: list[dict], template: ChatTemplate) -> list[tuple[in
     system, rest = messages[0]["content"], indexed[1:]
     users = [k for k, (_, m) in enumerate(rest) if m["role"] == "user"]
     if not users:
-        raise ValueError(f"template {template.name} has no system role and the conversation has no user turn")
+        raise UserError(f"template {template.name} has no system role and the conversation has no user turn")
     k = users[0] if template.system == "first_user" else users[-1]
     i, m = rest[k]
     rest[k] = (i, {**m, "content": system + "\n\n" + m["content"]})
@@ -429,113 +310,18 @@ def render_pieces(messages: list[dict], template: ChatTemplate, tools: list | No
     return [p for p in pieces if p.text]
 
 
-# ---------------------------------------------------------------- pieces to token ids
+# ---------------------------------------------------------------- rendering through the Renderer
 
 
-def _check_markup(pieces: list[Piece], enc: TextEncoder) -> None:
-    """Every special token the markup names must exist in the tokenizer (else it would be text)."""
-    for p in pieces:
-        if p.markup:
-            enc.markup(p.text)  # cached per markup string; raises naming a missing special token
-
-
-def _injected(ids: list[int], owner: list[int], pieces: list[Piece], enc: TextEncoder) -> bool:
-    """Whether user text produced a special token (it then would be a control token when served)."""
-    return any(t in enc.special_ids and not pieces[o].markup for t, o in zip(ids, owner))
-
-
-def _text_as_text(pieces: list[Piece], starts: list[int], enc: TextEncoder) -> tuple[list[int], list]:
-    """Ids and offsets with user text's special-token look-alikes encoded as text: the markup's special
-    tokens by id, every run of text between them encoded on its own."""
-    ids: list[int] = []
-    offsets: list[tuple[int, int]] = []
-    run, run_start = "", 0
-
-    def flush() -> None:
-        if run:
-            got, offs = enc.text_offsets(run)
-            ids.extend(got)
-            offsets.extend((run_start + a, run_start + b) for a, b in offs)
-
-    for p, start in zip(pieces, starts):
-        parts = split_specials(p.text) if p.markup else [(False, p.text)]
-        pos = start
-        for is_special, text in parts:
-            if is_special:
-                flush()
-                ids.append(enc.special(text))
-                offsets.append((pos, pos + len(text)))
-                run, run_start = "", pos + len(text)
-            else:
-                run += text
-            pos += len(text)
-    flush()
-    return ids, offsets
-
-
-def _owners(offsets: list[tuple[int, int]], ids: list[int], pieces: list[Piece], starts: list[int],
-            enc: TextEncoder) -> list[int]:
-    """The piece each token belongs to: the one it starts in, or the first trainable piece a (non-special)
-    token reaches into when it starts in an untrained one (a newline merged across a header's end)."""
-    owners = []
-    for tid, (a, b) in zip(ids, offsets):
-        k = max(0, bisect.bisect_right(starts, a) - 1)
-        if tid not in enc.special_ids and not _trainable(pieces[k]):
-            nxt = k + 1
-            while nxt < len(pieces) and starts[nxt] < b:
-                if _trainable(pieces[nxt]):
-                    k = nxt
-                    break
-                nxt += 1
-        owners.append(k)
-    return owners
-
-
-def _trainable(p: Piece) -> bool:
-    return p.role == "assistant" and p.kind in TRAINABLE
-
-
-def encode_pieces(pieces: list[Piece], enc: TextEncoder, check_markup: bool = True) -> list[Segment]:
-    """Tokenise the pieces' text whole (as served) and cut the ids into labelled segments."""
-    pieces = [p for p in pieces if p.text]
-    if check_markup:
-        _check_markup(pieces, enc)
-    starts, pos = [], 0
-    for p in pieces:
-        starts.append(pos)
-        pos += len(p.text)
-    ids, offsets = enc.served("".join(p.text for p in pieces))
-    owners = _owners(offsets, ids, pieces, starts, enc)
-    if _injected(ids, owners, pieces, enc):
-        ids, offsets = _text_as_text(pieces, starts, enc)
-        owners = _owners(offsets, ids, pieces, starts, enc)
-    segs: list[Segment] = []
-    for tid, k in zip(ids, owners):
-        p = pieces[k]
-        if segs and (segs[-1].role, segs[-1].kind, segs[-1].message) == (p.role, p.kind, p.message):
-            segs[-1].ids.append(tid)
-        else:
-            segs.append(Segment([tid], p.role, p.kind, p.message))
-    return segs
-
-
-def render_chat(messages: list[dict], enc: TextEncoder, template: Any, tools: list | None = None) -> list[Segment]:
+def render_chat(messages: list[dict], enc: TextEncoder, template: Renderer, tools: list | None = None) -> list[Segment]:
     """Render a validated conversation into segments with exact message spans."""
-    if uses_jinja(template):
-        from keel.data.hf_template import render_with_tokenizer
-
-        return render_with_tokenizer(messages, enc, tools, template if isinstance(template, JinjaTemplate) else None)
-    return encode_pieces(render_pieces(messages, template, tools), enc)
+    return template.render(messages, enc, tools)
 
 
-def _jinja_source(template: Any) -> str | None:
-    return template.source if isinstance(template, JinjaTemplate) else None
-
-
-def render_text(text: str, enc: TextEncoder, template: Any, eos_token: str) -> list[Segment]:
+def render_text(text: str, enc: TextEncoder, template: Renderer, eos_token: str) -> list[Segment]:
     """Render a plain-text (pretraining-style) example: [bos] text eos."""
     segs: list[Segment] = []
-    bos = enc.tokenizer.bos_token if uses_jinja(template) else template.bos
+    bos = template.bos_token(enc)
     if bos:
         segs.append(Segment([enc.special(bos)], "text", "bos", -1))
     segs.append(Segment(enc.text(text), "text", "content", 0))
@@ -543,21 +329,18 @@ def render_text(text: str, enc: TextEncoder, template: Any, eos_token: str) -> l
     return segs
 
 
-def generation_prompt(messages: list[dict], enc: TextEncoder, template: Any, tools: list | None = None) -> list[int]:
+def generation_prompt(messages: list[dict], enc: TextEncoder, template: Renderer,
+                      tools: list | None = None) -> list[int]:
     """Ids of a conversation rendered as in training, followed by the assistant header: what a model
     continues to answer it (in-training evaluation generates from exactly the trained layout)."""
-    if uses_jinja(template):
-        from keel.data.hf_template import template_ids
-
-        return template_ids(enc.tokenizer, messages, tools, generation_prompt=True,
-                            chat_template=_jinja_source(template))
-    pieces = render_pieces(messages, template, tools, generation_prompt=True)
-    return [i for seg in encode_pieces(pieces, enc) for i in seg.ids]
+    return template.generation_prompt(messages, enc, tools)
 
 
-def end_of_turn_ids(enc: TextEncoder, template: Any) -> list[int]:
+def end_of_turn_ids(enc: TextEncoder, template: Renderer) -> list[int]:
     """The token that closes an assistant turn when the template's end-of-turn is a single token."""
-    if uses_jinja(template):
-        return []
-    ids = enc.markup(template.eot_for("assistant"))
-    return ids if len(ids) == 1 else []
+    return template.end_of_turn_ids(enc)
+
+
+def uses_jinja(template: Renderer) -> bool:
+    """template=tokenizer or template=jinja: spans come from rendering a Jinja template."""
+    return template.uses_jinja

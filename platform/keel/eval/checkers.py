@@ -6,10 +6,11 @@ import re
 from collections.abc import Callable
 from fractions import Fraction
 
+from keel.choices import CHECKERS, CODE_CHECKERS  # the names (eval.passk.checker); code-executing: opt-in only
+from keel.errors import UserError
 from keel.eval import sandbox
 
 Checker = Callable[[str, str], bool]
-CODE_CHECKERS = ("python",)  # checkers that execute model output: opt-in only
 OPT_IN_HOW = "--allow-code-execution (keel eval passk) or eval.passk.allow_code_execution=true (keel train)"
 
 # ----------------------------------------------------------------------------------------- math
@@ -96,7 +97,7 @@ def check_math(completion: str, reference: str) -> bool:
     """True iff the completion's final answer equals the reference's, numerically when both are numbers."""
     want = _reference_answer(reference)
     if want is None:
-        raise ValueError("math checker: empty reference")
+        raise UserError("math checker: empty reference")
     got = extract_answer(completion)
     if got is None:
         return False
@@ -121,7 +122,7 @@ def check_regex(completion: str, reference: str) -> bool:
     try:
         pattern = re.compile(reference)
     except re.error as e:
-        raise ValueError(f"regex checker: bad reference pattern {reference!r}: {e}") from e
+        raise UserError(f"regex checker: bad reference pattern {reference!r}: {e}") from e
     return pattern.fullmatch(completion.strip()) is not None
 
 
@@ -134,7 +135,7 @@ def check_contains(completion: str, reference: str) -> bool:
     """
     needle = reference.strip()
     if not needle:
-        raise ValueError("contains checker: empty reference would match everything")
+        raise UserError("contains checker: empty reference would match everything")
     return needle in completion
 
 
@@ -196,6 +197,7 @@ _REGISTRY: dict[str, Checker] = {
     "contains": check_contains,
     "python": make_python_checker(),
 }
+assert sorted(_REGISTRY) == list(CHECKERS)  # keel.config validates eval.passk.checker against these names
 
 
 def names() -> list[str]:
@@ -208,7 +210,7 @@ def get(name: str, allow_code_execution: bool = False) -> Checker:
     try:
         check = _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown checker {name!r}; valid: {', '.join(names())}") from None
+        raise UserError(f"unknown checker {name!r}; valid: {', '.join(names())}") from None
     if name in CODE_CHECKERS:
         require_code_execution(allow_code_execution)
         return PythonChecker(check.limits, allow_code_execution=True)

@@ -34,6 +34,8 @@ from typing import Any
 
 from keel.data import demo
 from keel.data.sources import load_conversations
+from keel.errors import UserError
+from keel.eval.diversity import COLLAPSE_METRICS
 from keel.eval.report import write_report
 
 # Demo examples for diagnosis come from a seed that no Keel config trains on (data.seed defaults to 0).
@@ -61,13 +63,13 @@ class Thresholds:
     repeat_rise: float = 0.10  # absolute rise of the repeated 4-gram rate that flags mode collapse
 
     def check(self) -> None:
-        """Raise ValueError on a threshold outside its range."""
+        """Raise UserError on a threshold outside its range."""
         for name in ("ppl_rise", "probe_drop", "repeat_rise"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
         if not 0.0 < self.collapse_drop < 1.0:
-            raise ValueError(f"--collapse-drop must be in (0, 1), got {self.collapse_drop}")
+            raise UserError(f"--collapse-drop must be in (0, 1), got {self.collapse_drop}")
 
 
 @dataclass
@@ -207,7 +209,7 @@ def _fall(base: float | None, tuned: float | None) -> float | None:
 def mode_collapse(base: Scores, tuned: Scores, th: Thresholds) -> dict:
     """Mode-collapse flag with the checks behind it."""
     reasons: list[str] = []
-    for key in ("distinct_2", "mean_entropy"):
+    for key in COLLAPSE_METRICS:
         b, t = getattr(base, key), getattr(tuned, key)
         fall = _fall(b, t)
         if fall is not None and _above(fall, th.collapse_drop):
@@ -308,7 +310,7 @@ def load_pretrain(path: str | None, format: str, limit: int) -> list[dict]:
         if len(examples) >= limit:
             break
     if not examples:
-        raise ValueError(f"--pretrain-data {path}: no valid examples")
+        raise UserError(f"--pretrain-data {path}: no valid examples")
     return examples
 
 
@@ -355,7 +357,7 @@ def shot_indices(items: Sequence[ProbeItem], index: int, shots: int, seed: int =
     """``shots`` other items for item ``index`` (never itself or a duplicate of its prompt), seeded per item."""
     pool = [j for j, it in enumerate(items) if j != index and it.messages != items[index].messages]
     if len(pool) < shots:
-        raise ValueError(f"{shots}-shot prompts need {shots} other probe items with a different prompt; item "
+        raise UserError(f"{shots}-shot prompts need {shots} other probe items with a different prompt; item "
                          f"{index} has {len(pool)} (raise --limit or lower --shots)")
     return sorted(random.Random(f"keel-diagnose:{seed}:{index}").sample(pool, shots))
 
@@ -388,7 +390,7 @@ def continuation_prompts(examples: Sequence[dict], count: int) -> list[list[dict
         if len(prompts) >= count:
             break
     if not prompts:
-        raise ValueError("no pretraining example has text to build diversity prompts from")
+        raise UserError("no pretraining example has text to build diversity prompts from")
     return prompts
 
 

@@ -20,7 +20,7 @@ from keel.eval.generate import (
     SamplingConfig,
     _left_pad,
     _samples,
-    load_model,
+    load_eval_model,
     prompt_ids,
     sample_prompts,
     stop_ids,
@@ -118,7 +118,7 @@ def measure_loaded(model: Any, tokenizer: Any, plan: Plan, progress: Any = None)
 def measure(path: str, plan: Plan, device: str = "auto", progress: Any = None) -> dict:
     """Load the model at ``path``, measure it, and free it."""
     start = time.perf_counter()
-    model, tokenizer = load_model(path, device)
+    model, tokenizer = load_eval_model(path, device)
     result = measure_loaded(model, tokenizer, plan, progress)
     del model, tokenizer
     _release()

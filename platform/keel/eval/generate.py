@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keel.data.sources import Reject, iter_rows
+from keel.errors import UserError
 
 
 @dataclass
@@ -53,7 +54,7 @@ def split_example(example: dict) -> Prompt | None:
 
 
 def load_prompts(path: str, format: str = "auto", limit: int | None = None) -> tuple[list[Prompt], int]:
-    """(prompts, number of rows skipped) from a data file; ValueError if none is usable."""
+    """(prompts, number of rows skipped) from a data file; UserError if none is usable."""
     prompts: list[Prompt] = []
     skipped = 0
     for _, _, row in iter_rows(path, format):
@@ -65,7 +66,7 @@ def load_prompts(path: str, format: str = "auto", limit: int | None = None) -> t
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:
-        raise ValueError(f"{path}: no usable prompts ({skipped} rows skipped: rejected, plain text, or no "
+        raise UserError(f"{path}: no usable prompts ({skipped} rows skipped: rejected, plain text, or no "
                          "assistant answer after a prompt)")
     return prompts, skipped
 
@@ -73,7 +74,7 @@ def load_prompts(path: str, format: str = "auto", limit: int | None = None) -> t
 def prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
     """Token ids of a prompt rendered with the tokenizer's chat template, ready for the reply."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat_template; pass a model dir whose tokenizer defines one")
+        raise UserError("the tokenizer has no chat_template; pass a model dir whose tokenizer defines one")
     from keel.data.hf_template import template_ids
 
     return template_ids(tokenizer, messages, generation_prompt=True)
@@ -82,7 +83,7 @@ def prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
 # ---------------------------------------------------------------- model
 
 
-def load_model(path: str, device: str = "auto") -> tuple[Any, Any]:
+def load_eval_model(path: str, device: str = "auto") -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) from an HF dir; bf16 on a capable GPU, else float32."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -106,7 +107,7 @@ def stop_ids(model: Any, tokenizer: Any) -> list[int]:
             if i is not None and int(i) not in ids:
                 ids.append(int(i))
     if not ids:
-        raise ValueError("the model declares no eos token id; generation would never stop")
+        raise UserError("the model declares no eos token id; generation would never stop")
     return ids
 
 
@@ -196,14 +197,14 @@ def sample_batch(model: Any, tokenizer: Any, batch: Sequence[list[int]], cfg: Sa
 
 
 def check_sampling(cfg: SamplingConfig) -> None:
-    """Raise ValueError on sampling settings generate would reject or misread."""
+    """Raise UserError on sampling settings generate would reject or misread."""
     if cfg.n < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 1:
-        raise ValueError(f"n, batch_size and max_new_tokens must be >= 1, got {cfg.n}, {cfg.batch_size}, "
+        raise UserError(f"n, batch_size and max_new_tokens must be >= 1, got {cfg.n}, {cfg.batch_size}, "
                          f"{cfg.max_new_tokens}")
     if cfg.temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for sampling, got {cfg.temperature}")
+        raise UserError(f"temperature must be > 0 for sampling, got {cfg.temperature}")
     if not 0.0 < cfg.top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {cfg.top_p}")
+        raise UserError(f"top_p must be in (0, 1], got {cfg.top_p}")
 
 
 def sample_prompts(model: Any, tokenizer: Any, prompts: Sequence[Prompt], cfg: SamplingConfig,

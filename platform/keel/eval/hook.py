@@ -35,12 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from keel.config import KeelConfig
 from keel.core.collectives import all_gather, all_reduce_sum
 from keel.core.loss import token_loss_sum
+from keel.data.encoding import TextEncoder
 from keel.data.masking import IGNORE
-from keel.data.template import TextEncoder, end_of_turn_ids, from_config, generation_prompt
+from keel.data.template import end_of_turn_ids, from_config, generation_prompt
+from keel.errors import ConfigError, UserError
 from keel.eval import checkers
-from keel.eval.diversity import diversity_report, mode_collapse_warnings
+from keel.eval.diversity import COLLAPSE_METRICS, diversity_report, mode_collapse_warnings
 from keel.eval.generate import Prompt, SamplingConfig, sample_batch, stop_ids
 from keel.eval.passk import pass_at_k_report
 
@@ -61,7 +64,7 @@ def due(step: int, every: int, max_steps: int) -> bool:
     return every > 0 and (step % every == 0 or step == max_steps)
 
 
-def forgetting_sequences(cfg: Any, enc: TextEncoder) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[dict]]:
+def forgetting_sequences(cfg: KeelConfig, enc: TextEncoder) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[dict]]:
     """``eval.forgetting.source`` encoded like a training source (demo data from the held-out seed), and
     the rejected rows."""
     from keel.data.pipeline import load_source
@@ -71,12 +74,12 @@ def forgetting_sequences(cfg: Any, enc: TextEncoder) -> tuple[list[tuple[np.ndar
     held_out = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=HELDOUT_SEED))
     data = load_source(src, held_out if src.kind == "demo" else cfg, enc)
     if not data.input_ids:
-        raise ValueError(f"config error: eval.forgetting.source has no usable examples ({len(data.rejects)} "
+        raise ConfigError(f"config error: eval.forgetting.source has no usable examples ({len(data.rejects)} "
                          f"rejected, e.g. {data.rejects[0]['reason'] if data.rejects else 'none read'})")
     return list(zip(data.input_ids, data.targets)), data.rejects
 
 
-def passk_prompts(cfg: Any) -> list[Prompt]:
+def passk_prompts(cfg: KeelConfig) -> list[Prompt]:
     """``eval.passk.prompts`` prompts with references: a data file's, or held-out demo arithmetic questions."""
     p = cfg.eval.passk
     if p.data is None:
@@ -87,11 +90,11 @@ def passk_prompts(cfg: Any) -> list[Prompt]:
 
     try:
         return load_prompts(p.data, p.format, p.prompts)[0]
-    except ValueError as err:
-        raise ValueError(f"config error: eval.passk.data: {err}") from None
+    except UserError as err:
+        raise ConfigError(f"config error: eval.passk.data: {err}") from None
 
 
-def load_sets(cfg: Any, tokenizer: Any) -> EvalSets:
+def load_sets(cfg: KeelConfig, tokenizer: Any) -> EvalSets:
     """The evaluation sets (the same on every rank: built from the config alone)."""
     from keel.data.pipeline import chat_messages
 
@@ -139,7 +142,7 @@ def generation_attention(model: Any) -> Iterator[None]:
         base.set_attn_implementation(packed)
 
 
-def sample(model: Any, tokenizer: Any, sets: EvalSets, cfg: Any, rank: int, world: int, seed: int) -> list:
+def sample(model: Any, tokenizer: Any, sets: EvalSets, cfg: KeelConfig, rank: int, world: int, seed: int) -> list:
     """(prompt index, samples) for this rank's prompts; every rank makes the same number of generate calls."""
     p, size = cfg.eval.passk, cfg.eval.batch_size
     sampling = SamplingConfig(n=p.n, temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens)
@@ -156,7 +159,7 @@ def sample(model: Any, tokenizer: Any, sets: EvalSets, cfg: Any, rank: int, worl
     return out
 
 
-def score(sets: EvalSets, gathered: list, cfg: Any) -> tuple[dict, list[dict]]:
+def score(sets: EvalSets, gathered: list, cfg: KeelConfig) -> tuple[dict, list[dict]]:
     """pass@k, diversity and the generations table from every rank's samples."""
     by_prompt = dict(pair for part in gathered for pair in part)
     check = checkers.get(cfg.eval.passk.checker, cfg.eval.passk.allow_code_execution)
@@ -193,7 +196,7 @@ def _eval_mode(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-def evaluate(model: Any, tokenizer: Any, sets: EvalSets, cfg: Any, step: int, rank: int,
+def evaluate(model: Any, tokenizer: Any, sets: EvalSets, cfg: KeelConfig, step: int, rank: int,
              world: int) -> tuple[dict, list[dict]] | None:
     """One evaluation on every rank; rank 0 gets (metrics row, generations table), the others None."""
     start, tasks = time.perf_counter(), cfg.eval.tasks
@@ -212,7 +215,7 @@ def evaluate(model: Any, tokenizer: Any, sets: EvalSets, cfg: Any, step: int, ra
     return {"step": step, **row, **metrics, "eval/seconds": time.perf_counter() - start}, table
 
 
-def warnings(row: dict, baseline: dict | None, cfg: Any) -> list[str]:
+def warnings(row: dict, baseline: dict | None, cfg: KeelConfig) -> list[str]:
     """Forgetting-spike and mode-collapse warnings against the first evaluation of the run."""
     if baseline is None or baseline is row:
         return []
@@ -222,8 +225,8 @@ def warnings(row: dict, baseline: dict | None, cfg: Any) -> list[str]:
         out.append(f"forgetting: held-out pretraining perplexity rose {rise:.0%} since step {baseline['step']} "
                    f"({baseline['forgetting/ppl']:.4g} -> {row['forgetting/ppl']:.4g}; eval.forgetting.spike="
                    f"{cfg.eval.forgetting.spike}); consider mitigation=replay (see keel diagnose)")
-    now = {k: row.get(f"eval/diversity/{k}") for k in ("distinct_2", "mean_entropy")}
-    then = {k: baseline.get(f"eval/diversity/{k}") for k in ("distinct_2", "mean_entropy")}
+    now = {k: row.get(f"eval/diversity/{k}") for k in COLLAPSE_METRICS}
+    then = {k: baseline.get(f"eval/diversity/{k}") for k in COLLAPSE_METRICS}
     out += mode_collapse_warnings(now, then, cfg.eval.collapse_drop)
     return out
 

@@ -13,8 +13,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from keel.choices import MASKINGS
 from keel.data import encode
-from keel.data.masking import IGNORE, MASKINGS
+from keel.data.masking import IGNORE
+from keel.errors import UserError
 
 Example = str | list[dict] | dict
 
@@ -109,7 +111,7 @@ def perplexity(model: Any, tokenizer: Any, examples: Sequence[Example], template
             total, count = total + nll, count + n
     model.train(was_training)
     if count == 0:
-        raise ValueError(f"perplexity: no trained tokens in {len(encoded)} examples with masking={masking!r} "
+        raise UserError(f"perplexity: no trained tokens in {len(encoded)} examples with masking={masking!r} "
                          "(assistant_only needs assistant turns; check max_len)")
     nll = total / count
     return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "examples": len(encoded)}

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from keel.errors import UserError
 from keel.eval import checkers
 from keel.eval.diversity import diversity_report
 from keel.eval.generate import Prompt, Sample, SamplingConfig, sample_prompts
@@ -21,11 +22,11 @@ NUM_EXAMPLES = 3  # prompts whose completions are copied into the report
 def usable_ks(ks: Sequence[int], n: int) -> tuple[list[int], list[int]]:
     """(sorted distinct ks <= n, ks > n that cannot be estimated from n samples)."""
     if any(k < 1 for k in ks):
-        raise ValueError(f"every k must be >= 1, got {list(ks)}")
+        raise UserError(f"every k must be >= 1, got {list(ks)}")
     kept = sorted({k for k in ks if k <= n})
     dropped = sorted({k for k in ks if k > n})
     if not kept:
-        raise ValueError(f"no k <= n={n} in {list(ks)}: pass@k needs at least k samples per prompt")
+        raise UserError(f"no k <= n={n} in {list(ks)}: pass@k needs at least k samples per prompt")
     return kept, dropped
 
 

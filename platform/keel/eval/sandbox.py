@@ -44,13 +44,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from keel.errors import UserError
+
 ENV_VAR = "KEEL_ALLOW_CODE_EXECUTION"
 REASONS = ("timeout", "cpu_limit", "memory_limit", "process_limit", "file_limit")
 _TRUE = ("1", "true", "yes", "on")
 _UID_BASE = 1 << 30  # far above system, user and subordinate-id ranges (100000+ for rootless containers)
 
 
-class SandboxError(ValueError):
+class SandboxError(UserError):
     """The sandbox is missing or could not start a program (an environment problem, not a failed sample)."""
 
 
@@ -60,10 +62,10 @@ def code_execution_allowed(flag: bool = False) -> bool:
 
 
 def require_opt_in(flag: bool = False, how: str = "") -> None:
-    """Raise ValueError unless running model-generated code was explicitly allowed."""
+    """Raise UserError unless running model-generated code was explicitly allowed."""
     if not code_execution_allowed(flag):
         extra = f", or {how}" if how else ""
-        raise ValueError(f"the python checker executes model-generated code; it runs only with explicit opt-in: "
+        raise UserError(f"the python checker executes model-generated code; it runs only with explicit opt-in: "
                          f"set {ENV_VAR}=1 in the environment{extra} (it then runs each program in a "
                          "bubblewrap sandbox, see docs/evaluation.md)")
 

@@ -56,7 +56,7 @@ def _preprocessed(cfg: KeelConfig, tokenizer: Any, run_dir: Path) -> tuple[RowPl
     """The rows of ``data.preprocessed`` and its reject count; its rejects.jsonl is copied into the run."""
     import shutil
 
-    from keel.data import preprocessed
+    from keel.data import preprocessed_dir as preprocessed
     from keel.launch import runlock
 
     reading = runlock.acquire_shared(Path(cfg.data.preprocessed))  # refused while `keel preprocess` writes it
@@ -81,7 +81,7 @@ def val_batches(val: RowPlan | None, cfg: KeelConfig) -> list[list[dict]] | None
 
 def worker_inputs(cfg: KeelConfig, model_path: str, plan: RowPlan, start: int, run_meta: dict) -> WorkerInputs:
     """What the workers get: their rows from step ``start`` (the resumed one) on, and what every worker knows."""
-    from keel.data.sharding import step_bundles, step_source_tokens
+    from keel.data.rank_bundles import step_bundles, step_source_tokens
 
     t, world = cfg.trainer, cfg.cluster.num_workers
     # The plan is a pure function of the config: resuming ships exactly the rows from the

@@ -3,7 +3,7 @@
 Each source is read, in row order, by one Ray Data read task (``keel.data.sources``), encoded
 in parallel by ``map_batches`` actors (format checks, template, masking, over-length policy:
 ``keel.data.examples.process_row``) and streamed back in order into on-disk token columns
-(``keel.data.store``), so no process ever holds a source's tokens. The mixture and the packing
+(``keel.data.disk_columns``), so no process ever holds a source's tokens. The mixture and the packing
 layout are planned from the examples' lengths alone (``keel.data.pipeline``, exactly as
 ``keel train`` plans them), then Ray Data actors materialise the rows shard by shard. Memory is
 bounded by block sizes and the layout (a few dozen bytes per example), not by the data.
@@ -22,12 +22,12 @@ import numpy as np
 import pyarrow as pa
 
 from keel.config import KeelConfig, SourceConfig, from_plain, to_plain
+from keel.data.disk_columns import Column, RejectSink, SourceRejects
 from keel.data.examples import RowResult, SourceData, held_out, process_row, val_fraction, validates, where
+from keel.data.parquet_rows import VAL_SHARD, write_shard
 from keel.data.pipeline import Layout, layout_report, pad_id, plan_sources, self_check_report, validation_rows
-from keel.data.preprocessed import REPORT, compat
-from keel.data.shards import VAL_SHARD, write_shard
+from keel.data.preprocessed_dir import REPORT, compat
 from keel.data.sources import iter_source, source_format, validation_source
-from keel.data.store import Column, RejectSink, SourceRejects
 from keel.launch.ray_cluster import init_ray
 from keel.tracking.logger import redact
 

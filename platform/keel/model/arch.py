@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from keel.config import ARCH_FAMILY_KEYS, ArchConfig
+from keel.config import ARCH_FAMILY_KEYS, ArchConfig, ModelConfig, TinyModelConfig
+from keel.errors import ConfigError
 
 # Keel's arch keys whose Hugging Face name differs.
 HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
@@ -63,7 +64,7 @@ def hf_config(arch: ArchConfig, **overrides: Any) -> Any:
     return AutoConfig.for_model(arch.model_type, **{**hf_kwargs(arch), **overrides})
 
 
-def tiny_arch(spec: Any) -> ArchConfig:
+def tiny_arch(spec: TinyModelConfig) -> ArchConfig:
     """The tiny model's architecture (keel.model.tiny builds a Llama with these dimensions)."""
     return ArchConfig(model_type="llama", vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
                       intermediate_size=spec.intermediate_size, num_layers=spec.num_layers,
@@ -71,7 +72,7 @@ def tiny_arch(spec: Any) -> ArchConfig:
                       max_position_embeddings=spec.max_position_embeddings)
 
 
-def model_hf_config(model: Any) -> tuple[Any, str]:
+def model_hf_config(model: ModelConfig) -> tuple[Any, str]:
     """The Hugging Face config of the configured model and where it came from: a local ``model.path``'s
     config.json, else the tiny spec, else the preset's ``model.arch``."""
     from transformers import AutoConfig
@@ -82,7 +83,7 @@ def model_hf_config(model: Any) -> tuple[Any, str]:
     if model.path == "tiny":
         return hf_config(tiny_arch(model.tiny)), "model.tiny"
     if model.arch is None:
-        raise ValueError(f"config error: model.arch is not set and model.path={model.path} is not a local "
+        raise ConfigError(f"config error: model.arch is not set and model.path={model.path} is not a local "
                          "directory: sizing offline needs the architecture (a preset's model.arch, or a local "
                          "checkpoint whose config.json is read)")
     return hf_config(model.arch), f"model.arch (model={model.name})"

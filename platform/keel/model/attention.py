@@ -37,9 +37,12 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-BACKENDS = ("sdpa_block", "flex", "torch_varlen", "fa_varlen")
-# Deprecated names, still accepted in ``model.attention`` (keel.config maps them with a warning).
-ALIASES = {"flash_attn": "fa_varlen"}
+# The backends' names (model.attention), and deprecated names still accepted (keel.config maps them with a
+# warning), are the config's vocabulary.
+from keel.choices import ATTENTION_ALIASES as ALIASES
+from keel.choices import ATTENTION_BACKENDS as BACKENDS
+from keel.errors import ConfigError, UserError
+
 # What ``auto`` tries on a GPU, best first; ``sdpa_block`` (a dense S×S mask) is the fallback.
 GPU_ORDER = ("fa_varlen", "torch_varlen", "flex")
 
@@ -92,7 +95,7 @@ def cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _refuse(backend: str, what: str, hint: str = "") -> None:
-    raise ValueError(f"model.attention={backend} cannot apply {what}{hint}; "
+    raise ConfigError(f"model.attention={backend} cannot apply {what}{hint}; "
                      "choose a backend that can (sdpa_block applies everything exactly)")
 
 
@@ -273,7 +276,7 @@ def torch_varlen_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         _refuse("torch_varlen", f"attention dropout ({dropout})", ": varlen_attn has no dropout")
     call = varlen_call(varlen.varlen_attn)
     if call.causal is None:
-        raise ValueError(f"torch_varlen: {_varlen_signature_problem(call)}")
+        raise UserError(f"torch_varlen: {_varlen_signature_problem(call)}")
     b, heads, s, d = query.shape
     cu, longest = _boundaries(kwargs, b, "torch_varlen")
     gqa = key.shape[1] != heads
@@ -393,7 +396,7 @@ def check_name(name: str) -> str:
     """The backend ``model.attention`` names (deprecated aliases mapped); an unknown name is an error."""
     name = ALIASES.get(name, name)
     if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"model.attention={name!r} is not a backend; choose one of {['auto', *BACKENDS]}")
+        raise ConfigError(f"model.attention={name!r} is not a backend; choose one of {['auto', *BACKENDS]}")
     return name
 
 
@@ -409,7 +412,7 @@ def resolve(name: str, use_gpu: bool, features: Features = Features(),
     if name != "auto":
         reason = unavailable_reason(name, use_gpu, features)
         if reason:
-            raise ValueError(f"model.attention={name} cannot be used: {reason}")
+            raise UserError(f"model.attention={name} cannot be used: {reason}")
         return name
     if not use_gpu:
         return "sdpa_block"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from keel.config import KeelConfig
 
 
-def model_path(cfg: Any) -> str:
+def model_path(cfg: KeelConfig) -> str:
     """Local directory or hub id of the base model (builds the tiny model if needed)."""
     if cfg.model.path == "tiny":
         from keel.model.tiny import ensure_tiny
@@ -25,7 +28,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def load_model(path: str, cfg: Any, attention: str) -> Any:
+def load_model(path: str, cfg: KeelConfig, attention: str) -> Any:
     """Load the causal LM with Keel's attention backend registered and selected."""
     import torch
     from transformers import AutoModelForCausalLM

@@ -14,10 +14,13 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keel.data import demo
-from keel.data.template import SPECIAL_TOKENS
+from keel.data.encoding import SPECIAL_TOKENS
+
+if TYPE_CHECKING:
+    from keel.config import TinyModelConfig
 
 CORPUS_VERSION = 1  # bump when the demo corpus or tokenizer recipe changes
 
@@ -36,7 +39,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("KEEL_CACHE_DIR") or user_cache_dir("keel"))
 
 
-def _key(spec: Any) -> str:
+def _key(spec: TinyModelConfig) -> str:
     blob = json.dumps({"spec": asdict(spec), "corpus": CORPUS_VERSION, "specials": SPECIAL_TOKENS}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -59,7 +62,7 @@ def train_tokenizer(vocab_size: int) -> Any:
     return fast
 
 
-def _build(spec: Any, out: Path) -> None:
+def _build(spec: TinyModelConfig, out: Path) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -80,7 +83,7 @@ def _build(spec: Any, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def ensure_tiny(spec: Any) -> Path:
+def ensure_tiny(spec: TinyModelConfig) -> Path:
     """Path of the cached tiny model directory for ``spec``, building it if missing."""
     final = cache_root() / "tiny" / _key(spec)
     if (final / "config.json").is_file():

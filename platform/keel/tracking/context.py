@@ -11,7 +11,11 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from keel.config import KeelConfig
+
 
 GROUP_FILE = "wandb_group.txt"
 REPORT_FILE = "data_report.json"
@@ -44,7 +48,7 @@ def run_group(run_dir: Path, env: Mapping[str, str] | None = None, ray_job_id: s
     return run_dir.name
 
 
-def ray_job_id(cfg: Any) -> str | None:
+def ray_job_id(cfg: KeelConfig) -> str | None:
     """Ray's job id when the driver joined a running cluster (a fresh local one numbers every run's job alike)."""
     if not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
         return None
@@ -53,7 +57,7 @@ def ray_job_id(cfg: Any) -> str | None:
     return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
 
 
-def write_run_context(run_dir: Path, cfg: Any, report: dict) -> None:
+def write_run_context(run_dir: Path, cfg: KeelConfig, report: dict) -> None:
     """Driver side: the data report, and the group unless an earlier start of this run chose it."""
     (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     group = run_dir / GROUP_FILE
@@ -73,7 +77,7 @@ def read_report(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def run_tags(cfg: Any) -> list[str]:
+def run_tags(cfg: KeelConfig) -> list[str]:
     """W&B tags: the model, each mitigation and the mixture mode (W&B caps a tag at 64 characters)."""
     tags = [f"model:{cfg.model.name}", *(f"mitigation:{m}" for m in cfg.mitigation.enabled), f"mix:{cfg.mix.name}"]
     return [t[:64] for t in tags]

@@ -9,7 +9,7 @@ import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keel.tracking.context import (
     MIX_COLUMNS,
@@ -23,6 +23,10 @@ from keel.tracking.context import (
 )
 from keel.tracking.namespace import STEP, TOKENS_SEEN, define_metrics, wandb_row
 from keel.tracking.secrets import redact
+
+if TYPE_CHECKING:
+    from keel.config import KeelConfig
+
 
 STARTS = "starts.jsonl"
 GENERATIONS = "generations.jsonl"
@@ -101,7 +105,7 @@ def system_row() -> dict:
 class RunLogger:
     """Writes one JSON object per optimizer step and mirrors it to W&B and the console."""
 
-    def __init__(self, cfg: Any, run_dir: Path, plain_cfg: dict, total_steps: int, start_step: int = 0) -> None:
+    def __init__(self, cfg: KeelConfig, run_dir: Path, plain_cfg: dict, total_steps: int, start_step: int = 0) -> None:
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.history = _rows_up_to(self.path, start_step)  # later lines: work lost since the checkpoint
@@ -127,7 +131,7 @@ class RunLogger:
                 "tokens_per_s": self.tokens_seen / max(sum(r["step_s"] for r in h), 1e-9)}
 
     @staticmethod
-    def _init_wandb(cfg: Any, run_dir: Path, plain_cfg: dict) -> tuple[Any, bool]:
+    def _init_wandb(cfg: KeelConfig, run_dir: Path, plain_cfg: dict) -> tuple[Any, bool]:
         """The W&B run and whether this start created it (one W&B run per Keel run, across restarts)."""
         import wandb
 

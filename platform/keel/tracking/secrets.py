@@ -25,6 +25,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from keel.errors import UserError
+
 REDACTED = "<redacted>"
 SECRET_FILES_ENV = "KEEL_SECRET_FILES"  # JSON {ENV_NAME: path}: secrets passed by reference (keel submit --secret-file)
 SECRET_WORDS = frozenset({"password", "passwd", "passphrase", "secret", "secrets", "credential", "credentials",
@@ -68,7 +70,7 @@ def _env_secrets() -> list[str]:
 
 
 def _secret_files(spec: str) -> dict[str, str]:
-    """The ``KEEL_SECRET_FILES`` mapping; ValueError when it is not a JSON object of names to paths."""
+    """The ``KEEL_SECRET_FILES`` mapping; UserError when it is not a JSON object of names to paths."""
     if not spec:
         return {}
     try:
@@ -76,7 +78,7 @@ def _secret_files(spec: str) -> dict[str, str]:
     except ValueError:
         files = None
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-        raise ValueError(f"{SECRET_FILES_ENV} must be a JSON object mapping environment variable names to file "
+        raise UserError(f"{SECRET_FILES_ENV} must be a JSON object mapping environment variable names to file "
                          f"paths, got {spec[:200]!r}")
     return files
 
@@ -93,7 +95,7 @@ def load_secret_files() -> list[str]:
         try:
             os.environ[key] = Path(path).expanduser().read_text(encoding="utf-8").strip()
         except OSError as err:
-            raise ValueError(f"secret file for {key} ({SECRET_FILES_ENV}, keel submit --secret-file): cannot read "
+            raise UserError(f"secret file for {key} ({SECRET_FILES_ENV}, keel submit --secret-file): cannot read "
                              f"{path} on {os.uname().nodename}: {err.strerror}") from None
     return sorted(files)
 

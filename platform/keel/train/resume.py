@@ -44,7 +44,7 @@ class ResumePoint:
 def run_meta(cfg: KeelConfig, plan: RowPlan, tokenizer: Any) -> dict:
     """Fingerprints stored with every checkpoint; a resume must match them."""
     data = hashlib.sha256(plan.input_ids.tobytes() + plan.targets.tobytes()).hexdigest()[:16]
-    from keel.data.preprocessed import tokenizer_fingerprint
+    from keel.data.preprocessed_dir import tokenizer_fingerprint
 
     tok = tokenizer_fingerprint(tokenizer)
     t = cfg.trainer

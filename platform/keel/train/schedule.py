@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from keel.config import TrainerConfig
 
-SCHEDULES = ("cosine", "linear", "constant", "wsd")
 DEFAULT_MIN_LR_RATIO = 0.1  # trainer.min_lr_ratio left unset (cosine, linear, wsd)
 DEFAULT_DECAY_FRACTION = 0.2  # trainer.decay_fraction left unset (wsd)
 

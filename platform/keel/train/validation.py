@@ -24,7 +24,7 @@ import numpy as np
 if TYPE_CHECKING:
     from keel.data.pipeline import RowPlan
 
-FIELDS = ("input_ids", "targets", "position_ids", "seq_lens")
+from keel.data.rank_bundles import FIELDS  # the fields of a row a worker trains on: defined once, there
 
 
 def _padding_rows(n: int, width: int, seq_width: int, pad: int) -> dict:

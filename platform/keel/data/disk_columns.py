@@ -1,4 +1,6 @@
-"""On-disk token columns: a source's encoded examples without holding them in memory.
+"""Append-only columns kept on disk, not in memory: a source's token columns and its rejected rows.
+
+(``keel.data.parquet_rows`` is the output of ``keel preprocess``; these are its working storage.)
 
 A ``Column`` is one flat int32 file (every example's tokens back to back) plus its offsets
 (``<file>.offsets.npy``, written by ``close``). It is appended to in example order by one

@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from keel.errors import UserError
+
 SHARD = "rows-{:05d}.parquet"
 VAL_SHARD = "val-{:05d}.parquet"  # the validation rows (data.val_fraction, val_path, val_split), same layout
 TOKEN_COLUMNS = {"input_ids": np.int32, "targets": np.int32, "source_ids": np.int16}
@@ -45,11 +47,11 @@ def write_shard(directory: str | os.PathLike, index: int, arrays: dict, name: st
 
 
 def shard_paths(directory: str | os.PathLike, count: int, name: str = SHARD) -> list[Path]:
-    """The ``count`` shards of a preprocessed directory, in row order; ValueError naming a missing one."""
+    """The ``count`` shards of a preprocessed directory, in row order; UserError naming a missing one."""
     paths = [Path(directory) / name.format(i) for i in range(count)]
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise ValueError(f"data.preprocessed: {missing[0]} is missing ({len(missing)} of {count} shards); "
+        raise UserError(f"data.preprocessed: {missing[0]} is missing ({len(missing)} of {count} shards); "
                          "rerun `keel preprocess`")
     return paths
 
@@ -69,7 +71,7 @@ def _read_table(table: pa.Table, max_len: int) -> dict:
     for name, dtype in TOKEN_COLUMNS.items():
         flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
         if flat.size != rows * max_len:
-            raise ValueError(f"data.preprocessed: column {name} holds {flat.size} tokens for {rows} rows of {max_len}")
+            raise UserError(f"data.preprocessed: column {name} holds {flat.size} tokens for {rows} rows of {max_len}")
         out[name] = flat.astype(dtype).reshape(rows, max_len)
     lens = [np.asarray(x, dtype=np.int32) for x in table.column("seq_lens").to_pylist()]
     width = max((len(x) for x in lens), default=1)
@@ -90,7 +92,7 @@ def read_rows(directory: str | os.PathLike, shards: int, rows: int, max_len: int
         parts.append(_read_table(table.slice(0, rows - have), max_len))
         have += min(table.num_rows, rows - have)
     if have < rows:
-        raise ValueError(f"data.preprocessed: {directory} holds {have} rows, this run needs {rows}")
+        raise UserError(f"data.preprocessed: {directory} holds {have} rows, this run needs {rows}")
     width = max(p["seq_lens"].shape[1] for p in parts)
     for p in parts:
         p["seq_lens"] = np.pad(p["seq_lens"], ((0, 0), (0, width - p["seq_lens"].shape[1])))

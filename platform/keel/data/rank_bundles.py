@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-FIELDS = ("input_ids", "targets", "position_ids", "seq_lens")
+FIELDS = ("input_ids", "targets", "position_ids", "seq_lens")  # what a worker trains on (validation batches too)
 
 
 def step_bundles(plan, world: int, accum: int, micro: int) -> Iterator[dict]:

@@ -11,12 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from keel.data.parquet_rows import VAL_SHARD, read_rows
 from keel.data.pipeline import RowPlan, row_tokens, rows_per_step, with_steps
-from keel.data.shards import VAL_SHARD, read_rows
+from keel.errors import UserError
+
+if TYPE_CHECKING:
+    from keel.config import KeelConfig, TemplateConfig
+
 
 REPORT = "report.json"
 # Config that chooses the rows; report.json records it and a run that differs is told so.
@@ -28,7 +33,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
-def template_key(tcfg: Any) -> str:
+def template_key(tcfg: TemplateConfig) -> str:
     """The template's name, and for template=jinja a hash of the file's text (an edit changes the rows)."""
     if tcfg.name != "jinja":
         return tcfg.name
@@ -37,7 +42,7 @@ def template_key(tcfg: Any) -> str:
     return "jinja:" + hashlib.sha256(from_config(tcfg).source.encode()).hexdigest()[:16]
 
 
-def compat(cfg: Any, tokenizer: Any) -> dict:
+def compat(cfg: KeelConfig, tokenizer: Any) -> dict:
     """What the rows' tokens depend on beyond the data; a run that differs cannot use them."""
     m = cfg.masking
     return {"tokenizer": tokenizer_fingerprint(tokenizer), "template": template_key(cfg.template),
@@ -47,10 +52,10 @@ def compat(cfg: Any, tokenizer: Any) -> dict:
 
 
 def read_report(directory: str | Path) -> dict:
-    """``report.json`` of a preprocessed directory; ValueError when there is none."""
+    """``report.json`` of a preprocessed directory; UserError when there is none."""
     path = Path(directory) / REPORT
     if not path.is_file():
-        raise ValueError(f"data.preprocessed={directory}: no {REPORT} there; write it with "
+        raise UserError(f"data.preprocessed={directory}: no {REPORT} there; write it with "
                          f"`keel preprocess --out {directory}`")
     return json.loads(path.read_text())
 
@@ -74,17 +79,17 @@ def differing(recorded: dict, current: dict) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "data.preprocessed")
 
 
-def check_compat(report: dict, cfg: Any, tokenizer: Any, directory: str) -> None:
-    """ValueError naming the first field this run would render differently from the preprocessed rows."""
+def check_compat(report: dict, cfg: KeelConfig, tokenizer: Any, directory: str) -> None:
+    """UserError naming the first field this run would render differently from the preprocessed rows."""
     now = compat(cfg, tokenizer)
     for key, value in now.items():
         then = report["compat"].get(key)
         if then != value:
-            raise ValueError(f"data.preprocessed={directory} was preprocessed with {key}={then!r}, this run has "
+            raise UserError(f"data.preprocessed={directory} was preprocessed with {key}={then!r}, this run has "
                              f"{value!r}; preprocess again with this run's settings")
 
 
-def _prefix_report(report: dict, arrays: dict, names: list[str], cfg: Any) -> dict:
+def _prefix_report(report: dict, arrays: dict, names: list[str], cfg: KeelConfig) -> dict:
     """The data report of the first rows only: what this run trains on."""
     out = json.loads(json.dumps(report))
     tokens, trained = row_tokens(arrays, len(names))
@@ -105,14 +110,14 @@ def _prefix_report(report: dict, arrays: dict, names: list[str], cfg: Any) -> di
     return out
 
 
-def _steps(report: dict, cfg: Any, directory: str) -> int:
+def _steps(report: dict, cfg: KeelConfig, directory: str) -> int:
     """This run's steps: ``trainer.max_steps``, or, sized by ``trainer.epochs``, the steps the directory was
     planned with for those epochs."""
     if cfg.trainer.max_steps is not None:
         return cfg.trainer.max_steps
     length = report["data_report"].get("length", {})
     if length.get("epochs_asked") != cfg.trainer.epochs or length.get("rows_per_step") != rows_per_step(cfg):
-        raise ValueError(f"data.preprocessed={directory} was planned for trainer.epochs={length.get('epochs_asked')} "
+        raise UserError(f"data.preprocessed={directory} was planned for trainer.epochs={length.get('epochs_asked')} "
                          f"at {length.get('rows_per_step')} rows per step; this run asks trainer.epochs="
                          f"{cfg.trainer.epochs} at {rows_per_step(cfg)}: preprocess with this run's settings, "
                          "or set trainer.max_steps")
@@ -134,7 +139,7 @@ def _validation(report: dict, current: dict, directory: str, max_len: int) -> Ro
     then = _validation_settings(report.get("config", {}).get("data") or {})
     now = _validation_settings(current.get("data") or {})
     if then != now:
-        raise ValueError(f"data.preprocessed={directory} holds the validation rows of {then}; this run asks for "
+        raise UserError(f"data.preprocessed={directory} holds the validation rows of {then}; this run asks for "
                          f"{now}: preprocess with this run's data.val_fraction / val_path / val_split")
     if not report.get("val_shards"):
         return None
@@ -143,7 +148,7 @@ def _validation(report: dict, current: dict, directory: str, max_len: int) -> Ro
     return RowPlan(source_names=report["source_names"], report=val, **arrays)
 
 
-def load(cfg: Any, tokenizer: Any, current: dict) -> tuple[RowPlan, list[str]]:
+def load(cfg: KeelConfig, tokenizer: Any, current: dict) -> tuple[RowPlan, list[str]]:
     """The rows this run trains on, from ``cfg.data.preprocessed``, and what to tell the user.
 
     ``current`` is this run's config as plain data (compared with the recorded one).
@@ -155,7 +160,7 @@ def load(cfg: Any, tokenizer: Any, current: dict) -> tuple[RowPlan, list[str]]:
     cfg = _with_steps(cfg, _steps(report, cfg, directory))
     needed = cfg.trainer.max_steps * rows_per_step(cfg)
     if needed > report["rows"]:
-        raise ValueError(f"data.preprocessed={directory} holds {report['rows']} packed rows; this run needs "
+        raise UserError(f"data.preprocessed={directory} holds {report['rows']} packed rows; this run needs "
                          f"{needed} (trainer.max_steps x cluster.num_workers x trainer.grad_accum x "
                          "trainer.micro_batch_size); preprocess with this run's settings")
     arrays = read_rows(directory, report["shards"], needed, cfg.packing.max_len)
@@ -170,5 +175,5 @@ def load(cfg: Any, tokenizer: Any, current: dict) -> tuple[RowPlan, list[str]]:
     return RowPlan(source_names=names, report=data_report, val=val, **arrays), notes
 
 
-def _with_steps(cfg: Any, steps: int) -> Any:
+def _with_steps(cfg: KeelConfig, steps: int) -> KeelConfig:
     return cfg if cfg.trainer.max_steps == steps else with_steps(cfg, steps)
