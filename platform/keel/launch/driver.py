@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from keel.config import KeelConfig, to_plain
+from keel.core.timeline import mark
 from keel.launch import ray_train
 from keel.launch.prepare import prepare_data, worker_inputs
 from keel.launch.ray_cluster import init_ray
@@ -29,21 +30,26 @@ def run_training(cfg: KeelConfig, run_dir: Path) -> dict:
     from keel.model.attention import expected
 
     t0 = time.perf_counter()
+    mark("config")  # imports, the composed and validated config
     lock = hold_run_dir(run_dir)
     print(f"attention backend: {expected(cfg.model.attention, cfg.cluster.use_gpu)}")  # the workers resolve it
     plugins = configured(cfg)
     path, tokenizer, plan = prepare_data(cfg, run_dir, plugins)
+    mark("data_plan")
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(to_plain(cfg))))  # as plugins left it
     meta = resume.run_meta(cfg, plan, tokenizer)
     start = resume.first_step(cfg, run_dir, meta)
     # every checkpoint names the run that wrote it
     inputs = worker_inputs(cfg, path, plan, start, {**meta, "attempt": lock.attempt})
     (run_dir / STARTS).unlink(missing_ok=True)
+    mark("worker_inputs")
     init_ray(cfg)
+    mark("ray_init")
     write_run_context(run_dir, cfg, plan.report)  # W&B group and data report for the rank-0 logger
     on_preemption(run_dir)  # after ray.init, which installs its own SIGTERM handler
     result = ray_train.run(cfg, run_dir, inputs)
     summary = run_summary(cfg, run_dir, plan, result, path, t0)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(summary_table(summary))
+    mark("summary")
     return summary

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from keel.config import KeelConfig
+from keel.core import timeline
 from keel.errors import ConfigError, UserError
 from keel.launch import console
 
@@ -22,7 +23,7 @@ def worker_env(cfg: KeelConfig) -> dict[str, str]:
     if not cfg.cluster.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     for key in ("KEEL_CACHE_DIR", "WANDB_MODE", "WANDB_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR",
-                "KEEL_SECRET_FILES", console.VERBOSE_ENV):
+                "KEEL_SECRET_FILES", console.VERBOSE_ENV, timeline.ENV):
         if os.environ.get(key):
             env[key] = os.environ[key]
     if "TORCH_EXTENSIONS_DIR" not in env:  # JIT builds per environment, not in a cache every environment shares

@@ -1,0 +1,24 @@
+"""Start-up timeline: with ``KEEL_TIMELINE=FILE`` set, ``keel train``'s driver and rank 0's worker append one JSON
+line per phase they finish (``{"t": unix time, "pid", "what"}``) to FILE; unset, :func:`mark` does nothing.
+
+``bench/startup.py`` sets it and turns the marks into the start-up breakdown of docs/benchmarks.md. The variable
+reaches the Ray workers with the rest of Keel's environment (``keel.launch.ray_cluster.worker_env``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+ENV = "KEEL_TIMELINE"
+
+
+def mark(what: str) -> None:
+    """Record that the phase ``what`` ends now (one short append; a no-op without ``KEEL_TIMELINE``)."""
+    path = os.environ.get(ENV)
+    if not path:
+        return
+    line = json.dumps({"t": time.time(), "pid": os.getpid(), "what": what}) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:  # O_APPEND: the driver's and rank 0's lines never interleave
+        fh.write(line)
