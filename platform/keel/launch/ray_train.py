@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.config import KeelConfig, from_plain, to_plain
-from keel.core.timeline import mark
+from keel.core.timeline import mark, process_started
 from keel.launch import console
 from keel.launch.ray_cluster import init_ray
 from keel.launch.slurm import node_name
@@ -51,6 +51,9 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     first = ctx.get_world_rank() == 0
     if first:
+        began = process_started()
+        if began is not None:
+            mark("worker_process", at=began)  # the controller placed the workers; rank 0's process began
         mark("worker_start")  # Ray Train's worker group is up
     from keel.core.worker import WorkerInfo
     from keel.tracking.secrets import load_secret_files
