@@ -13,7 +13,7 @@ from keel.config import KeelConfig, to_plain
 from keel.core.timeline import mark
 from keel.launch import ray_train
 from keel.launch.prepare import prepare_data, worker_inputs
-from keel.launch.ray_cluster import init_ray
+from keel.launch.ray_cluster import BackgroundStart
 from keel.launch.report import run_summary, summary_table
 from keel.launch.runlock import hold_run_dir
 from keel.launch.signals import EXIT_PREEMPTED, on_preemption
@@ -34,6 +34,7 @@ def run_training(cfg: KeelConfig, run_dir: Path) -> dict:
     lock = hold_run_dir(run_dir)
     print(f"attention backend: {expected(cfg.model.attention, cfg.cluster.use_gpu)}")  # the workers resolve it
     plugins = configured(cfg)
+    ray_start = BackgroundStart(cfg)  # Ray's servers start while the data is planned
     path, tokenizer, plan = prepare_data(cfg, run_dir, plugins)
     mark("data_plan")
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(redact(to_plain(cfg))))  # as plugins left it
@@ -43,7 +44,7 @@ def run_training(cfg: KeelConfig, run_dir: Path) -> dict:
     inputs = worker_inputs(cfg, path, plan, start, {**meta, "attempt": lock.attempt})
     (run_dir / STARTS).unlink(missing_ok=True)
     mark("worker_inputs")
-    init_ray(cfg)
+    ray_start.wait()
     mark("ray_init")
     write_run_context(run_dir, cfg, plan.report)  # W&B group and data report for the rank-0 logger
     on_preemption(run_dir)  # after ray.init, which installs its own SIGTERM handler

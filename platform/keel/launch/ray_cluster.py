@@ -7,7 +7,9 @@ until all of them are alive. A local instance listens on 127.0.0.1 only and requ
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -71,6 +73,54 @@ def init_ray(cfg: KeelConfig, local_cpus: int | None = None) -> None:
     ray.init(num_cpus=local_cpus, object_store_memory=cfg.cluster.object_store_memory_mb * 2**20,
              include_dashboard=False, log_to_driver=True, configure_logging=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+
+class BackgroundStart:
+    """``init_ray(cfg)`` in a thread, so Ray's servers start while the driver plans the data (the two are
+    independent; Ray's start is mostly waiting on its own processes). :meth:`wait` re-raises its error.
+
+    The thread outlives the start: Ray starts its GCS and raylet with ``PR_SET_PDEATHSIG``, which kills them
+    when the *thread* that started them ends, so it parks until the process exits (a daemon, it never holds
+    the exit up; a driver that fails meanwhile takes Ray's processes with it the same way)."""
+
+    def __init__(self, cfg: KeelConfig) -> None:
+        self.error: BaseException | None = None
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(cfg,), name="keel-ray-start", daemon=True)
+        self.thread.start()
+
+    def _run(self, cfg: KeelConfig) -> None:
+        try:
+            with _quiet_sigterm_notice():
+                init_ray(cfg)
+        except BaseException as err:  # handed to the main thread by wait()
+            self.error = err
+        self.ready.set()
+        if self.error is None:
+            threading.Event().wait()  # parked for the process's life (see the class docstring)
+
+    def wait(self) -> None:
+        """Block until Ray is up; its start-up error, if any, raised here."""
+        self.ready.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class _DropSigtermNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+class _quiet_sigterm_notice:
+    """Ray warns that it set no SIGTERM handler off the main thread; the driver installs its own
+    (``keel.launch.signals.on_preemption``) once Ray is up, so the notice says nothing to the user."""
+
+    def __enter__(self) -> None:
+        self.filter = _DropSigtermNotice()
+        logging.getLogger("ray._private.worker").addFilter(self.filter)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("ray._private.worker").removeFilter(self.filter)
 
 
 def _init_for_training(cfg: KeelConfig, address: str | None) -> None:
