@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from keel.launch.ray_cluster import LOCAL_TRAIN_ENV
 
 BIN = Path(sys.executable).parent
 NUM_CPUS = 6  # the largest test group (2 workers x 1 CPU + Ray Data's headroom) with room to spare
@@ -62,7 +63,7 @@ class SharedHead:
                                      start_new_session=True)  # its own group: teardown reaches every daemon
         # A client on this host finds the raylet at its own node address: loopback for it too.
         self.client_env = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **LOCAL_TRAIN_ENV}
         self._wait_until_up(log)
 
     def _wait_until_up(self, log: Path) -> None:

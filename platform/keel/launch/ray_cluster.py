@@ -18,6 +18,16 @@ from keel.core import timeline
 from keel.errors import ConfigError, UserError
 from keel.launch import console
 
+# Ray Train on an instance of one host that keel train started itself (a user's setting wins):
+LOCAL_TRAIN_ENV = {
+    # The controller polls its workers this often; it notices the end of training (and a failure) at the
+    # next poll, which on a one-host instance costs nothing to make frequent (Ray's default: 2 s).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # No node of a one-host instance is drained by an autoscaler: its watcher actor would be a process
+    # started for nothing (Keel handles the scheduler's SIGTERM itself, keel.launch.signals).
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
 
 def worker_env(cfg: KeelConfig) -> dict[str, str]:
     """The environment of every Ray worker of ``keel train`` (and of the driver, which sets it too)."""
@@ -139,6 +149,8 @@ def _init_for_training(cfg: KeelConfig, address: str | None) -> None:
         raise ConfigError("cluster=slurm joins the Ray cluster that slurm/sft.sh starts on the job's nodes, "
                           "but neither RAY_ADDRESS nor cluster.address is set")
     secure_local_start()  # every Ray server on 127.0.0.1, token auth with a fresh token
+    for key, value in LOCAL_TRAIN_ENV.items():  # Ray Train passes them on to its controller and workers
+        os.environ.setdefault(key, value)
     # Logical CPUs: one per worker plus headroom for Ray Data's coordinator tasks.
     ray.init(num_cpus=cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 2,
              object_store_memory=cfg.cluster.object_store_memory_mb * 2**20,
