@@ -53,7 +53,7 @@ class SharedHead:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         # Loopback only (Ray binds a routable interface on Linux unless "clusters" are off), token auth on.
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-                   TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
+                   TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline", **LOCAL_TRAIN_ENV)
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
                f"--num-cpus={NUM_CPUS}", "--disable-usage-stats", "--object-store-memory=536870912",

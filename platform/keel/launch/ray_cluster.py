@@ -26,6 +26,9 @@ LOCAL_TRAIN_ENV = {
     # No node of a one-host instance is drained by an autoscaler: its watcher actor would be a process
     # started for nothing (Keel handles the scheduler's SIGTERM itself, keel.launch.signals).
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # The raylet starts a worker per CPU ahead of the first job; Ray Train's and Ray Data's actors run
+    # in processes of their own runtime environment, so those workers only idled (about 1 CPU-second each).
+    "RAY_prestart_worker_first_driver": "0",
 }
 
 
