@@ -35,44 +35,32 @@ Usage (from the repository root):
 
 from __future__ import annotations
 
-# bench/tokenize.py is named like the standard library's ``tokenize``; running a script from bench/ puts
-# bench/ first on sys.path, where numpy/torch's ``import tokenize`` (via inspect/linecache) would find it.
+import argparse
+import json
+import os
+import platform
+import statistics
 import sys
-from pathlib import Path
+import time
+import warnings
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import common  # first: it keeps bench/ from shadowing the modules imported below (bench/common.py)
+import numpy as np
+import torch
+import torch.nn.functional as F
+from keel.config import TinyModelConfig
+from keel.data import encode
+from keel.data.packing import pack
+from keel.data.sources import load_conversations
+from keel.model import attention as keel_attn
+from keel.model.build import load_tokenizer
+from keel.model.tiny import ensure_tiny
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from keel.config import TinyModelConfig  # noqa: E402
-from keel.data import encode  # noqa: E402
-from keel.data.packing import pack  # noqa: E402
-from keel.data.sources import load_conversations  # noqa: E402
-from keel.model import attention as keel_attn  # noqa: E402
-from keel.model.build import load_tokenizer  # noqa: E402
-from keel.model.tiny import ensure_tiny  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/sft"
-RESULTS = REPO / "bench" / "results" / "attention.json"
-DOC = REPO / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- attention:begin -->", "<!-- attention:end -->"
-FILES = {
-    "alpaca_en_demo": "alpaca_en_demo.json",
-    "gsm8k_train": "gsm8k_train.jsonl",
-    "sharegpt_dummy": "sharegpt_dummy_conversation.json",
-    "glaive_toolcall": "glaive_toolcall_en_demo.json",
-}
+REPO = common.REPO
+DATA_DIR = common.SFT_DIR
+RESULTS = common.RESULTS / "attention.json"
+BEGIN, END = common.markers("attention")
+FILES = common.SFT_FILES
 EXACT = {"sdpa_block": True, "flex": True, "padded_mask": True, "padded_causal": True,
          "leaky_causal": False, "torch_varlen": True, "fa_varlen": True}
 
@@ -108,7 +96,7 @@ torch.set_num_threads(args.threads)
 if not CUDA and hasattr(os, "sched_setaffinity"):
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, set(cpus[: args.threads]))
-PINNED = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+PINNED = common.pinned_cpus()
 D_MODEL = args.heads * args.head_dim
 warnings.filterwarnings("ignore", message=".*flex_attention.*")  # eager flex warns it is unfused
 
@@ -401,25 +389,14 @@ def measure() -> tuple[list[dict], list[dict]]:
 # ---------------------------------------------------------------------------------------------
 # 6. Report
 # ---------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 if args.report_only:
     _saved = json.loads(RESULTS.read_text())
     meta, samples, results = _saved["meta"], _saved["samples"], _saved["results"]
 else:
     results, samples = measure()
     total_wall = time.perf_counter() - t_start
-    command = "python bench/attention.py" + "".join(f" {a}" for a in sys.argv[1:])
     meta = {
-        "command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(),
+        "command": common.command(), "date": common.utc_now(), "cpu": common.cpu_model(),
         "cpu_count": os.cpu_count(), "pinned_cpus": PINNED, "threads": args.threads,
         "gpu": torch.cuda.get_device_name(0) if CUDA else None, "device": str(DEVICE), "dtype": str(DTYPE),
         "torch": torch.__version__, "python": platform.python_version(), "quick": args.quick,
@@ -429,8 +406,7 @@ else:
         "data_dir": "shared/data/sft", "tokenizer": "keel tiny (TinyModelConfig())", "template": "llama3",
     }
 if not (args.quick or args.report_only):
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"meta": meta, "samples": samples, "results": results}, indent=2) + "\n")
+    common.write_json(RESULTS, {"meta": meta, "samples": samples, "results": results})
     log(f"wrote {RESULTS.relative_to(REPO)}")
 
 
@@ -571,11 +547,4 @@ print(section.removeprefix(BEGIN + "\n").removesuffix("\n" + END))
 if meta["quick"] or args.no_doc:
     log("doc not updated (--quick / --no-doc)")
 else:
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"  # re-read right before writing
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + section + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(doc)
-    log(f"updated {DOC.relative_to(REPO)}")
+    common.replace_section(section, BEGIN, END)

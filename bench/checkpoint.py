@@ -38,19 +38,17 @@ import os
 import platform
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common  # first: it keeps bench/ from shadowing the modules imported below (bench/common.py)
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
-DOC = REPO / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- checkpoint:begin -->", "<!-- checkpoint:end -->"
+RESULTS = common.RESULTS
+BEGIN, END = common.markers("checkpoint")
 ARMS = ("plain", "plain+fsync", "keel save", "keel verify", "old save", "old verify")
 GB = 1e9
 
@@ -258,21 +256,13 @@ def main() -> None:
         gb, repeats = (0.2, 1) if args.quick else (args.gb, args.repeats)
         result = measure(gb, args.ranks, repeats)
         meta = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                "date": time.strftime("%Y-%m-%d")}
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / name).write_text(json.dumps({"meta": meta, "result": result}, indent=2))
+                "date": common.today()}
+        common.write_json(RESULTS / name, {"meta": meta, "result": result})
     text = section(result, meta)
     print(text)
     if args.quick:
         return
-    doc = DOC.read_text()
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + text + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    DOC.write_text(doc)
-    print(f"updated {DOC.relative_to(REPO)}", file=sys.stderr)
+    common.replace_section(text, BEGIN, END)
 
 
 if __name__ == "__main__":

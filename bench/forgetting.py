@@ -39,7 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import common  # first: it keeps bench/ from shadowing the modules imported below (bench/common.py)
+
+ROOT = common.REPO
 KEEL = str(Path(sys.executable).with_name("keel"))
 MITIGATIONS = ["none", "replay", "ewc", "lora", "conservative_lr", "progressive"]
 # tuning round: (label, mitigation, extra overrides)
@@ -201,7 +203,7 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="also run the tuning settings (TUNING)")
     ap.add_argument("--tune-seeds", type=int, default=None, help="seeds for the tuning round (default --seeds)")
     ap.add_argument("--mitigations", default=",".join(MITIGATIONS))
-    ap.add_argument("--out", default=str(ROOT / "bench/results/forgetting.json"))
+    ap.add_argument("--out", default=str(common.RESULTS / "forgetting.json"))
     ap.add_argument("--workdir", default="/tmp/keel-forgetting")
     ap.add_argument("--eval-text", type=int, default=100, help="held-out pretraining-text examples")
     ap.add_argument("--eval-sft", type=int, default=100, help="held-out SFT examples for the loss")
@@ -213,7 +215,7 @@ def main() -> None:
         result = json.loads(Path(args.out).read_text())
         result["table"] = aggregate(result["runs"], result["base"])
         result["table_markdown"] = table(result["table"], result["base"])
-        Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+        common.write_json(Path(args.out), result, indent=1, default=str)
         plot(result["table"], result["base"], ROOT / "docs/forgetting.png")
         print(result["table_markdown"])
         return
@@ -240,8 +242,7 @@ def main() -> None:
 
     def save() -> None:
         result["bench_wall_s"] = time.time() - t_start
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+        common.write_json(Path(args.out), result, indent=1, default=str)
 
     # 1. pretrain the base model; evaluate the random init and the base
     pre = keel_train(work / f"pretrain_{args.steps_pretrain}",

@@ -17,25 +17,22 @@ Usage (from the repository root):
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import common  # first: it keeps bench/ from shadowing the modules imported below (bench/common.py)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-REPO = _HERE.parent
-RESULTS = REPO / "bench" / "results" / "memory.json"
-DOC = REPO / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- memory:begin -->", "<!-- memory:end -->"
+REPO = common.REPO
+RESULTS = common.RESULTS / "memory.json"
+BEGIN, END = common.markers("memory")
 GIB = 2**30
 GOAL_GIB = 3.0
 ISSUE_BEFORE_GIB = 16.3  # issue 16's measurement of the old code at max_len 8192 (killed for memory)
@@ -224,16 +221,6 @@ def section(results: list[dict], meta: dict) -> str:
     return "\n".join([*lines, END])
 
 
-def write_doc(text: str) -> None:
-    doc = DOC.read_text()
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + text + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    DOC.write_text(doc)
-
-
 def main() -> None:
     import deepspeed
     import torch
@@ -244,19 +231,19 @@ def main() -> None:
         text = section(saved["results"], saved["meta"])
         print(text)
         if not args.no_doc:
-            write_doc(text)
+            common.replace_section(text, BEGIN, END)
         return
     results, model = measure()
-    meta = {"command": "python bench/memory.py" + "".join(f" {a}" for a in sys.argv[1:] if a != "--no-doc"),
+    meta = {"command": common.command(drop=("--no-doc",)),
             "max_len": args.max_len, "before_max_len": args.before_max_len, "steps": args.steps,
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
             "deepspeed": deepspeed.__version__, "python": platform.python_version(), "model": model,
-            "old_ref": args.old_ref, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    RESULTS.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+            "old_ref": args.old_ref, "date": common.utc_now()}
+    common.write_json(RESULTS, {"meta": meta, "results": results})
     text = section(results, meta)
     print(text)
     if not args.no_doc:
-        write_doc(text)
+        common.replace_section(text, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -19,26 +19,20 @@ Usage (from the repository root):
 
 from __future__ import annotations
 
-import sys
+import argparse
+import os
+import platform
+import shutil
+import socket
+import statistics
+import tempfile
+import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import common  # first: it keeps bench/ from shadowing the modules imported below (bench/common.py)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-REPO = _HERE.parent
-RESULTS = REPO / "bench" / "results" / "overhead.json"
-DOC = REPO / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- overhead:begin -->", "<!-- overhead:end -->"
+RESULTS = common.RESULTS / "overhead.json"
+BEGIN, END = common.markers("overhead")
 GOAL = 0.05
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -59,7 +53,7 @@ torch.set_num_threads(1)
 
 
 def compose(run_dir: Path):
-    import keel.cli.train  # noqa: F401  (registers the keel_schema node the defaults list names)
+    import keel.config  # noqa: F401  (registers the keel_schema node the defaults list names)
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from omegaconf import OmegaConf
@@ -255,32 +249,22 @@ def section(summary: dict, meta: dict) -> str:
         END])
 
 
-def write_doc(text: str) -> None:
-    doc = DOC.read_text()
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + text + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    DOC.write_text(doc)
-
-
 def main() -> None:
     import deepspeed
     import transformers
 
     times, setup = measure()
     summary = summarise(times)
-    meta = {"command": "python bench/overhead.py" + "".join(f" {a}" for a in sys.argv[1:] if a != "--no-doc"),
+    meta = {"command": common.command(drop=("--no-doc",)),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": args.rounds,
+            "date": common.utc_now(), "rounds": args.rounds,
             "warmup": args.warmup, **setup}
-    RESULTS.write_text(json.dumps({"meta": meta, "summary": summary, "times": times}, indent=2) + "\n")
+    common.write_json(RESULTS, {"meta": meta, "summary": summary, "times": times})
     text = section(summary, meta)
     print(text)
     if not args.no_doc:
-        write_doc(text)
+        common.replace_section(text, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -33,12 +33,11 @@ import threading
 import time
 from pathlib import Path
 
+import common  # first: it keeps bench/ from shadowing the modules imported below (bench/common.py)
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "benchmarks.md"
-RESULTS = REPO / "bench" / "results"
-BEGIN, END = "<!-- preprocess:begin -->", "<!-- preprocess:end -->"
+RESULTS = common.RESULTS
+BEGIN, END = common.markers("preprocess")
 KEEL = str(Path(sys.executable).with_name("keel"))
 GIB = 2**30
 
@@ -170,21 +169,13 @@ def main() -> None:
         sizes = [20_000] if args.quick else [100_000, 1_000_000]
         with tempfile.TemporaryDirectory(prefix="keel-bench-pre-") as tmp:
             results = [run(n, args.procs, Path(tmp)) for n in sizes]
-        meta = {"cpus": os.cpu_count(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / name).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        meta = {"cpus": os.cpu_count(), "python": platform.python_version(), "date": common.today()}
+        common.write_json(RESULTS / name, {"meta": meta, "results": results})
     text = section(results, meta)
     print(text)
     if args.quick:
         return
-    doc = DOC.read_text()
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + text + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n## Preprocessing memory\n\n" + text + "\n"
-    DOC.write_text(doc)
-    log(f"updated {DOC.relative_to(REPO)}")
+    common.replace_section(text, BEGIN, END, title="Preprocessing memory")
 
 
 if __name__ == "__main__":

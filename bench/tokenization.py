@@ -21,40 +21,29 @@ Usage (from the repository root):
   python bench/tokenization.py --quick    # smoke run: 300 rows per file, 1 repeat, tokenize-quick.json, no doc
 """
 
-# Running a script puts bench/ first on sys.path; keep it off so no bench script can shadow a module.
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+import zlib
+from array import array
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import common  # first: it keeps bench/ from shadowing the modules imported below (bench/common.py)
 
-import argparse  # noqa: E402
-import cProfile  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import pstats  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import zlib  # noqa: E402
-from array import array  # noqa: E402
-from importlib.metadata import version  # noqa: E402
+REPO = common.REPO
+DATA_DIR = common.SFT_DIR
+BEGIN, END = common.markers("tokenize")
 
-REPO = _HERE.parent
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/sft"
-RESULTS_DIR = REPO / "bench" / "results"
-DOC = REPO / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- tokenize:begin -->", "<!-- tokenize:end -->"
-
-FILES = {
-    "alpaca_en_demo": "alpaca_en_demo.json",
-    "gsm8k_train": "gsm8k_train.jsonl",
-    "sharegpt_dummy": "sharegpt_dummy_conversation.json",
-    "glaive_toolcall": "glaive_toolcall_en_demo.json",
-}
+FILES = common.SFT_FILES
 ARMS = ("keel", "trl", "floor")
 PROCS = (1, 2)
 GOAL_VS_TRL = 3.0  # Keel throughput >= 3x TRL
@@ -401,13 +390,6 @@ def spawn(args: argparse.Namespace, arm: str, procs: int, repeats: int = 1) -> d
         os.unlink(out)
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def mismatches(a: list[int], b: list[int]) -> int:
     return sum(x != y for x, y in zip(a, b, strict=True))
 
@@ -436,11 +418,11 @@ def main() -> None:
     if args.from_json:  # re-render the doc section (findings included) from a finished run
         results = json.loads(Path(args.from_json).read_text())
         results["findings"] = findings(results)
-        Path(args.from_json).write_text(json.dumps(results, indent=1) + "\n")
+        common.write_json(Path(args.from_json), results, indent=1)
         section = render_section(results)
         print(section)
         if not results["quick"]:
-            write_doc(section)
+            common.replace_section(section, BEGIN, END)
         return
 
     t_start = time.time()
@@ -455,14 +437,13 @@ def main() -> None:
     results["wall_s"] = time.time() - t_start
     results = json.loads(json.dumps(results))  # the form it is stored in (string keys)
     results["findings"] = findings(results)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / ("tokenize-quick.json" if args.quick else "tokenize.json")
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    out = common.write_json(common.RESULTS / ("tokenize-quick.json" if args.quick else "tokenize.json"), results,
+                            indent=1)
     log(f"wrote {out.relative_to(REPO)}")
     section = render_section(results)
     print(section)
     if not args.quick:
-        write_doc(section)
+        common.replace_section(section, BEGIN, END)
 
 
 def rate_row(rec: dict) -> dict:
@@ -538,11 +519,11 @@ def build_results(args: argparse.Namespace, runs: dict) -> dict:
         "quick": args.quick, "rows_per_file": args.limit, "rounds": args.rounds, "repeats": args.repeats,
         "trl_repeats": args.trl_repeats,
         "loadavg_per_worker": {f"{arm}/{n}": runs[(arm, n)]["loadavg"] for arm, n in runs},
-        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+        "date_utc": common.utc_now(),
+        "machine": {"cpu": common.cpu_model(), "cores": os.cpu_count(), "affinity": common.pinned_cpus(),
                     "loadavg_at_end": os.getloadavg()},
         "versions": {"python": platform.python_version(),
-                     **{m: version(m) for m in ("transformers", "tokenizers", "trl", "datasets")}},
+                     **common.versions("transformers", "tokenizers", "trl", "datasets")},
         "trl_template": TRAIN_TEMPLATE,
         "trl_stop_token_trained": runs[("trl", 1)]["trl"]["stop_token_trained"],
         "goals": goals, "ratios": ratios, "agreement": agree, "table": table,
@@ -764,19 +745,6 @@ def render_section(r: dict) -> str:
                          f"{row['cumtime_s']:.3f} |")
     lines += ["", "Findings:", "", *r.get("findings", []), END]
     return "\n".join(lines)
-
-
-def write_doc(section: str) -> None:
-    intro = ("# Benchmarks\n\nReproducible benchmarks of Keel components. Each section is generated by the script "
-             "it names and is replaced in place when that script is re-run; text outside the markers is kept.\n")
-    doc = DOC.read_text() if DOC.exists() else intro  # re-read right before writing: others edit other sections
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + section + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(doc)
-    log(f"updated {DOC.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

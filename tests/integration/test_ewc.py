@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from keel.config import KeelConfig
 from transformers import AutoModelForCausalLM
+
+from tests.conftest import compose
 
 from .conftest import keel_train
 
@@ -28,14 +29,6 @@ LAM = 1000.0  # large enough that the penalty's gradient stands well above fp32 
 SAMPLES = 4
 OVERRIDES = ["mitigation=ewc", f"mitigation.ewc.samples={SAMPLES}", f"mitigation.ewc.lam={LAM}",
              "trainer.micro_batch_size=1", "trainer.grad_accum=2", "trainer.warmup_steps=0", "logger=none"]
-
-
-def _compose(overrides: list[str]) -> KeelConfig:
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=overrides))
 
 
 def _bundle(step: int, rank: int, rows: int, length: int = 32, vocab: int = 2000) -> dict:
@@ -76,7 +69,7 @@ def _worker(rank: int, world: int, run_dir: str, port: int) -> None:
             return out
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    cfg = _compose(OVERRIDES)
+    cfg = compose(*OVERRIDES)
     info = WorkerInfo(rank, world, Path(run_dir), model_path(cfg), "sdpa_block", [], [], {})
     first, plugin = Ewc(cfg.mitigation.ewc), Recorder(cfg.mitigation.ewc)
     engine, _ = build_engine(cfg, info, [first])
@@ -144,7 +137,7 @@ def hand_penalty(fisher: dict, theta: dict, anchor: dict, lam: float) -> tuple[f
 def reference(path: str, samples: int):
     from keel.mitigation.ewc import reference_set
 
-    cfg = _compose(["mitigation=ewc", f"mitigation.ewc.samples={samples}"])
+    cfg = compose("mitigation=ewc", f"mitigation.ewc.samples={samples}")
     return reference_set(cfg.mitigation.ewc, cfg, path)
 
 

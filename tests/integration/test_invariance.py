@@ -58,7 +58,7 @@ def _ds_worker(rank: int, world: int, out_dir: str, port: int) -> None:
     from keel.train.engine import build_engine
     from keel.train.step import train_step
 
-    from .test_ewc import _compose
+    from tests.conftest import compose
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     rows = _rows()
@@ -80,8 +80,8 @@ def _ds_worker(rank: int, world: int, out_dir: str, port: int) -> None:
     runs = [(m, a, False, "chunked") for m, a in SPLITS[world]] + [(4, 1, False, "full")] * (world == 1)
     runs += [(*OVERLAP[world], True, "chunked")] if world in OVERLAP else []
     for micro, accum, overlap, head in runs:
-        cfg = _compose([f"trainer.micro_batch_size={micro}", f"trainer.grad_accum={accum}", "trainer.warmup_steps=0",
-                        "trainer.max_grad_norm=0", "logger=none", f"deepspeed.overlap_comm={overlap}"])
+        cfg = compose(f"trainer.micro_batch_size={micro}", f"trainer.grad_accum={accum}", "trainer.warmup_steps=0",
+                      "trainer.max_grad_norm=0", "logger=none", f"deepspeed.overlap_comm={overlap}")
         info = WorkerInfo(rank, world, Path(out_dir), model_path(cfg), "sdpa_block", [], [], {})
         engine, _ = build_engine(cfg, info, [])
         engine.train()

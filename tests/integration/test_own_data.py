@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from keel.cli.train import argv
 
+from tests.conftest import compose
+
 from .conftest import keel_train
 
 pytestmark = pytest.mark.integration
@@ -70,10 +72,8 @@ def test_chat_mix_on_local_files_of_each_format(tmp_path, capsys):
     read and every source gives examples."""
     if not SHARED.is_dir():
         pytest.skip("../shared/data is not here")
-    from hydra import compose, initialize_config_module
     from keel.launch import prepare
     from keel.mitigation import configured
-    from omegaconf import OmegaConf
 
     alpaca = json.loads((SHARED / "sft" / "alpaca_en_demo.json").read_text())
     code = tmp_path / "magicoder.jsonl"
@@ -90,8 +90,7 @@ def test_chat_mix_on_local_files_of_each_format(tmp_path, capsys):
     # rows, and the first 1000 of GSM8K's 7473 (tokenizing all of them would take most of this test's time)
     overrides = ["data=chat_mix", "mix.T=2", "trainer.max_steps=2", "packing.max_len=2048", "data.sources.1.cap=1000",
                  *(f"data.sources.{i}.path={p}" for i, p in enumerate(local))]
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+    cfg = compose(*overrides)
     _, _, plan = prepare.prepare_data(cfg, tmp_path, configured(cfg))
     sources = plan.report["sources"]
     assert {k: s["rows_read"] for k, s in sources.items() if k != "math"} == {"chat": 500, "code": 999, "tools": 300,

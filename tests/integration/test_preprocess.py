@@ -8,27 +8,21 @@ import json
 import subprocess
 from pathlib import Path
 
-import keel.cli.train  # noqa: F401
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_module
 from keel.data.parquet_rows import VAL_SHARD, read_rows
 from keel.launch import prepare
 from keel.mitigation import configured
 from keel.train import checkpoint as ckpt
 from keel.train import resume
-from omegaconf import OmegaConf
+
+from tests.conftest import compose
 
 from .conftest import KEEL, keel_env, keel_train
 
 pytestmark = pytest.mark.integration
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared/data/sft"
-
-
-def _cfg(overrides: list[str]):
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=overrides))
 
 
 def _preprocess(out: Path, overrides: list[str]) -> dict:
@@ -69,7 +63,7 @@ def test_preprocess_equals_the_in_memory_path_and_trains_the_same_rows(tmp_path)
     out = tmp_path / "pre"
     report = _preprocess(out, overrides)
 
-    cfg = _cfg(overrides)
+    cfg = compose(*overrides)
     plugins = configured(cfg)
     direct = tmp_path / "direct"
     direct.mkdir()

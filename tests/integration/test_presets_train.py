@@ -14,7 +14,8 @@ import math
 from pathlib import Path
 
 import pytest
-from keel.config import KeelConfig
+
+from tests.conftest import compose
 
 pytestmark = pytest.mark.integration
 
@@ -29,14 +30,6 @@ FAMILY_TOKENS = {
     "gemma2": {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"},
     "phi3": {"bos_token": "<s>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
 }
-
-
-def _compose(overrides: list[str]) -> KeelConfig:
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=overrides))
 
 
 def reduced_overrides(arch) -> dict:
@@ -58,7 +51,7 @@ def build_checkpoint(preset: str, out: Path, tiny_path: str) -> int:
     from keel.model.build import load_tokenizer
     from transformers import AutoModelForCausalLM
 
-    arch = _compose([f"model={preset}", "cluster.use_gpu=false"]).model.arch
+    arch = compose(f"model={preset}", "cluster.use_gpu=false").model.arch
     tokens = dict(FAMILY_TOKENS[preset])
     tokenizer = load_tokenizer(tiny_path)
     tokenizer.add_special_tokens({k: v for k, v in tokens.items() if k != "additional"})
@@ -97,9 +90,9 @@ def _train_two_steps(preset: str, ckpt: Path, run_dir: Path) -> dict:
     from keel.train.engine import build_engine
     from keel.train.step import train_step
 
-    cfg = _compose([f"model={preset}", f"model.path={ckpt}", "cluster.use_gpu=false", "cluster.num_workers=1",
-                    f"packing.max_len={MAX_LEN}", "trainer.max_steps=2", "trainer.warmup_steps=0",
-                    "trainer.lr=1e-3", "logger=none"])
+    cfg = compose(f"model={preset}", f"model.path={ckpt}", "cluster.use_gpu=false", "cluster.num_workers=1",
+                  f"packing.max_len={MAX_LEN}", "trainer.max_steps=2", "trainer.warmup_steps=0",
+                  "trainer.lr=1e-3", "logger=none")
     info = WorkerInfo(0, 1, run_dir, str(ckpt), "sdpa_block", [], [], {})
     engine, _ = build_engine(cfg, info, [])
     engine.train()

@@ -8,6 +8,8 @@ import pytest
 from keel.train import checkpoint as ckpt
 from keel.train import resume
 
+from tests.conftest import compose
+
 
 def _fake(run_dir, step, complete=True):
     d = ckpt.root(run_dir) / (f"step_{step:06d}" if complete else f".tmp-step_{step:06d}")
@@ -54,14 +56,11 @@ def test_resume_refuses_changed_fingerprints():
 def test_resume_refuses_other_lora_adapters(tokenizer):
     """A LoRA checkpoint holds adapters of one shape: a resume with another r (or LoRA switched on) is refused."""
     import numpy as np
-    from hydra import compose, initialize_config_module
     from keel.data.pipeline import RowPlan
     from keel.train.resume import check_resumable, run_meta
-    from omegaconf import OmegaConf
 
     def meta(*overrides):
-        with initialize_config_module(config_module="keel.conf", version_base=None):
-            cfg = OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+        cfg = compose(*overrides)
         rows = RowPlan(*(np.zeros((1, 4), np.int32) for _ in range(5)), source_names=[], report={})
         return json.loads(json.dumps(run_meta(cfg, rows, tokenizer)))  # as a checkpoint stores it
 

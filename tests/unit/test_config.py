@@ -8,20 +8,15 @@ from pathlib import Path
 
 import keel.conf
 import pytest
-from hydra import compose, initialize_config_module
 from keel.config import KeelConfig
 from omegaconf import OmegaConf
+
+from tests.conftest import compose
 
 CONF = Path(keel.conf.__file__).parent
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
 OPTIONS = [(g, y.stem) for g in GROUPS for y in sorted((CONF / g).glob("*.yaml"))]
 JINJA = Path(__file__).parent / "fixtures" / "chat_templates" / "qwen3.jinja"
-
-
-def _compose(overrides: list[str]) -> KeelConfig:
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_object(cfg)
 
 
 def test_groups_are_the_documented_ones():
@@ -32,7 +27,7 @@ def test_groups_are_the_documented_ones():
 @pytest.mark.parametrize(("group", "option"), OPTIONS)
 def test_every_option_composes(group, option):
     extra = [f"template.path={JINJA}"] if (group, option) == ("template", "jinja") else []  # jinja needs its file
-    cfg = _compose([f"{group}={option}", *extra])
+    cfg = compose(f"{group}={option}", *extra)
     assert isinstance(cfg, KeelConfig)
     if group == "mitigation":  # plugins compose as a list: mitigation=[replay,conservative_lr]
         assert cfg.mitigation.enabled == ([] if option == "none" else [option])
@@ -41,12 +36,12 @@ def test_every_option_composes(group, option):
 
 
 def test_mitigations_compose_as_a_list():
-    cfg = _compose(["mitigation=[replay,conservative_lr]"])
+    cfg = compose("mitigation=[replay,conservative_lr]")
     assert cfg.mitigation.enabled == ["replay", "conservative_lr"]
 
 
 def test_defaults():
-    cfg = _compose([])
+    cfg = compose()
     assert (cfg.model.name, cfg.data.name, cfg.deepspeed.stage, cfg.cluster.num_workers) == ("tiny", "demo", 3, 2)
     assert cfg.model.trust_remote_code is False and cfg.trainer.resume == "auto"
 
@@ -60,7 +55,7 @@ def test_defaults():
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
-        _compose([override])
+        compose(override)
 
 
 @pytest.mark.parametrize(("override", "needle"), [
@@ -70,7 +65,7 @@ def test_bad_values_name_the_key(override, needle):
 ])
 def test_unknown_keys_and_options_fail(override, needle):
     with pytest.raises(Exception, match=needle):
-        _compose([override])
+        compose(override)
 
 
 @pytest.mark.parametrize(("override", "needle"), [
@@ -94,11 +89,11 @@ def test_cli_prints_composed_config(tmp_path):
 
 
 def test_template_names_with_a_dot_and_jinja_need_their_file():
-    assert _compose(["template=llama3.1"]).template.name == "llama3.1"
-    assert _compose(["template=qwen2.5"]).template.name == "qwen2.5"
-    assert _compose(["template=jinja", f"template.path={JINJA}"]).template.path == str(JINJA)
+    assert compose("template=llama3.1").template.name == "llama3.1"
+    assert compose("template=qwen2.5").template.name == "qwen2.5"
+    assert compose("template=jinja", f"template.path={JINJA}").template.path == str(JINJA)
     with pytest.raises(Exception, match="template.path"):
-        _compose(["template=jinja"])
+        compose("template=jinja")
     with pytest.raises(ValueError, match="template.path"):
-        _compose(["template=llama3", f"template.path={JINJA}"])
-    assert _compose([]).masking.train_reasoning is True
+        compose("template=llama3", f"template.path={JINJA}")
+    assert compose().masking.train_reasoning is True

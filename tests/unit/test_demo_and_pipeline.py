@@ -6,17 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_module
 from keel.data import demo, examples, pipeline
 from keel.data.formats import validate
 from keel.data.masking import IGNORE
 from keel.data.rank_bundles import step_bundles
-from omegaconf import OmegaConf
 
-
-def _cfg(*overrides):
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+from tests.conftest import compose
 
 
 def test_demo_is_deterministic_and_valid():
@@ -37,7 +32,7 @@ def test_demo_tasks_have_different_length_profiles():
 
 @pytest.fixture(scope="module")
 def plan(tokenizer):
-    cfg = _cfg("trainer.max_steps=6")
+    cfg = compose("trainer.max_steps=6")
     return cfg, pipeline.build(cfg, tokenizer)
 
 
@@ -68,8 +63,8 @@ def test_plan_is_deterministic(tokenizer, plan):
 
 
 def test_global_rows_do_not_depend_on_world_size(tokenizer):
-    two, _ = pipeline.build(_cfg("trainer.max_steps=3", "cluster.num_workers=2"), tokenizer)
-    one, _ = pipeline.build(_cfg("trainer.max_steps=3", "cluster.num_workers=1", "trainer.grad_accum=2"),
+    two, _ = pipeline.build(compose("trainer.max_steps=3", "cluster.num_workers=2"), tokenizer)
+    one, _ = pipeline.build(compose("trainer.max_steps=3", "cluster.num_workers=1", "trainer.grad_accum=2"),
                             tokenizer)
     assert np.array_equal(two.input_ids, one.input_ids)
 
@@ -82,7 +77,7 @@ def test_bundles_give_every_rank_the_same_steps(plan):
 
 
 def test_overlength_rows_are_rejected_not_lost(tokenizer):
-    cfg = _cfg("trainer.max_steps=1", "packing.max_len=64")
+    cfg = compose("trainer.max_steps=1", "packing.max_len=64")
     rows, rejects = pipeline.build(cfg, tokenizer)
     assert rejects and all("over-length" in r["reason"] for r in rejects)
     per_source = rows.report["sources"]
@@ -97,13 +92,13 @@ def test_overlength_rows_are_rejected_not_lost(tokenizer):
     (["mix=quality", "+data.sources.0.quality=2"], [6000 / 8100, 1500 / 8100, 600 / 8100]),
 ])
 def test_mixture_modes(tokenizer, overrides, expected):
-    cfg = _cfg("trainer.max_steps=1", *overrides)
+    cfg = compose("trainer.max_steps=1", *overrides)
     sources = [pipeline.load_source(s, cfg, pipeline.TextEncoder(tokenizer)) for s in cfg.data.sources]
     assert pipeline.source_weights(sources, cfg) == pytest.approx(expected)
 
 
 def test_token_counted_mixture_and_caps(tokenizer):
-    cfg = _cfg("trainer.max_steps=1", "mix=proportional", "mix.count=tokens", "data.sources.2.cap=100")
+    cfg = compose("trainer.max_steps=1", "mix=proportional", "mix.count=tokens", "data.sources.2.cap=100")
     sources = [pipeline.load_source(s, cfg, pipeline.TextEncoder(tokenizer)) for s in cfg.data.sources]
     assert len(sources[2].input_ids) == 100
     tokens = [sum(len(x) for x in s.input_ids) for s in sources]
@@ -117,11 +112,11 @@ def test_token_counted_mixture_and_caps(tokenizer):
     (["mix=explicit", "mix.T=2"], "mix.T")])
 def test_mixture_fields_that_would_do_nothing_are_errors(overrides, needle):
     with pytest.raises(ValueError, match=needle):
-        _cfg(*overrides)
+        compose(*overrides)
 
 
 def test_overlength_truncate_keeps_rows_within_max_len(tokenizer):
-    cfg = _cfg("trainer.max_steps=1", "packing.max_len=64", "data.overlength=truncate")
+    cfg = compose("trainer.max_steps=1", "packing.max_len=64", "data.overlength=truncate")
     src = pipeline.load_source(cfg.data.sources[2], cfg, pipeline.TextEncoder(tokenizer))  # long text
     assert src.truncated > 0 and all(len(x) <= 64 for x in src.input_ids)
     assert all(t[-1] == IGNORE for t in src.targets)
@@ -131,7 +126,7 @@ def test_overlength_truncate_keeps_rows_within_max_len(tokenizer):
 def test_overlength_split_cuts_chats_at_turn_boundaries(tokenizer):
     from keel.config import SourceConfig
 
-    cfg = _cfg("trainer.max_steps=1", "packing.max_len=64", "data.overlength=split")
+    cfg = compose("trainer.max_steps=1", "packing.max_len=64", "data.overlength=split")
     long_chat = [{"role": "system", "content": "Be brief."}]
     for i in range(6):
         long_chat += [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"},
@@ -149,6 +144,6 @@ def test_overlength_split_cuts_chats_at_turn_boundaries(tokenizer):
 
 
 def test_on_error_raise_names_source_row_and_reason(tokenizer):
-    cfg = _cfg("trainer.max_steps=1", "packing.max_len=64", "data.on_error=raise")
+    cfg = compose("trainer.max_steps=1", "packing.max_len=64", "data.on_error=raise")
     with pytest.raises(ValueError, match=r"data source 'strings' \(demo:strings\) row \d+: over-length"):
         pipeline.load_source(cfg.data.sources[1], cfg, pipeline.TextEncoder(tokenizer))

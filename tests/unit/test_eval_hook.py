@@ -13,20 +13,16 @@ from keel.eval import hook, pass_at_k
 from keel.eval.generate import Prompt, Sample
 from keel.eval.perplexity import perplexity
 
+from tests.conftest import compose
+
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
         {"role": "assistant", "content": "2 + 3 = 5."}]
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    with initialize_config_module("keel.conf", version_base=None):
-        composed = compose("config", overrides=["eval.every_n_steps=2", "eval.forgetting.source.num_examples=6",
-                                                "eval.passk.prompts=3", "eval.passk.n=2", "eval.passk.k=[1,2]",
-                                                "eval.passk.max_new_tokens=4", "eval.batch_size=2"])
-    return OmegaConf.to_object(composed)
+    return compose("eval.every_n_steps=2", "eval.forgetting.source.num_examples=6", "eval.passk.prompts=3",
+                   "eval.passk.n=2", "eval.passk.k=[1,2]", "eval.passk.max_new_tokens=4", "eval.batch_size=2")
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from keel.config import EwcConfig
 from keel.mitigation import build, ewc
 from keel.mitigation.base import Mitigation
 from keel.train.step import train_step
-from omegaconf import OmegaConf
+
+from tests.conftest import compose
 
 IGNORE = -100
 V = 5  # toy vocabulary
-
-
-def _cfg(*overrides):
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
 
 
 class Bigram(torch.nn.Module):
@@ -160,7 +155,7 @@ class _Probe(Mitigation):
 
 
 def test_after_backward_runs_once_between_the_last_backward_and_the_step():
-    cfg = _cfg("trainer.grad_accum=3", "trainer.micro_batch_size=1")
+    cfg = compose("trainer.grad_accum=3", "trainer.micro_batch_size=1")
     ids = np.array([[0, 1, 2, 3]] * 3)
     bundle = {"input_ids": ids, "targets": np.array([[1, 2, 3, IGNORE]] * 3),
               "position_ids": np.tile(np.arange(4), (3, 1)), "seq_lens": [[4]] * 3}
@@ -198,7 +193,7 @@ def test_fingerprint_covers_model_reference_set_world_size_and_parameters():
 
 
 def test_composes_with_replay_and_has_documented_defaults():
-    cfg = _cfg("mitigation=[replay,ewc]")
+    cfg = compose("mitigation=[replay,ewc]")
     assert cfg.mitigation.enabled == ["replay", "ewc"] and [p.name for p in build(cfg)] == ["replay", "ewc"]
     o = cfg.mitigation.ewc
     assert (o.lam, o.samples, o.data.task, o.data.masking) == (1e8, 64, "text", "all_tokens")
@@ -215,20 +210,20 @@ def test_composes_with_replay_and_has_documented_defaults():
 ])
 def test_bad_options_name_the_key(override, key):
     with pytest.raises(ValueError, match=f"config error: {key}"):
-        _cfg("mitigation=ewc", override)
+        compose("mitigation=ewc", override)
 
 
 def test_configure_refuses_other_zero_stages_and_too_small_reference_sets():
-    cfg = _cfg("mitigation=ewc", "deepspeed=zero2")
+    cfg = compose("mitigation=ewc", "deepspeed=zero2")
     with pytest.raises(ValueError, match="config error: mitigation.ewc needs deepspeed.stage=3"):
         build(cfg)[0].configure(cfg)
-    short = _cfg("mitigation=ewc", "packing.max_len=8")  # every text example is over-length: dropped
+    short = compose("mitigation=ewc", "packing.max_len=8")  # every text example is over-length: dropped
     with pytest.raises(ValueError, match=r"config error: mitigation.ewc.samples=64 exceeds the 0 usable"):
         build(short)[0].configure(short)
 
 
 def test_reference_set_is_the_first_samples_of_the_source(tiny_path):
-    cfg = _cfg("mitigation=ewc", "mitigation.ewc.samples=5")
+    cfg = compose("mitigation=ewc", "mitigation.ewc.samples=5")
     seqs = ewc.reference_set(cfg.mitigation.ewc, cfg, tiny_path)
     more = ewc.reference_set(EwcConfig(samples=9), cfg, tiny_path)
     assert len(seqs) == 5 and all(np.array_equal(a[0], b[0]) for a, b in zip(seqs, more))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from hydra import compose, initialize_config_module
 from keel.cli.export import main as keel_export
 from keel.cli.main import main as keel_main
 from keel.config import to_plain
@@ -16,10 +15,7 @@ from keel.train import checkpoint as ckpt
 from keel.train import export
 from omegaconf import OmegaConf
 
-
-def _cfg(*overrides):
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+from tests.conftest import compose
 
 
 def _fake_checkpoint(run_dir, step, **state):
@@ -61,10 +57,10 @@ def test_exports_are_renamed_when_whole_and_pruned_by_their_own_keep(tmp_path):
 
 def test_keep_exports_needs_export_every():
     with pytest.raises(ValueError, match=r"trainer\.keep_exports has no effect without trainer\.export_every"):
-        _cfg("trainer.keep_exports=2")
+        compose("trainer.keep_exports=2")
     with pytest.raises(ValueError, match=r"trainer\.export_every must be >= 0"):
-        _cfg("trainer.export_every=-1")
-    assert _cfg("trainer.export_every=5", "trainer.keep_exports=2").trainer.keep_exports == 2
+        compose("trainer.export_every=-1")
+    assert compose("trainer.export_every=5", "trainer.keep_exports=2").trainer.keep_exports == 2
 
 
 def test_keel_export_refuses_what_is_not_a_complete_checkpoint(tmp_path, capsys):
@@ -96,7 +92,7 @@ def test_keel_export_refuses_merge_of_a_full_checkpoint_and_a_used_out_dir(tmp_p
 
 
 def test_the_model_comes_from_the_checkpoint_or_else_the_runs_config(tmp_path, tiny_path):
-    cfg = _cfg("model.dtype=bfloat16")
+    cfg = compose("model.dtype=bfloat16")
     assert export.model_record(cfg, tiny_path) == {"path": tiny_path, "dtype": "bfloat16", "trust_remote_code": False}
     run = tmp_path / "run"
     old = _fake_checkpoint(run, 2)  # written before keel_state.json recorded the model

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import keel.config
 import pytest
-from hydra import compose, initialize_config_module
 from keel.config import from_plain, require_gpu, to_plain
-from omegaconf import OmegaConf
+
+from tests.conftest import compose
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,8 +24,7 @@ def _compose(monkeypatch: pytest.MonkeyPatch, *overrides: str, env: dict | None 
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(keel.config, "cuda_devices", lambda: cuda)
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+    return compose(*overrides)
 
 
 def test_headline_command_without_gpus_is_refused_at_validation(tmp_path):

@@ -8,16 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from keel.data.masking import IGNORE
 from keel.train.guards import BadStepGuard, NonFiniteError, Rollbacks, SpikeDetector, checkpoint_due, is_bad
 from keel.train.step import StepRequests, train_step
-from omegaconf import OmegaConf
 
-
-def _cfg(*overrides):
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+from tests.conftest import compose
 
 
 def test_is_bad():
@@ -87,13 +82,13 @@ def test_checkpoint_due():
 
 
 def test_config_validates_guard_fields():
-    cfg = _cfg()
+    cfg = compose()
     assert (cfg.trainer.max_bad_steps, cfg.trainer.spike_window, cfg.trainer.spike_z) == (5, 50, 6.0)
     assert cfg.trainer.checkpoint_every_s == 0 and cfg.fault.nan_at_steps == []
     for bad in ("trainer.max_bad_steps=-1", "trainer.checkpoint_every_s=-5", "trainer.spike_z=0",
                 "trainer.spike_window=-1"):
         with pytest.raises(Exception, match=bad.split("=")[0]):
-            _cfg(bad)
+            compose(bad)
 
 
 class _Engine:
@@ -148,7 +143,7 @@ def _fault(**steps):
 
 
 def test_train_step_skips_a_poisoned_step_and_keeps_the_lr_schedule():
-    cfg = _cfg("trainer.grad_accum=2", "trainer.micro_batch_size=1")
+    cfg = compose("trainer.grad_accum=2", "trainer.micro_batch_size=1")
     good = _Engine()
     m = train_step(good, _bundle(), cfg, world=1)
     assert not m["bad"] and math.isfinite(m["loss"]) and good.sched_steps == 0
@@ -162,7 +157,7 @@ def test_train_step_skips_a_poisoned_step_and_keeps_the_lr_schedule():
 
 
 def test_spike_fault_multiplies_the_loss_and_its_backward():
-    cfg = _cfg()
+    cfg = compose()
     plain, spiked = _Engine(), _Engine()
     m = train_step(plain, _bundle(), cfg, world=1)
     s = train_step(spiked, _bundle(), cfg, world=1, plugins=[_fault(spike_at_steps=[1])])
@@ -171,7 +166,7 @@ def test_spike_fault_multiplies_the_loss_and_its_backward():
 
 
 def test_save_request_rides_on_the_step():
-    cfg = _cfg()
+    cfg = compose()
     assert train_step(_Engine(), _bundle(), cfg, world=1, requests=StepRequests(save=True))["save"]
     assert not train_step(_Engine(), _bundle(), cfg, world=1)["save"]
 
@@ -183,7 +178,7 @@ def test_counts_and_loss_window_carry_over_a_resume():
         guards = StepGuards(cfg.trainer, logger.history if logger is not None else None)
         return guards.bad, guards.spikes
 
-    cfg = _cfg("trainer.spike_window=20")
+    cfg = compose("trainer.spike_window=20")
     history = [{"loss": 2.0 + 0.01 * (i % 3), "bad_step": False, "bad_steps": 1, "loss_spikes": 2} for i in range(30)]
     history[5] = {"loss": math.nan, "bad_step": True, "bad_steps": 1, "loss_spikes": 2}
     guard, spikes = _guards(cfg, SimpleNamespace(history=history))
@@ -235,7 +230,7 @@ def test_spike_rollback_reloads_the_checkpoint_and_keeps_the_lr_at_the_data_posi
         return spike_rollback(engine, cfg, info, spiked, point, step)
 
     info = WorkerInfo(0, 1, tmp_path, "", "sdpa", [], [], {})
-    on, off = _cfg("trainer.spike_rollback=true"), _cfg()
+    on, off = compose("trainer.spike_rollback=true"), compose()
     saved = _checkpoint(tmp_path, 4)
     assert _spike_rollback(_Reloadable(), off, info, True, (saved, False), 7) is None  # off: the spike only warns
     assert _spike_rollback(_Reloadable(), on, info, False, (saved, False), 7) is None  # no spike
@@ -285,11 +280,12 @@ def test_fault_injection_is_a_plugin_only_when_a_fault_is_set(tmp_path):
     from keel.train import fault
 
     info = WorkerInfo(0, 2, tmp_path, "", "sdpa", [], [], {})
-    assert fault.plugins(_cfg().fault, info) == []
+    assert fault.plugins(compose().fault, info) == []
     for setting in ("fault.nan_at_steps=[3]", "fault.spike_at_steps=[3]", "fault.hang_rank=1 fault.hang_at_step=2",
                     "fault.kill_rank=1 fault.at_step=2"):
-        (injector,) = fault.plugins(_cfg(*setting.split()).fault, info)
+        (injector,) = fault.plugins(compose(*setting.split()).fault, info)
         assert isinstance(injector, fault.FaultInjector), setting
-    injector = fault.FaultInjector(_cfg("fault.nan_at_steps=[3]").fault, WorkerInfo(1, 2, tmp_path, "", "", [], [], {}))
+    info = WorkerInfo(1, 2, tmp_path, "", "", [], [], {})
+    injector = fault.FaultInjector(compose("fault.nan_at_steps=[3]").fault, info)
     injector.begin_step(3)  # only rank 0's loss is poisoned
     assert injector.micro_loss(torch.ones(()), 0) == 1.0

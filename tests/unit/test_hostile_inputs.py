@@ -16,6 +16,8 @@ import pytest
 from keel.data.formats import Reject, validate
 from keel.data.sources import DEFAULT_MAX_ROW_BYTES, iter_rows, iter_source, resolve_files
 
+from tests.conftest import compose
+
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
 
 
@@ -149,15 +151,12 @@ def test_huge_rows_of_parsed_formats_are_rejected_before_tokenising(tmp_path):
 
 
 def test_the_pipeline_applies_data_max_row_bytes_and_names_the_file(tmp_path, tokenizer):
-    from hydra import compose, initialize_config_module
     from keel.data.examples import load_source
     from keel.data.template import TextEncoder
-    from omegaconf import OmegaConf
 
     for name in ("a", "b"):
         _jsonl(tmp_path / f"{name}.jsonl", [json.dumps({"text": "w" * 5000}), json.dumps({"text": "short"})])
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        cfg = OmegaConf.to_object(compose(config_name="config", overrides=["data.max_row_bytes=4096"]))
+    cfg = compose("data.max_row_bytes=4096")
     src = dataclasses.replace(cfg.data.sources[0], name="files", kind="file", path=str(tmp_path / "*.jsonl"),
                               format="text", num_examples=-1, masking="all_tokens")
     data = load_source(src, cfg, TextEncoder(tokenizer))
@@ -166,8 +165,7 @@ def test_the_pipeline_applies_data_max_row_bytes_and_names_the_file(tmp_path, to
                                                              (str(tmp_path / "b.jsonl"), 0)]
     assert all("data.max_row_bytes=4096" in r["reason"] for r in data.rejects)
     with pytest.raises(ValueError, match=r"data\.max_row_bytes"):
-        with initialize_config_module(config_module="keel.conf", version_base=None):
-            OmegaConf.to_object(compose(config_name="config", overrides=["data.max_row_bytes=0"]))
+        compose("data.max_row_bytes=0")
 
 
 def test_iter_source_marks_rejects_with_their_file(tmp_path):

@@ -7,10 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 from keel.launch import submit as jobs
 from keel.launch.driver import EXIT_PREEMPTED
-from omegaconf import OmegaConf
+
+from tests.conftest import compose
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,9 +20,7 @@ def _cluster(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *overrides: s
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        cfg = compose(config_name="config", overrides=["cluster=slurm", *overrides])
-    return OmegaConf.to_object(cfg).cluster
+    return compose("cluster=slurm", *overrides).cluster
 
 
 def test_slurm_cpu_job_runs_one_worker_per_node(monkeypatch):
@@ -51,8 +49,7 @@ def test_slurm_overrides_win_and_are_checked(monkeypatch):
 
 def test_local_cluster_is_unchanged(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "4")
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        c = OmegaConf.to_object(compose(config_name="config")).cluster
+    c = compose().cluster
     assert (c.num_nodes, c.num_workers, c.use_gpu, c.ray_placement) == (1, 2, False, "PACK")
 
 

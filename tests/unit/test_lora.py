@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from keel.config import LoraConfig
 from keel.mitigation import build, warnings_for
 from keel.mitigation.lora import (
@@ -18,17 +17,13 @@ from keel.mitigation.lora import (
     wrap,
 )
 from keel.model.build import param_counts
-from omegaconf import OmegaConf
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import compose
+
 ONE_EPOCH = {"sources": {"a": {"epochs": 1.0}}}
-
-
-def _cfg(*overrides):
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
 
 
 def _base(path: str):
@@ -104,7 +99,7 @@ def test_adapter_files_are_non_empty_and_reload_to_identical_logits(tiny_path, a
 def test_merged_export_matches_the_adapter_model(tiny_path, adapter, tmp_path):
     logits, out = adapter
     hf = tmp_path / "hf"
-    export_merged(tiny_path, out, hf, _cfg())
+    export_merged(tiny_path, out, hf, compose())
     merged = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(_logits(merged), logits, atol=1e-5, rtol=0)  # fp32 rounding only
@@ -125,11 +120,11 @@ def test_target_modules_defaults_and_overrides():
 
 
 def test_configure_resolves_targets_into_the_config():
-    cfg = _cfg("mitigation=lora")
+    cfg = compose("mitigation=lora")
     (plugin,) = build(cfg)
     plugin.configure(cfg)
     assert cfg.mitigation.lora.target_modules == LLAMA_STYLE
-    bad = _cfg("mitigation=lora", "mitigation.lora.target_modules=[c_attn]")
+    bad = compose("mitigation=lora", "mitigation.lora.target_modules=[c_attn]")
     with pytest.raises(ValueError, match="mitigation.lora.target_modules"):
         build(bad)[0].configure(bad)
 
@@ -143,22 +138,22 @@ def test_configure_resolves_targets_into_the_config():
 ])
 def test_bad_options_name_the_key(override, key):
     with pytest.raises(ValueError, match=f"config error: {key}"):
-        _cfg("mitigation=lora", override)
+        compose("mitigation=lora", override)
 
 
 def test_composes_with_other_plugins():
-    cfg = _cfg("mitigation=[replay,lora]")
+    cfg = compose("mitigation=[replay,lora]")
     assert cfg.mitigation.enabled == ["replay", "lora"] and cfg.mitigation.lora.r == 16
     assert [p.name for p in build(cfg)] == ["replay", "lora"]
 
 
 def test_warnings_lora_wants_a_higher_lr_and_skips_the_full_ft_one():
-    cfg = _cfg("mitigation=lora")  # default lr 1e-3: above the full-fine-tune limit, fine for LoRA
+    cfg = compose("mitigation=lora")  # default lr 1e-3: above the full-fine-tune limit, fine for LoRA
     assert warnings_for(cfg, build(cfg), ONE_EPOCH) == []
-    low = _cfg("mitigation=lora", "trainer.lr=5e-6")
+    low = compose("mitigation=lora", "trainer.lr=5e-6")
     (warning,) = warnings_for(low, build(low), ONE_EPOCH)
     assert "LoRA usually wants ~1e-4" in warning
-    both = _cfg("mitigation=[conservative_lr,lora]")
+    both = compose("mitigation=[conservative_lr,lora]")
     plugins = build(both)
     for p in plugins:
         p.configure(both)

@@ -9,15 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from keel.config import TrainerConfig
 from keel.train.schedule import describe, lr_factor, lr_lambda
-from omegaconf import OmegaConf
+
+from tests.conftest import compose
 
 
 def _trainer(*overrides) -> TrainerConfig:
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides))).trainer
+    return compose(*overrides).trainer
 
 
 def _curve(*overrides) -> list[float]:

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_module
 from keel.data import pipeline
 from keel.mitigation import adjust_hook, build, warnings_for
 from keel.mitigation.replay import replay_weight
-from omegaconf import OmegaConf
 
-
-def _cfg(*overrides):
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+from tests.conftest import compose
 
 
 def test_replay_weight_solves_the_token_share():
@@ -25,7 +20,7 @@ def test_replay_weight_solves_the_token_share():
 
 @pytest.mark.parametrize("ratio", [0.05, 0.2])
 def test_replay_realised_share_matches_ratio(tokenizer, ratio):
-    cfg = _cfg("mitigation=replay", f"mitigation.replay.ratio={ratio}", "trainer.max_steps=400")
+    cfg = compose("mitigation=replay", f"mitigation.replay.ratio={ratio}", "trainer.max_steps=400")
     plugins = build(cfg)
     extra = tuple(s for p in plugins for s in p.extra_sources())
     plan, _ = pipeline.build(cfg, tokenizer, extra, adjust_hook(plugins))
@@ -35,18 +30,18 @@ def test_replay_realised_share_matches_ratio(tokenizer, ratio):
 
 
 def test_conservative_lr_sets_the_preset_and_full_ft_warns():
-    cfg = _cfg("mitigation=conservative_lr")
+    cfg = compose("mitigation=conservative_lr")
     for p in build(cfg):
         p.configure(cfg)
     assert cfg.trainer.lr == 2e-6 and cfg.trainer.warmup_steps == 10
     report = {"sources": {"a": {"epochs": 5.0}, "b": {"epochs": 1.0}}}
     assert any("'a'" in w and "epochs" in w for w in warnings_for(cfg, build(cfg), report))
-    plain = _cfg()
+    plain = compose()
     warns = warnings_for(plain, [], {"sources": {"a": {"epochs": 1.0}}})
     assert any("lr 0.001 > 1e-05" in w for w in warns)
-    assert warnings_for(_cfg("trainer.lr=5e-6"), [], {"sources": {"a": {"epochs": 1.0}}}) == []
+    assert warnings_for(compose("trainer.lr=5e-6"), [], {"sources": {"a": {"epochs": 1.0}}}) == []
 
 
 def test_conservative_lr_range_is_enforced():
     with pytest.raises(ValueError, match="mitigation.conservative_lr.lr"):
-        _cfg("mitigation=conservative_lr", "mitigation.conservative_lr.lr=1e-4")
+        compose("mitigation=conservative_lr", "mitigation.conservative_lr.lr=1e-4")

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 from keel.cli.plan import main as plan_main
 from keel.launch.plan import GPU_ORDER, predict_attention
 from keel.train import memory
-from omegaconf import OmegaConf
+
+from tests.conftest import compose
 
 LLAMA_PARAMS = 8_030_261_248
 LLAMA_LARGEST = 128_256 * 4096  # the embedding (and the untied LM head)
@@ -24,11 +24,6 @@ HEADLINE = ["model=llama3", "cluster=slurm", "cluster.num_nodes=2", "cluster.gpu
 def _no_slurm_job(monkeypatch):
     for key in ("SLURM_JOB_NUM_NODES", "SLURM_GPUS_ON_NODE"):
         monkeypatch.delenv(key, raising=False)
-
-
-def _cfg(*overrides: str):
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
 
 
 def _json(capsys, *argv: str) -> dict:
@@ -107,7 +102,7 @@ def test_local_checkpoint_is_sized_from_its_config_json(tmp_path, capsys):
     """`model=PRESET model.path=DIR`: the architecture of DIR's config.json, the preset's settings."""
     from keel.model.arch import hf_config, meta_model, param_counts
 
-    arch = _cfg("model=qwen3").model.arch
+    arch = compose("model=qwen3").model.arch
     hf_config(arch, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, head_dim=64).save_pretrained(tmp_path)
     p = _json(capsys, "model=qwen3", f"model.path={tmp_path}", "cluster.num_workers=1")

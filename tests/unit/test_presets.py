@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
-from keel.config import KeelConfig
 from omegaconf import OmegaConf
+
+from tests.conftest import compose
 
 # preset -> (hub id, template, parameters of the published checkpoint)
 PRESETS = {
@@ -22,12 +22,6 @@ PRESETS = {
 }
 
 
-def _compose(*overrides: str) -> KeelConfig:
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    return OmegaConf.to_object(cfg)
-
-
 def test_every_preset_has_a_file():
     import keel.conf
 
@@ -38,7 +32,7 @@ def test_every_preset_has_a_file():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_composes_with_gpu_grade_settings(preset):
     hub, template, _ = PRESETS[preset]
-    cfg = _compose(f"model={preset}")
+    cfg = compose(f"model={preset}")
     m = cfg.model
     assert (m.name, m.path, m.dtype, m.gradient_checkpointing, m.attention) == (preset, hub, "bfloat16", True, "auto")
     assert cfg.template.name == template
@@ -50,34 +44,34 @@ def test_preset_composes_with_gpu_grade_settings(preset):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_template_given_wins_over_the_preset(preset):
-    assert _compose(f"model={preset}", "template=chatml").template.name == "chatml"
-    assert _compose("template=chatml", f"model={preset}").template.name == "chatml"  # order-free
+    assert compose(f"model={preset}", "template=chatml").template.name == "chatml"
+    assert compose("template=chatml", f"model={preset}").template.name == "chatml"  # order-free
 
 
 def test_the_default_template_option_given_wins_too():
-    assert _compose("model=qwen3", "template=llama3").template.name == "llama3"
+    assert compose("model=qwen3", "template=llama3").template.name == "llama3"
 
 
 def test_later_groups_and_the_command_line_keep_their_precedence():
     """The model group is composed last: the preset's keys win over the group defaults (also when another
     option of those groups is picked), and the command line wins over the preset."""
-    cfg = _compose("model=llama3", "packing=ffd", "deepspeed=zero2", "trainer=default")
+    cfg = compose("model=llama3", "packing=ffd", "deepspeed=zero2", "trainer=default")
     assert (cfg.packing.strategy, cfg.packing.max_len) == ("ffd", 4096)
     assert (cfg.deepspeed.stage, cfg.deepspeed.overlap_comm) == (2, True)
     assert (cfg.trainer.lr, cfg.trainer.micro_batch_size) == (1e-5, 1)
-    cfg = _compose("model=llama3", "packing.max_len=8192", "trainer.lr=2e-5", "deepspeed.overlap_comm=false")
+    cfg = compose("model=llama3", "packing.max_len=8192", "trainer.lr=2e-5", "deepspeed.overlap_comm=false")
     assert (cfg.packing.max_len, cfg.trainer.lr, cfg.deepspeed.overlap_comm) == (8192, 2e-5, False)
 
 
 def test_tiny_default_is_unchanged():
-    cfg = _compose()
+    cfg = compose()
     assert (cfg.model.name, cfg.template.name, cfg.packing.max_len, cfg.trainer.micro_batch_size) == \
         ("tiny", "llama3", 512, 2)
     assert (cfg.trainer.lr, cfg.deepspeed.overlap_comm, cfg.model.arch) == (1e-3, False, None)
 
 
 def test_local_path_keeps_the_preset_settings(tmp_path):
-    cfg = _compose("model=qwen3", f"model.path={tmp_path}", "cluster.use_gpu=false")
+    cfg = compose("model=qwen3", f"model.path={tmp_path}", "cluster.use_gpu=false")
     assert (cfg.model.path, cfg.model.name, cfg.template.name, cfg.packing.max_len) == \
         (str(tmp_path), "qwen3", "qwen3", 4096)
 
@@ -87,7 +81,7 @@ def test_preset_arch_is_the_published_architecture(preset):
     """Built on the meta device, each model.arch has exactly its published checkpoint's parameter count."""
     from keel.model.arch import meta_model, model_hf_config, param_counts
 
-    cfg = _compose(f"model={preset}")
+    cfg = compose(f"model={preset}")
     config, source = model_hf_config(cfg.model)
     assert config.model_type == cfg.model.arch.model_type and "model.arch" in source
     total, trainable, _ = param_counts(meta_model(config))
@@ -96,13 +90,13 @@ def test_preset_arch_is_the_published_architecture(preset):
 
 def test_family_specific_arch_keys_are_checked():
     with pytest.raises(ValueError, match=r"model\.arch\.sliding_window has no effect with model_type=llama"):
-        _compose("model=llama3", "model.arch.sliding_window=4096")
+        compose("model=llama3", "model.arch.sliding_window=4096")
     with pytest.raises(ValueError, match=r"model\.arch\.attn_logit_softcapping"):
-        _compose("model=qwen3", "model.arch.attn_logit_softcapping=50")
+        compose("model=qwen3", "model.arch.attn_logit_softcapping=50")
     with pytest.raises(ValueError, match=r"model\.arch\.num_kv_heads must divide"):
-        _compose("model=mistral", "model.arch.num_kv_heads=5")
+        compose("model=mistral", "model.arch.num_kv_heads=5")
     with pytest.raises(ValueError, match=r"model\.arch has no effect with model\.path=tiny"):
-        _compose("model=phi3", "model.path=tiny")
+        compose("model=phi3", "model.path=tiny")
 
 
 def test_cfg_job_shows_the_preset(tmp_path):

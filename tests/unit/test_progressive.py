@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_module
 from keel.data import pipeline
 from keel.data.mixing import Schedule
 from keel.mitigation import adjust_hook, build, configured, schedule_hook, warnings_for
 from keel.mitigation.progressive import Progressive, start_mixture
-from omegaconf import OmegaConf
 
-
-def _cfg(*overrides):
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+from tests.conftest import compose
 
 
 def _run(tokenizer, *overrides):
     """The driver's data path: configure, extra sources, adjust, schedule, data checks."""
-    cfg = _cfg(*overrides)
+    cfg = compose(*overrides)
     plugins = configured(cfg)
     extra = tuple(s for p in plugins for s in p.extra_sources())
     rows, _ = pipeline.build(cfg, tokenizer, extra, adjust_hook(plugins), schedule_hook(plugins))
@@ -83,7 +78,7 @@ def test_with_replay_ramps_replay_down_to_its_ratio(tokenizer):
 
 
 def test_progressive_refuses_a_configured_schedule():
-    cfg = _cfg("mitigation=progressive", "mix=schedule")
+    cfg = compose("mitigation=progressive", "mix=schedule")
     (plugin,) = build(cfg)
     with pytest.raises(ValueError, match="mitigation=progressive cannot combine with mix=schedule"):
         plugin.configure(cfg)
@@ -102,13 +97,13 @@ def test_progressive_refuses_a_configured_schedule():
 ])
 def test_progressive_options_are_validated(overrides, needle):
     with pytest.raises(ValueError, match=needle):
-        _cfg("mitigation=progressive", *overrides)
+        compose("mitigation=progressive", *overrides)
 
 
 def test_with_replay_the_start_share_must_exceed_the_ratio():
     with pytest.raises(ValueError, match=r"start_share must be > mitigation\.replay\.ratio=0\.05"):
-        _cfg("mitigation=[replay,progressive]", "mitigation.progressive.start_share=0.05")
-    assert _cfg("mitigation=[replay,progressive]").mitigation.enabled == ["replay", "progressive"]
+        compose("mitigation=[replay,progressive]", "mitigation.progressive.start_share=0.05")
+    assert compose("mitigation=[replay,progressive]").mitigation.enabled == ["replay", "progressive"]
 
 
 def test_plan_is_deterministic(tokenizer, alone):

@@ -11,11 +11,15 @@ import sys
 import threading
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import pytest
+from keel.cli.train import checked
 from keel.eval import checkers, sandbox
 from keel.eval.checkers import make_python_checker
+
+from tests.conftest import compose
 
 REPO_PLATFORM = Path(__file__).resolve().parents[2] / "platform"
 
@@ -301,24 +305,19 @@ def test_a_sandbox_that_cannot_start_is_an_error(monkeypatch, tmp_path):
 # ------------------------------------------------------------------------------- opt-in where it is used
 
 
-def _compose(overrides: list[str]):
-    """The config as a run validates it: the CLI resolves the code-execution opt-in (keel.cli.train.checked)."""
-    from hydra import compose, initialize_config_module
-    from keel.cli.train import checked
-
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return checked(compose(config_name="config", overrides=overrides))
+# The config as a run validates it: the CLI resolves the code-execution opt-in (keel.cli.train.checked).
+_checked = partial(compose, validate=checked)
 
 
 def test_config_refuses_python_checker_without_opt_in(monkeypatch):
     monkeypatch.delenv("KEEL_ALLOW_CODE_EXECUTION", raising=False)
     on = ["eval.every_n_steps=2", "eval.passk.checker=python"]
     with pytest.raises(ValueError, match=r"eval\.passk\.checker=python: .*KEEL_ALLOW_CODE_EXECUTION"):
-        _compose(on)
-    assert _compose(on + ["eval.passk.allow_code_execution=true"]).eval.passk.allow_code_execution is True
-    assert _compose(["eval.passk.checker=python"]).eval.passk.allow_code_execution is False  # eval off: unused
+        _checked(*on)
+    assert _checked(*on, "eval.passk.allow_code_execution=true").eval.passk.allow_code_execution is True
+    assert _checked("eval.passk.checker=python").eval.passk.allow_code_execution is False  # eval off: unused
     monkeypatch.setenv("KEEL_ALLOW_CODE_EXECUTION", "1")
-    assert _compose(on).eval.passk.allow_code_execution is True  # resolved here, so Ray workers see it
+    assert _checked(*on).eval.passk.allow_code_execution is True  # resolved here, so Ray workers see it
 
 
 def test_keel_eval_passk_refuses_before_loading_anything(monkeypatch, tmp_path):
@@ -361,7 +360,7 @@ def test_keel_train_refuses_without_bubblewrap_before_starting(monkeypatch, tmp_
 
     monkeypatch.setattr(sandbox, "find_bwrap", lambda: None)
     on = ["eval.every_n_steps=2", "eval.passk.checker=python", "eval.passk.allow_code_execution=true"]
-    assert _compose(on).eval.passk.allow_code_execution is True  # validates without bubblewrap
+    assert _checked(*on).eval.passk.allow_code_execution is True  # validates without bubblewrap
     monkeypatch.setattr("keel.launch.driver.run_training", lambda *a: pytest.fail("started without a sandbox"))
     monkeypatch.setattr(sys, "argv", ["keel train", f"hydra.run.dir={tmp_path / 'run'}", *on])
     with pytest.raises(SystemExit, match="bubblewrap"):

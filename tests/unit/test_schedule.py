@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_module
 from keel.data import pipeline
 from keel.data.mixing import Schedule
 from keel.mitigation import adjust_hook, schedule_hook
 from keel.mitigation import build as build_mitigations
-from omegaconf import OmegaConf
+
+from tests.conftest import compose
 
 FIELDS = ("input_ids", "targets", "position_ids", "seq_lens", "source_ids")
 # arithmetic only in the first half of training, strings only in the second.
 HALVES = "mix.schedule=[{at:0,weights:{arithmetic:1}},{at:0.5,weights:{strings:1}}]"
-
-
-def _cfg(*overrides):
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
 
 
 def _same_rows(a, b) -> bool:
@@ -40,11 +35,11 @@ def _same_rows(a, b) -> bool:
 ])
 def test_bad_schedules_fail_at_composition(overrides, needle):
     with pytest.raises(ValueError, match=needle):
-        _cfg(*overrides)
+        compose(*overrides)
 
 
 def test_schedule_naming_an_unknown_source_lists_the_sources(tokenizer):
-    cfg = _cfg("mix=schedule", "trainer.max_steps=2", "+mix.schedule.1.weights.maths=1")
+    cfg = compose("mix=schedule", "trainer.max_steps=2", "+mix.schedule.1.weights.maths=1")
     with pytest.raises(ValueError, match=r"mix\.schedule\[1\]\.weights names unknown source 'maths'; "
                                          r"the data sources are \['arithmetic', 'strings', 'text'\]"):
         pipeline.build(cfg, tokenizer)
@@ -52,7 +47,7 @@ def test_schedule_naming_an_unknown_source_lists_the_sources(tokenizer):
 
 def test_segments_cover_the_steps_in_order():
     for steps, segments in [(100, 20), (7, 3), (3, 20), (1, 1)]:
-        cfg = _cfg(f"trainer.max_steps={steps}", f"mix.segments={segments}")
+        cfg = compose(f"trainer.max_steps={steps}", f"mix.segments={segments}")
         segs = pipeline.segment_steps(cfg)
         assert len(segs) == min(steps, segments) and segs[0][0] == 0 and segs[-1][1] == steps
         assert all(hi > lo for lo, hi in segs) and all(a[1] == b[0] for a, b in zip(segs, segs[1:]))
@@ -60,7 +55,7 @@ def test_segments_cover_the_steps_in_order():
 
 def test_rows_stay_in_their_part_of_training(tokenizer):
     """Packing is time-local: a step schedule of exclusive sources gives rows of one source per half."""
-    cfg = _cfg("mix=schedule", HALVES, "mix.interpolation=step", "mix.segments=4", "trainer.max_steps=8")
+    cfg = compose("mix=schedule", HALVES, "mix.interpolation=step", "mix.segments=4", "trainer.max_steps=8")
     rows, _ = pipeline.build(cfg, tokenizer)
     half = rows.source_ids.shape[0] // 2
     first, second = rows.source_ids[:half], rows.source_ids[half:]
@@ -71,7 +66,7 @@ def test_rows_stay_in_their_part_of_training(tokenizer):
 
 @pytest.fixture(scope="module")
 def scheduled(tokenizer):
-    cfg = _cfg("mix=schedule", "trainer.max_steps=200", "mix.segments=10")
+    cfg = compose("mix=schedule", "trainer.max_steps=200", "mix.segments=10")
     return cfg, pipeline.build(cfg, tokenizer)[0]
 
 
@@ -104,14 +99,14 @@ def test_report_weights_are_the_mean_mixture_of_the_planned_examples(scheduled):
 def test_scheduled_plan_is_deterministic_and_seeded(tokenizer, scheduled):
     cfg, rows = scheduled
     assert _same_rows(rows, pipeline.build(cfg, tokenizer)[0])
-    other = pipeline.build(_cfg("mix=schedule", "trainer.max_steps=200", "mix.segments=10", "data.seed=1"),
+    other = pipeline.build(compose("mix=schedule", "trainer.max_steps=200", "mix.segments=10", "data.seed=1"),
                            tokenizer)[0]
     assert not np.array_equal(rows.input_ids, other.input_ids)
 
 
 def test_without_a_schedule_the_fixed_mixture_path_is_untouched(tokenizer):
     """No schedule: plugins' schedule hooks returning their input leave the plan bit-for-bit the same."""
-    cfg = _cfg("mitigation=replay", "trainer.max_steps=5")
+    cfg = compose("mitigation=replay", "trainer.max_steps=5")
     plugins = build_mitigations(cfg)
     extra = tuple(s for p in plugins for s in p.extra_sources())
     plain, _ = pipeline.build(cfg, tokenizer, extra, adjust_hook(plugins))

@@ -5,18 +5,15 @@ from __future__ import annotations
 import copy
 
 import pytest
-from hydra import compose, initialize_config_module
 from keel.data import encode, examples, pipeline, selfcheck
 from keel.data.template import BUILT_IN, TextEncoder
-from omegaconf import OmegaConf
+
+from tests.conftest import compose
 
 CHAT = {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."},
                      {"role": "user", "content": "And times 2?"}, {"role": "assistant", "content": "5 * 2 = 10."}]}
 
 
-def _cfg(*overrides: str):
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=["trainer.max_steps=2", *overrides]))
 
 
 def _sample(tok, example: dict, template: str = "llama3", masking: str = "assistant_only"):
@@ -25,14 +22,14 @@ def _sample(tok, example: dict, template: str = "llama3", masking: str = "assist
 
 
 def test_demo_build_runs_the_checks_against_the_same_template(tokenizer):
-    plan, _ = pipeline.build(_cfg(), tokenizer)
+    plan, _ = pipeline.build(compose("trainer.max_steps=2"), tokenizer)
     check = plan.report["self_check"]
     assert check["notes"] == []  # the tiny tokenizer carries the Llama 3 layout: every sample compared
     assert check["samples"] == {"arithmetic": selfcheck.SAMPLE, "strings": selfcheck.SAMPLE, "text": 0}
 
 
 def test_another_template_is_a_note_not_an_error(tokenizer):
-    plan, _ = pipeline.build(_cfg("template=chatml"), tokenizer)
+    plan, _ = pipeline.build(compose("trainer.max_steps=2", "template=chatml"), tokenizer)
     (note,) = plan.report["self_check"]["notes"]
     assert "not the built-in 'chatml'" in note and "first difference at token 0" in note
 
@@ -83,4 +80,4 @@ def test_build_stops_on_a_broken_mask(tokenizer, monkeypatch):
 
     monkeypatch.setattr(examples, "apply_mask", off_by_one)
     with pytest.raises(ValueError, match=r"self-check failed: data source 'arithmetic' row 0 "):
-        pipeline.build(_cfg(), tokenizer)
+        pipeline.build(compose("trainer.max_steps=2"), tokenizer)

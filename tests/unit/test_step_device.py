@@ -12,7 +12,7 @@ from keel.train.forward import to_device
 from keel.train.head import LossHead, find
 from keel.train.step import train_step
 
-from .test_guards import _cfg
+from tests.conftest import compose
 
 
 class _Reached(Exception):
@@ -58,7 +58,7 @@ def _with_head() -> torch.nn.Module:
 def test_every_model_input_is_on_the_engine_device(module):
     engine = _FakeDeviceEngine(_with_head() if module else None)
     with pytest.raises(_Reached):
-        train_step(engine, _bundle(), _cfg("trainer.micro_batch_size=2"), world=1)
+        train_step(engine, _bundle(), compose("trainer.micro_batch_size=2"), world=1)
     expected = {"input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k"}
     if module:
         expected |= {"head_index", "head_targets", "head_weights"}

@@ -8,18 +8,13 @@ import pickle
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_module
 from keel.config import to_plain
 from keel.data import pipeline
 from keel.data import preprocessed_dir as preprocessed
 from keel.data.disk_columns import Column, RejectSink
 from keel.data.parquet_rows import read_rows, write_shard
-from omegaconf import OmegaConf
 
-
-def _cfg(*overrides):
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+from tests.conftest import compose
 
 
 def test_column_appends_and_reads_back_exactly(tmp_path):
@@ -53,7 +48,7 @@ def test_reject_sink_streams_rows_and_counts_reasons(tmp_path):
 
 @pytest.fixture(scope="module")
 def built(tokenizer):
-    cfg = _cfg("trainer.max_steps=3")
+    cfg = compose("trainer.max_steps=3")
     plan, _ = pipeline.build(cfg, tokenizer)
     return cfg, plan
 
@@ -90,26 +85,26 @@ def _directory(tmp_path, cfg, plan, tokenizer) -> None:
 def test_training_from_a_directory_checks_what_the_rows_depend_on(built, tokenizer, tmp_path):
     cfg, plan = built
     _directory(tmp_path, cfg, plan, tokenizer)
-    same = _cfg("trainer.max_steps=3", f"data.preprocessed={tmp_path}")
+    same = compose("trainer.max_steps=3", f"data.preprocessed={tmp_path}")
     rows, notes = preprocessed.load(same, tokenizer, to_plain(same))
     assert np.array_equal(rows.input_ids, plan.input_ids) and rows.report == plan.report
     assert notes == [f"data.preprocessed: training on 12 of the 12 packed rows of {tmp_path}"]
     for override, field in (("template=chatml", "template"), ("masking.train_eot=false", "train_eot"),
                             ("packing.max_len=256", "max_len"), ("masking=last_turn", "masking")):
-        other = _cfg("trainer.max_steps=3", f"data.preprocessed={tmp_path}", override)
+        other = compose("trainer.max_steps=3", f"data.preprocessed={tmp_path}", override)
         with pytest.raises(ValueError, match=f"preprocessed with {field}="):
             preprocessed.load(other, tokenizer, to_plain(other))
-    longer = _cfg("trainer.max_steps=4", f"data.preprocessed={tmp_path}")
+    longer = compose("trainer.max_steps=4", f"data.preprocessed={tmp_path}")
     with pytest.raises(ValueError, match="holds 12 packed rows; this run needs 16"):
         preprocessed.load(longer, tokenizer, to_plain(longer))
     with pytest.raises(ValueError, match="no report.json"):
-        preprocessed.load(_cfg(f"data.preprocessed={tmp_path / 'nothing'}"), tokenizer, {})
+        preprocessed.load(compose(f"data.preprocessed={tmp_path / 'nothing'}"), tokenizer, {})
 
 
 def test_a_shorter_run_takes_the_first_rows_and_is_told_what_does_not_apply(built, tokenizer, tmp_path):
     cfg, plan = built
     _directory(tmp_path, cfg, plan, tokenizer)
-    short = _cfg("trainer.max_steps=1", f"data.preprocessed={tmp_path}", "mix.T=1.5", "mitigation=replay")
+    short = compose("trainer.max_steps=1", f"data.preprocessed={tmp_path}", "mix.T=1.5", "mitigation=replay")
     rows, notes = preprocessed.load(short, tokenizer, to_plain(short))
     assert np.array_equal(rows.targets, plan.targets[:4])
     report = rows.report
@@ -133,7 +128,7 @@ def test_row_shaping_plugins_do_not_check_preprocessed_rows(built, tokenizer, tm
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (tmp_path / "rejects.jsonl").write_text("")
-    train = _cfg("trainer.max_steps=1", f"data.preprocessed={tmp_path}", f"mitigation={mitigation}")
+    train = compose("trainer.max_steps=1", f"data.preprocessed={tmp_path}", f"mitigation={mitigation}")
     _, _, rows = prepare.prepare_data(train, run_dir, configured(train))
     assert np.array_equal(rows.input_ids, plan.input_ids[:4])
     assert f"do not apply: mitigation.{mitigation}" in capsys.readouterr().out

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_module
 from keel.cli import inspect as cli_inspect
 from keel.cli.explicit import user_keys
 from keel.cli.train import argv
@@ -21,12 +20,8 @@ from keel.launch import prepare
 from keel.mitigation import configured
 from keel.train import checkpoint as ckpt
 from keel.train.validation import Best, micro_batches
-from omegaconf import OmegaConf
 
-
-def _cfg(*overrides):
-    with initialize_config_module(config_module="keel.conf", version_base=None):
-        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+from tests.conftest import compose, keel_hydra
 
 
 def _chats(path: Path, n: int, start: int = 0, dup: int = 0) -> Path:
@@ -62,7 +57,7 @@ def _arrays(plan) -> dict:
 
 def test_a_file_source_is_read_whole(tmp_path, tokenizer, capsys):
     """A 7,000-row file with no cap: every row is read and available (the old default stopped at 1,000)."""
-    cfg = _cfg(_source(_chats(tmp_path / "mine.jsonl", 7000)), "trainer.max_steps=2", "mitigation=none")
+    cfg = compose(_source(_chats(tmp_path / "mine.jsonl", 7000)), "trainer.max_steps=2", "mitigation=none")
     _, _, plan = prepare.prepare_data(cfg, tmp_path, [])
     s = plan.report["sources"]["mine"]
     assert s["rows_read"] == s["available"] == 7000 and s["rejected"] == 0
@@ -74,17 +69,17 @@ def test_a_file_source_is_read_whole(tmp_path, tokenizer, capsys):
 def test_num_examples_caps_a_file_only_as_a_deprecated_cap(tmp_path):
     path = _chats(tmp_path / "mine.jsonl", 20)
     with pytest.warns(FutureWarning, match=r"num_examples=5 on a file source is deprecated.*cap=5"):
-        cfg = _cfg(_source(path, extra=", num_examples: 5"))
+        cfg = compose(_source(path, extra=", num_examples: 5"))
     assert cfg.data.sources[0].cap == 5 and cfg.data.sources[0].num_examples is None
     with pytest.warns(UserWarning, match=r"num_examples=32 has no effect on a file source with .*cap=8"):
-        forgetting = _cfg("eval.forgetting.source.kind=file", f"eval.forgetting.source.path={path}",
+        forgetting = compose("eval.forgetting.source.kind=file", f"eval.forgetting.source.path={path}",
                           "eval.forgetting.source.cap=8").eval.forgetting.source  # the demo default left over
     assert (forgetting.cap, forgetting.num_examples) == (8, None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # -1 (all rows) is what a file does anyway: no warning
-        assert _cfg(_source(path, extra=", num_examples: -1")).data.sources[0].cap is None
-    assert _cfg("data=demo").data.sources[0].num_examples == 3000
-    demo = _cfg("data.sources=[{name: d, kind: demo, task: arithmetic}]").data.sources[0]
+        assert compose(_source(path, extra=", num_examples: -1")).data.sources[0].cap is None
+    assert compose("data=demo").data.sources[0].num_examples == 3000
+    demo = compose("data.sources=[{name: d, kind: demo, task: arithmetic}]").data.sources[0]
     assert demo.num_examples == 1000  # a demo source's default size
 
 
@@ -92,7 +87,7 @@ def test_num_examples_caps_a_file_only_as_a_deprecated_cap(tmp_path):
 
 
 def _epochs_plan(tmp_path, tokenizer, *overrides, plugins: bool = False):
-    cfg = _cfg("trainer.max_steps=null", *overrides)
+    cfg = compose("trainer.max_steps=null", *overrides)
     _, _, plan = prepare.prepare_data(cfg, tmp_path, configured(cfg) if plugins else [])
     return cfg, plan
 
@@ -162,11 +157,11 @@ def test_epochs_alone_is_enough_and_both_set_is_an_error(tmp_path, capsys):
     assert (t.epochs, t.max_steps) == (2.0, None)
     with pytest.raises(SystemExit, match="both set"):
         _length(tmp_path, search, "+experiment=mine", "trainer.max_steps=3")
-    with initialize_config_module(config_module="keel.conf", version_base=None):
+    with keel_hydra():
         assert user_keys("config", [search, "+experiment=mine", "model=llama3"]) == {"trainer.epochs"}
         assert user_keys("config", ["trainer={max_steps: 4}"]) == {"trainer.max_steps"}
     with pytest.raises(ValueError, match="trainer.epochs .*must be > 0"):
-        _cfg("trainer.max_steps=null", "trainer.epochs=0")
+        compose("trainer.max_steps=null", "trainer.epochs=0")
 
 
 def test_keel_train_takes_hydra_flags_after_the_overrides():
@@ -183,7 +178,7 @@ def test_keel_train_takes_hydra_flags_after_the_overrides():
 def test_validation_rows_are_never_trained(tmp_path, tokenizer):
     """No validation example's tokens appear in any training row; duplicates stay on one side."""
     path = _chats(tmp_path / "mine.jsonl", 600, dup=100)
-    cfg = _cfg(_source(path), "data.val_fraction=0.2", "trainer.max_steps=40")
+    cfg = compose(_source(path), "data.val_fraction=0.2", "trainer.max_steps=40")
     plan, _ = pipeline.build(cfg, tokenizer)
     val = _examples(_arrays(plan.val))
     train = _examples(_arrays(plan))
@@ -200,9 +195,9 @@ def test_validation_rows_are_never_trained(tmp_path, tokenizer):
 def test_the_held_out_rows_do_not_depend_on_the_run(tmp_path, tokenizer):
     """Stable across world sizes, seeds and the other sources: a row is held out by its content."""
     path = _chats(tmp_path / "mine.jsonl", 300)
-    base = _cfg(_source(path), "data.val_fraction=0.3", "trainer.max_steps=2")
+    base = compose(_source(path), "data.val_fraction=0.3", "trainer.max_steps=2")
     held = set(_examples(_arrays(pipeline.build(base, tokenizer)[0].val)))
-    other = _cfg(f"data.sources=[{{name: x, kind: demo, task: arithmetic, num_examples: 50}}, "
+    other = compose(f"data.sources=[{{name: x, kind: demo, task: arithmetic, num_examples: 50}}, "
                  f"{{name: mine, kind: file, path: '{path}'}}]", "data.val_fraction=0.3", "trainer.max_steps=3",
                  "cluster.num_workers=1", "data.seed=7")
     plan = pipeline.build(other, tokenizer)[0]
@@ -216,7 +211,7 @@ def test_the_held_out_rows_do_not_depend_on_the_run(tmp_path, tokenizer):
 
 def test_a_validation_file_or_split(tmp_path, tokenizer):
     train, val = _chats(tmp_path / "train.jsonl", 200), _chats(tmp_path / "val.jsonl", 30, start=1000)
-    cfg = _cfg(_source(train, extra=f", val_path: '{val}'"), "data.val_fraction=0.5", "trainer.max_steps=3")
+    cfg = compose(_source(train, extra=f", val_path: '{val}'"), "data.val_fraction=0.5", "trainer.max_steps=3")
     plan, _ = pipeline.build(cfg, tokenizer)
     s, v = plan.report["sources"]["mine"], plan.report["validation"]["sources"]["mine"]
     assert s["available"] == s["rows_read"] == 200 and s["val_examples"] == v["examples"] == v["rows_read"] == 30
@@ -224,21 +219,21 @@ def test_a_validation_file_or_split(tmp_path, tokenizer):
     for bad, needle in ((", val_split: test", "val_split needs a Hugging Face dataset path"),
                         (f", val_path: '{val}', val_split: test", "are both set")):
         with pytest.raises(ValueError, match=needle):
-            _cfg(_source(train, extra=bad))
-    assert _cfg("data.sources=[{name: h, kind: file, path: 'hf:o/n', val_split: test}]").data.sources[0].val_split
+            compose(_source(train, extra=bad))
+    assert compose("data.sources=[{name: h, kind: file, path: 'hf:o/n', val_split: test}]").data.sources[0].val_split
 
 
 @pytest.mark.parametrize("key", ["trainer.save_best=true", "trainer.early_stopping_patience=2"])
 def test_best_and_early_stopping_need_validation_rows(key):
     with pytest.raises(ValueError, match=f"{key.split('=')[0]} needs validation rows"):
-        _cfg(key)
-    assert _cfg(key, "data.val_fraction=0.1")
+        compose(key)
+    assert compose(key, "data.val_fraction=0.1")
 
 
 def test_validation_micro_batches_cover_every_row_once_per_source(tmp_path, tokenizer):
     two = (f"data.sources=[{{name: a, kind: demo, task: arithmetic, num_examples: 300}}, "
            f"{{name: b, kind: file, path: '{_chats(tmp_path / 'b.jsonl', 300)}'}}]")
-    plan, _ = pipeline.build(_cfg(two, "data.val_fraction=0.3", "trainer.max_steps=2"), tokenizer)
+    plan, _ = pipeline.build(compose(two, "data.val_fraction=0.3", "trainer.max_steps=2"), tokenizer)
     for world, micro in ((1, 2), (2, 3), (3, 1)):
         ranks = micro_batches(plan.val, world, micro)
         assert len({len(mine) for mine in ranks}) == 1  # every rank runs as many forwards
@@ -262,7 +257,7 @@ def test_val_loss_on_packed_rows_equals_the_examples_one_by_one(tmp_path, tokeni
 
     two = (f"data.sources=[{{name: a, kind: demo, task: arithmetic, num_examples: 100}}, "
            f"{{name: b, kind: file, path: '{_chats(tmp_path / 'b.jsonl', 100)}'}}]")
-    cfg = _cfg(two, "data.val_fraction=0.15", "trainer.max_steps=2")
+    cfg = compose(two, "data.val_fraction=0.15", "trainer.max_steps=2")
     plan, _ = pipeline.build(cfg, tokenizer)
     model = load_model(tiny_path, cfg, "sdpa_block").eval()
     row = measure(model, micro_batches(plan.val, 1, 3)[0], plan.source_names)
@@ -335,7 +330,7 @@ LOCAL_FORMATS = {  # one row per source of data=chat_mix, in its hub dataset's f
 
 def test_chat_mix_is_a_documented_public_mixture(tmp_path, tokenizer):
     """data=chat_mix names hub datasets; pointed at local files of the same formats it plans every source."""
-    cfg = _cfg("data=chat_mix", "mix.T=2")
+    cfg = compose("data=chat_mix", "mix.T=2")
     hub = {s.name: s.path for s in cfg.data.sources}
     assert list(hub) == ["chat", "math", "code", "tools", "replay"] and all(p.startswith("hf:") for p in hub.values())
     docs = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
@@ -345,7 +340,7 @@ def test_chat_mix_is_a_documented_public_mixture(tmp_path, tokenizer):
         path = tmp_path / f"{name}.jsonl"
         path.write_text("".join(json.dumps({**row, "id": j}) + "\n" for j in range(20)))
         local.append(f"data.sources.{i}.path={path}")
-    cfg = _cfg("data=chat_mix", "mix.T=2", "trainer.max_steps=10", *local)
+    cfg = compose("data=chat_mix", "mix.T=2", "trainer.max_steps=10", *local)
     plan, rejects = pipeline.build(cfg, tokenizer)
     assert rejects == []
     for name, s in plan.report["sources"].items():
@@ -418,7 +413,7 @@ def _run_loop(tmp_path, monkeypatch, val_losses: list[float], *overrides):
     monkeypatch.setattr(hook, "evaluate", lambda *a: None)
     monkeypatch.setattr(hook, "with_rise", lambda row, baseline: row)
     monkeypatch.setattr(validation, "measure", lambda model, batches, names: {"val/loss": next(losses)})
-    cfg = _cfg("logger=none", "trainer.progress=false", "trainer.step_timeout_s=0", "data.val_fraction=0.1",
+    cfg = compose("logger=none", "trainer.progress=false", "trainer.step_timeout_s=0", "data.val_fraction=0.1",
                "trainer.micro_batch_size=2", "cluster.num_workers=1", *overrides)
     info = WorkerInfo(0, 1, tmp_path, "", "sdpa", [[8]] * cfg.trainer.max_steps, ["mine"], {}, val_batches=[])
     result = trainer.train(cfg, info, _bundles(cfg.trainer.max_steps))
@@ -454,7 +449,7 @@ def test_a_preprocessed_directory_keeps_the_epochs_and_the_validation_rows(tmp_p
     from keel.data.parquet_rows import VAL_SHARD, write_shard
 
     source = _source(_chats(tmp_path / "mine.jsonl", 400))
-    made = _cfg(source, "trainer.max_steps=null", "trainer.epochs=1", "data.val_fraction=0.1")
+    made = compose(source, "trainer.max_steps=null", "trainer.epochs=1", "data.val_fraction=0.1")
     plan, _ = pipeline.build(made, tokenizer)
     fields = ("input_ids", "targets", "position_ids", "seq_lens", "source_ids")
     out = tmp_path / "pre"
@@ -466,7 +461,7 @@ def test_a_preprocessed_directory_keeps_the_epochs_and_the_validation_rows(tmp_p
         "compat": preprocessed.compat(made, tokenizer), "data_report": plan.report, "config": to_plain(made)}))
 
     def load(*overrides):
-        cfg = _cfg(source, f"data.preprocessed={out}", *overrides)
+        cfg = compose(source, f"data.preprocessed={out}", *overrides)
         return cfg, preprocessed.load(cfg, tokenizer, to_plain(cfg))[0]
 
     cfg, rows = load("trainer.max_steps=null", "trainer.epochs=1", "data.val_fraction=0.1")
