@@ -24,26 +24,23 @@ Usage (from the repository root):
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import common  # first of the non-standard imports: it keeps bench/ from shadowing modules (bench/common.py)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
-REPO = _HERE.parent
-RESULTS = REPO / "bench" / "results" / "startup.json"
-DOC = REPO / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- startup:begin -->", "<!-- startup:end -->"
+RESULTS = common.RESULTS / "startup.json"
+BEGIN, END = common.markers("startup")
 KEEL = str(Path(sys.executable).with_name("keel"))
 FRESH_DIRS = ("KEEL_CACHE_DIR", "TORCH_EXTENSIONS_DIR", "HF_HOME", "XDG_CACHE_HOME", "WANDB_CACHE_DIR",
               "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "TRITON_CACHE_DIR")
@@ -204,36 +201,23 @@ def section(all_results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(text: str) -> None:
-    doc = DOC.read_text()
-    if BEGIN in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + text + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    DOC.write_text(doc)
-
-
 def main() -> None:
     args = parse_args()
-    import shlex
-
     cmd = shlex.join(["python", "bench/startup.py", *(a for e in args.env for a in ("--env", e)),
                       *(["--steps", str(args.steps)] if args.steps else []), "--runs", str(args.runs),
                       "--modes", args.modes, "--label", args.label, *args.overrides])
-    meta = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    meta = {"command": cmd, "date": common.utc_now(),
             "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
             "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python "
                        f"{platform.python_version()}"}
     results = measure(args)
     stored = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     stored[args.label] = {"meta": meta, "results": results}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(stored, indent=2))
+    common.write_json(RESULTS, stored)
     text = section(stored)
     print(text)
     if not args.no_doc:
-        write_doc(text)
+        common.replace_section(text, BEGIN, END)
 
 
 if __name__ == "__main__":
