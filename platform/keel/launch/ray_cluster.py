@@ -106,6 +106,7 @@ class BackgroundStart:
         try:
             with _quiet_sigterm_notice():
                 init_ray(cfg)
+            import ray.train.torch  # noqa: F401  (the driver's next import, while it still plans the data)
         except BaseException as err:  # handed to the main thread by wait()
             self.error = err
         self.ready.set()
@@ -117,6 +118,27 @@ class BackgroundStart:
         self.ready.wait()
         if self.error is not None:
             raise self.error
+
+    def settle(self) -> None:
+        """Block until the start has ended, either way (a driver that failed meanwhile exits after it)."""
+        self.ready.wait()
+
+
+def stop_ray() -> None:
+    """Stop Ray at the end of a run: leave a joined cluster; stop an instance this process started at once.
+
+    Ray stops its processes one after the other, giving each a second to exit after SIGTERM; its autoscaler
+    monitor, of no use on one host, never exits within that second, so it is killed first. At the
+    interpreter's exit Ray also sleeps half a second first; this stop spares that too."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    node = getattr(ray._private.worker, "_global_node", None)  # set only where this process started Ray
+    if node is not None:
+        for info in node.all_processes.get("monitor", []):
+            info.process.kill()
+    ray.shutdown()
 
 
 class _DropSigtermNotice(logging.Filter):
