@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
 import uuid
 from datetime import timedelta
@@ -103,39 +102,10 @@ def system_row() -> dict:
     return row
 
 
-class WandbStart:
-    """W&B's run, started in a thread (its service process starts while the worker builds its engine);
-    :meth:`result` waits for it and re-raises its error. Without ``logger=wandb`` it starts nothing."""
-
-    def __init__(self, cfg: KeelConfig, run_dir: Path, plain_cfg: dict) -> None:
-        self.value: tuple[Any, bool] = (None, False)
-        self.error: BaseException | None = None
-        self.thread = None
-        if cfg.logger.name == "wandb":
-            self.thread = threading.Thread(target=self._run, args=(cfg, run_dir, plain_cfg), daemon=True,
-                                           name="keel-wandb-start")
-            self.thread.start()
-
-    def _run(self, cfg: KeelConfig, run_dir: Path, plain_cfg: dict) -> None:
-        try:
-            self.value = RunLogger._init_wandb(cfg, run_dir, plain_cfg)
-        except BaseException as err:  # handed to the training thread by result()
-            self.error = err
-
-    def result(self) -> tuple[Any, bool]:
-        """The W&B run (None without W&B) and whether this start created it."""
-        if self.thread is not None:
-            self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
 class RunLogger:
     """Writes one JSON object per optimizer step and mirrors it to W&B and the console."""
 
-    def __init__(self, cfg: KeelConfig, run_dir: Path, plain_cfg: dict, total_steps: int, start_step: int = 0,
-                 wandb_start: WandbStart | None = None) -> None:
+    def __init__(self, cfg: KeelConfig, run_dir: Path, plain_cfg: dict, total_steps: int, start_step: int = 0) -> None:
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.history = _rows_up_to(self.path, start_step)  # later lines: work lost since the checkpoint
@@ -146,9 +116,11 @@ class RunLogger:
             fh.write(json.dumps({"start_step": start_step}) + "\n")
         self.report = read_report(run_dir)
         self.log_every = cfg.logger.log_every
-        self.run, fresh = (wandb_start or WandbStart(cfg, run_dir, plain_cfg)).result()
-        if self.run is not None and fresh:
-            self._log_mixture(start_step)
+        self.run = None
+        if cfg.logger.name == "wandb":
+            self.run, fresh = self._init_wandb(cfg, run_dir, plain_cfg)
+            if fresh:
+                self._log_mixture(start_step)
         self.progress = Progress(total_steps, self.log_every) if cfg.trainer.progress else None
 
     def totals(self) -> dict:

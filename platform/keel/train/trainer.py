@@ -32,7 +32,7 @@ from keel.train.step import StepRequests, train_step
 from keel.train.watchdog import Watchdog
 
 if TYPE_CHECKING:
-    from keel.tracking.logger import RunLogger, WandbStart
+    from keel.tracking.logger import RunLogger
 
 # Written by the driver on SIGTERM/SIGUSR1 (keel.launch.signals); every rank checkpoints after the current step.
 PREEMPT_FLAG = "PREEMPT"
@@ -50,7 +50,6 @@ class Trainer:
     def __init__(self, cfg: KeelConfig, info: WorkerInfo, bundles: Iterator[dict]) -> None:
         seed_all(cfg.trainer.seed)
         self.cfg, self.bundles = cfg, bundles
-        self._wandb = self._start_wandb(cfg, info)  # W&B starts while the engine is built
         self.info = replace(info, attention=resolve_attention(cfg, info))
         self._mark("attention")
         self.plugins = [*build_mitigations(cfg), *fault.plugins(cfg.fault, self.info)]
@@ -197,17 +196,7 @@ class Trainer:
             return None
         from keel.tracking.logger import RunLogger
 
-        return RunLogger(self.cfg, self.info.run_dir, to_plain(self.cfg), self.cfg.trainer.max_steps, self.start,
-                         wandb_start=self._wandb)
-
-    @staticmethod
-    def _start_wandb(cfg: KeelConfig, info: WorkerInfo) -> WandbStart | None:
-        """Rank 0's W&B run, started in a thread (:class:`keel.tracking.logger.WandbStart`)."""
-        if info.rank != 0:
-            return None
-        from keel.tracking.logger import WandbStart
-
-        return WandbStart(cfg, info.run_dir, to_plain(cfg))
+        return RunLogger(self.cfg, self.info.run_dir, to_plain(self.cfg), self.cfg.trainer.max_steps, self.start)
 
 
 def next_bundle(bundles: Iterator[dict], index: int, rank: int) -> dict:
