@@ -77,13 +77,13 @@ class SharedHead:
             time.sleep(1)
 
     def stop(self) -> None:
-        """SIGTERM (`ray start --block` stops Ray), then SIGKILL whatever of the group is left."""
+        """SIGTERM to the whole group (Ray's daemons at once), then SIGKILL whatever of it is left."""
         if self.proc is None:
             return
-        self.proc.terminate()
         try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=2)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
