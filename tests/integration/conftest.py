@@ -1,25 +1,36 @@
-"""Integration runs: real `keel train` subprocesses (local Ray, 2 CPU workers, gloo, ZeRO-3)."""
+"""Integration runs: real `keel train` subprocesses (Ray, 2 CPU workers, gloo, ZeRO-3), joined to the session's
+Ray head (``shared_ray``) unless a test is about Ray's own start."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from .shared_ray import HEAD, keel_env
+
 KEEL = str(Path(sys.executable).with_name("keel"))
 
 
-def keel_train(run_dir: Path, *overrides: str, timeout: int = 600, env: dict | None = None) -> dict:
+@pytest.fixture(scope="session", autouse=True)
+def _stop_shared_ray() -> Iterator[None]:
+    """The session's Ray head (started by the first test that joins it) stops with the session."""
+    yield
+    HEAD.stop()
+
+
+def keel_train(run_dir: Path, *overrides: str, timeout: int = 600, env: dict | None = None,
+               shared_ray: bool = True) -> dict:
     """Run `keel train` into ``run_dir`` and return its summary.json.
 
-    ``env`` adds variables; the console output is kept beside the run dir (``<run>.console``).
+    ``env`` adds variables; ``shared_ray=False`` starts a Ray instance of its own instead of joining the
+    session's; the console output is kept beside the run dir (``<run>.console``).
     """
-    full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    full_env.update(env or {}, WANDB_MODE="offline")
+    full_env = keel_env(shared_ray, **(env or {}))
     cmd = [KEEL, "train", f"hydra.run.dir={run_dir}", "trainer.progress=false", *overrides]
     out = subprocess.run(cmd, cwd=run_dir.parent, env=full_env, capture_output=True, text=True, timeout=timeout)
     run_dir.with_name(run_dir.name + ".console").write_text(out.stdout + out.stderr)

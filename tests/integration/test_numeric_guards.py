@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 
 import pytest
 import torch
 
-from .conftest import KEEL, keel_train
+from .conftest import KEEL, keel_env, keel_train
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +89,7 @@ def test_zero2_skips_a_nan_step_and_consecutive_ones_stop_the_run(tmp_path):
     """Under ZeRO-2 with accumulation: a NaN at step 2 is skipped and step 3 trains again; NaNs at steps 4
     and 5 are trainer.max_bad_steps=2 in a row, so the run stops there with an error naming the setting."""
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = keel_env()
     cmd = [KEEL, "train", f"hydra.run.dir={run_dir}", "trainer.progress=false", "logger=none",
            "trainer.max_steps=6", "fault.nan_at_steps=[2,4,5]", "trainer.max_bad_steps=2", "deepspeed=zero2",
            "trainer.grad_accum=2", "trainer.micro_batch_size=1"]
@@ -108,7 +107,7 @@ def test_watchdog_ends_a_stalled_run_naming_the_rank(tmp_path):
     trainer.step_timeout_s the run fails with an error naming the rank, and rank 1's Python stacks, showing
     where it hangs, are in the run directory."""
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = keel_env()
     cmd = [KEEL, "train", f"hydra.run.dir={run_dir}", "trainer.progress=false", "trainer.max_steps=4", "logger=none",
            "trainer.step_timeout_s=5", "fault.hang_rank=1", "fault.hang_at_step=2"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

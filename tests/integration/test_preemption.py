@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
 
 import pytest
 
-from .conftest import KEEL, keel_train
+from .conftest import KEEL, keel_env, keel_train
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +23,7 @@ def _steps_logged(run_dir) -> int:
 
 def test_sigterm_checkpoints_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = keel_env()
     proc = subprocess.Popen([KEEL, "train", f"hydra.run.dir={run_dir}", *ARGS], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300

@@ -5,7 +5,6 @@ on every shared SFT file with format=auto."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from keel.train import resume
 
 from tests.conftest import compose
 
-from .conftest import KEEL, keel_train
+from .conftest import KEEL, keel_env, keel_train
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +26,7 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared/data/sft"
 
 
 def _preprocess(out: Path, overrides: list[str]) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = keel_env()
     cmd = [KEEL, "preprocess", "--out", str(out), "--procs", "2", *overrides]
     done = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
     out.with_name(out.name + ".console").write_text(done.stdout + done.stderr)

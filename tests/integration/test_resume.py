@@ -4,13 +4,12 @@ world size too (2 -> 1 -> 2 workers), and continue exactly."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 
 import pytest
 
-from .conftest import KEEL, keel_train
+from .conftest import KEEL, keel_env, keel_train
 
 pytestmark = pytest.mark.integration
 
@@ -37,8 +36,7 @@ def reference(tmp_path_factory):
     run_dir, ext = base / "run", base / "torch_extensions"
     (ext / "deepspeed_shm_comm").mkdir(parents=True)
     (ext / "deepspeed_shm_comm" / "lock").touch()  # FileBaton's lock, never removed by its killed holder
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "WANDB_MODE": "offline",
-           "TORCH_EXTENSIONS_DIR": str(ext)}
+    env = keel_env(TORCH_EXTENSIONS_DIR=str(ext))
     first = subprocess.Popen([KEEL, "train", f"hydra.run.dir={run_dir}", "trainer.progress=false", *COMMON], cwd=base,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
@@ -87,7 +85,7 @@ def test_killed_worker_restarts_from_checkpoint(tmp_path, reference):
 def _killed_at(run_dir, step: int, *overrides: str) -> str:
     """Run until rank 0 is killed right after ``step`` (its checkpoint written); the console output."""
     (run_dir / "fault_fired").unlink(missing_ok=True)  # the injector fires once per run dir: re-arm it
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = keel_env()
     cmd = [KEEL, "train", f"hydra.run.dir={run_dir}", "trainer.progress=false", *COMMON, *overrides,
            "fault.kill_rank=0", f"fault.at_step={step}"]
     out = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600)

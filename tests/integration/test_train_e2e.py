@@ -41,7 +41,7 @@ def run(tmp_path_factory):
                          "eval.passk.n=2", "eval.passk.k=[1,2]", "eval.passk.prompts=4", "eval.generations=2",
                          "trainer.checkpoint_every=6", "trainer.export_every=6", "trainer.progress=true",
                          "data.val_fraction=0.05", "trainer.save_best=true", "trainer.keep_checkpoints=4",
-                         env=SECRETS)
+                         env=SECRETS, shared_ray=False)  # the quick start's path: Ray started by keel train
     return run_dir, summary
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.config import KeelConfig, from_plain, to_plain
+from keel.core.timeline import mark, process_started
 from keel.launch import console
 from keel.launch.ray_cluster import init_ray
 from keel.launch.slurm import node_name
@@ -47,12 +48,20 @@ def train_loop_per_worker(config: dict) -> None:
     """Entry point on every Ray Train worker."""
     import ray.train
 
+    ctx = ray.train.get_context()
+    first = ctx.get_world_rank() == 0
+    if first:
+        began = process_started()
+        if began is not None:
+            mark("worker_process", at=began)  # the controller placed the workers; rank 0's process began
+        mark("worker_start")  # Ray Train's worker group is up
     from keel.core.worker import WorkerInfo
     from keel.tracking.secrets import load_secret_files
     from keel.train.trainer import train
 
+    if first:
+        mark("worker_imports")
     load_secret_files()  # keel submit --secret-file: each worker reads the files on its own node
-    ctx = ray.train.get_context()
     console.setup_worker(Path(config["run_dir"]), ctx.get_world_rank())  # before anything prints
     cfg = from_plain(config["cfg"])
     info = WorkerInfo(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
@@ -69,11 +78,13 @@ def train_loop_per_worker(config: dict) -> None:
     nodes = _gather_nodes(info.world_size)
     if info.rank == 0:
         print(f"workers: {_where(nodes)}", flush=True)
+        mark("worker_group")  # every rank's node known: the process group works
     result = train(cfg, info, bundles)
     if info.rank == 0:
         result["rank_to_node"] = {str(r): n for r, n in enumerate(nodes)}
         result["nodes"] = sorted(set(nodes))
         (info.run_dir / WORKER_RESULT).write_text(json.dumps(result))
+        mark("worker_end")
 
 
 def _where(nodes: list[str]) -> str:
@@ -132,9 +143,11 @@ def run(cfg: KeelConfig, run_dir: Path, inputs: WorkerInputs) -> dict:
     init_ray(cfg)
     trainer = _torch_trainer(cfg, run_dir, inputs)
     _print_launch(cfg, run_dir)
+    mark("fit_start")
     try:
         with console.following(run_dir):  # rank 0's console lines; the workers' logs on failure
             trainer.fit()
+        mark("fit_end")
     except Exception as err:
         explained = _explained(err, run_dir, started)
         if explained is err:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from keel.config import KeelConfig, to_plain
+from keel.core.timeline import mark
 from keel.core.worker import WorkerInfo
 from keel.mitigation import build as build_mitigations
 from keel.train import checkpoint as ckpt
@@ -50,13 +51,16 @@ class Trainer:
         seed_all(cfg.trainer.seed)
         self.cfg, self.bundles = cfg, bundles
         self.info = replace(info, attention=resolve_attention(cfg, info))
+        self._mark("attention")
         self.plugins = [*build_mitigations(cfg), *fault.plugins(cfg.fault, self.info)]
         loaded = resume.worker_point(cfg, self.info)  # a collective: each rank hashes the files it will load
         self.engine, self._hf_ds = self._start_engine(loaded)  # _hf_ds: transformers holds it by a weak reference
         self.plugin_info = self._setup_plugins()
         self.engine.train()
         self.start = resume.load(self.engine, self.info, loaded)
+        self._mark("engine")
         self.logger = self._logger()
+        self._mark("logger")
         self.flops_of = flops.counter(self.engine.module)
         self.peak = flops.device_peak(cfg.cluster.use_gpu, cfg.trainer.peak_tflops)
         self.t_start = time.perf_counter()
@@ -71,8 +75,12 @@ class Trainer:
         self._baseline_evaluation()
         last = self.start if self.evaluator.stopped else self.cfg.trainer.max_steps  # early-stopped, resumed: done
         for step in range(self.start + 1, last + 1):
-            if not self._iteration(step):
+            going_on = self._iteration(step)
+            if step == self.start + 1:
+                self._mark("first_step")
+            if not going_on:
                 break
+        self._mark("last_step")
         self.dog.close()
         self.evaluator.say_stopped(self.end)
         return self._finish()
@@ -148,7 +156,9 @@ class Trainer:
         exported = {"hf_dir": None}
         if not self.preempted:
             self.checkpoints.final(self.engine, self.end)
+            self._mark("checkpoint")
             exported = exports.export_model(self.engine, self.cfg, self.info, self.plugins)
+            self._mark("export")
         return self._result(train_s, exported) if self.logger is not None else {}
 
     def _result(self, train_s: float, exported: dict) -> dict:
@@ -165,6 +175,11 @@ class Trainer:
             result["eval"] = self.logger.eval_history[-1]  # the last in-training evaluation
         self.logger.finish(result)
         return result
+
+    def _mark(self, what: str) -> None:
+        """A start-up timeline mark (``keel.core.timeline``), from rank 0 only."""
+        if self.info.rank == 0:
+            mark(what)
 
     def _start_engine(self, loaded: ResumePoint | None) -> tuple[Any, Any]:
         with startup.watch(self.info.rank, "engine start-up"):  # past a bound, says what it waits on
