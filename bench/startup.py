@@ -18,7 +18,9 @@ lowest fixed cost and every run's fixed cost. ``cpu_s``: CPU seconds of the whol
 workers), which on a 2-core machine bounds how far overlapping can go.
 
 Usage (from the repository root):
-  python bench/startup.py --label before     # 3 warm + 3 fresh runs; bench/results/startup.json + doc section
+  python bench/startup.py --label after --baseline before=../old/.venv/bin/keel --steps 10
+      # an older checkout's keel and this one's, side by side in one run (runs interleaved): 3 warm + 3 fresh each;
+      # bench/results/startup.json + the docs/benchmarks.md section
   python bench/startup.py --runs 1 --modes warm --steps 5 --no-doc   # smoke
 """
 
@@ -74,7 +76,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="runs per mode")
     parser.add_argument("--modes", default="warm,fresh", help="comma-separated: warm, fresh")
     parser.add_argument("--steps", type=int, default=None, help="trainer.max_steps (default: the quick start's)")
-    parser.add_argument("--label", default="current", help="the results' name (e.g. before, after)")
+    parser.add_argument("--label", default="current", help="this checkout's name in the results (e.g. after)")
+    parser.add_argument("--baseline", default=None, metavar="LABEL=KEEL",
+                        help="another checkout's keel executable (e.g. before=../old/.venv/bin/keel), measured in "
+                             "the same run, its runs interleaved with this one's")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment")
     parser.add_argument("overrides", nargs="*", default=[], help="extra keel train overrides")
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite the docs/benchmarks.md section")
@@ -86,8 +91,8 @@ def fresh_env(root: Path) -> dict[str, str]:
     return {key: str(root / key.lower()) for key in FRESH_DIRS}
 
 
-def run_once(mode: str, args: argparse.Namespace) -> dict:
-    """One ``keel train`` from a new directory; its phases, wall time and CPU seconds."""
+def run_once(mode: str, args: argparse.Namespace, keel: str) -> dict:
+    """One ``keel train`` (the executable ``keel``) from a new directory; its phases, wall time and CPU seconds."""
     root = Path(tempfile.mkdtemp(prefix=f"keel-startup-{mode}-"))
     try:
         timeline = root / "timeline.jsonl"
@@ -98,7 +103,7 @@ def run_once(mode: str, args: argparse.Namespace) -> dict:
             env.update(fresh_env(root))
         overrides = [*([f"trainer.max_steps={args.steps}"] if args.steps else []), *args.overrides]
         t0 = time.time()
-        proc = subprocess.Popen([KEEL, "train", *overrides], cwd=root, env=env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen([keel, "train", *overrides], cwd=root, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         cpu = CpuSampler(proc.pid)
         stdout, _ = proc.communicate(timeout=1800)
@@ -161,41 +166,65 @@ def phases(marks: dict[str, float], t0: float) -> dict:
     return {"phases": out, "wall_s": round(wall, 2), "steps_s": steps, "fixed_s": round(wall - steps, 2)}
 
 
-def measure(args: argparse.Namespace) -> dict:
-    results: dict[str, list[dict]] = {}
+def keels(args: argparse.Namespace) -> dict[str, str]:
+    """The checkouts measured: the baseline's executable (if any), then this one's."""
+    out = {}
+    if args.baseline:
+        label, path = args.baseline.split("=", 1)
+        out[label] = path
+    out[args.label] = KEEL
+    return out
+
+
+def measure(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
+    """Every checkout's runs per mode; runs alternate between checkouts and modes, so machine load (which
+    drifts over minutes on a shared host) hits all alike."""
+    results: dict[str, dict[str, list[dict]]] = {label: {} for label in keels(args)}
     modes = [m for m in args.modes.split(",") if m]
     if "warm" in modes:
-        print("warm-up run (fills the caches; not counted)", flush=True)
-        run_once("warm", argparse.Namespace(**{**vars(args), "steps": 2}))
+        for label, keel in keels(args).items():
+            print(f"{label}: warm-up run (fills the caches; not counted)", flush=True)
+            run_once("warm", argparse.Namespace(**{**vars(args), "steps": 2}), keel)
     for i in range(args.runs):
-        for mode in modes:  # modes alternate, so machine load hits both alike
-            r = run_once(mode, args)
-            print(f"{mode} run {i + 1}: wall {r['wall_s']:.1f} s, steps {r['steps_s']:.1f} s, "
-                  f"fixed {r['fixed_s']:.1f} s, cpu {r['cpu_s']:.0f} s", flush=True)
-            results.setdefault(mode, []).append(r)
+        for mode in modes:
+            for label, keel in keels(args).items():
+                r = run_once(mode, args, keel)
+                print(f"{label} {mode} run {i + 1}: wall {r['wall_s']:.1f} s, steps {r['steps_s']:.1f} s, "
+                      f"fixed {r['fixed_s']:.1f} s, cpu {r['cpu_s']:.0f} s", flush=True)
+                results[label].setdefault(mode, []).append(r)
     return results
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median fixed cost (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r["fixed_s"])[(len(runs) - 1) // 2]
+
+
 def section(all_results: dict) -> str:
-    """The docs/benchmarks.md section: per label and mode, the best run's phases and every run's fixed cost."""
+    """The docs/benchmarks.md section: per measurement, each checkout and mode side by side (the run with the
+    median fixed cost), every run's fixed cost, and the ratio of the medians to the first checkout's."""
     lines = [BEGIN, "## Start-up of the quick start's `keel train`", "",
-             "Generated by `bench/startup.py`; raw numbers in `bench/results/startup.json`.", ""]
-    for label, entry in all_results.items():
+             "Generated by `bench/startup.py`; raw numbers in `bench/results/startup.json`. Fixed cost = wall "
+             "time minus the steps (rank 0's first step's start to its last step's end).", ""]
+    for name, entry in all_results.items():
         meta, res = entry["meta"], entry["results"]
-        lines += [f"### {label}", "", f"- Command: `{meta['command']}`",
+        lines += [f"### {name}", "", f"- Command: `{meta['command']}`",
                   f"- Machine: {meta['machine']}; load average at the start {meta['load']}; {meta['date']}.", ""]
-        modes = list(res)
-        best = {m: min(res[m], key=lambda r: r["fixed_s"]) for m in modes}
-        lines += ["| phase | " + " | ".join(f"{m} (s)" for m in modes) + " |",
-                  "|---|" + "---:|" * len(modes)]
-        for name, _ in PHASES:
-            if any(name in best[m]["phases"] for m in modes):
-                lines.append(f"| {name} | " + " | ".join(f"{best[m]['phases'].get(name, 0):.1f}" for m in modes) + " |")
+        cols = [(label, mode) for mode in next(iter(res.values())) for label in res]
+        med = {(label, mode): median_run(res[label][mode]) for label, mode in cols}
+        lines += ["| phase | " + " | ".join(f"{label}, {mode} (s)" for label, mode in cols) + " |",
+                  "|---|" + "---:|" * len(cols)]
+        for phase, _ in PHASES:
+            if any(phase in med[c]["phases"] for c in cols):
+                lines.append(f"| {phase} | " + " | ".join(f"{med[c]['phases'].get(phase, 0):.1f}" for c in cols) + " |")
         for key, title in (("wall_s", "**wall**"), ("steps_s", "steps"), ("fixed_s", "**fixed cost**"),
                            ("cpu_s", "CPU seconds, all processes")):
-            lines.append(f"| {title} | " + " | ".join(f"{best[m][key]:.1f}" for m in modes) + " |")
+            lines.append(f"| {title} | " + " | ".join(f"{med[c][key]:.1f}" for c in cols) + " |")
         lines.append("| fixed cost of every run | " + " | ".join(
-            ", ".join(f"{r['fixed_s']:.1f}" for r in res[m]) for m in modes) + " |")
+            ", ".join(f"{r['fixed_s']:.1f}" for r in res[label][mode]) for label, mode in cols) + " |")
+        first = next(iter(res))
+        lines.append(f"| **fixed cost / {first}'s** | " + " | ".join(
+            f"{med[(label, mode)]['fixed_s'] / med[(first, mode)]['fixed_s']:.2f}" for label, mode in cols) + " |")
         lines.append("")
     lines.append(END)
     return "\n".join(lines)
@@ -205,14 +234,15 @@ def main() -> None:
     args = parse_args()
     cmd = shlex.join(["python", "bench/startup.py", *(a for e in args.env for a in ("--env", e)),
                       *(["--steps", str(args.steps)] if args.steps else []), "--runs", str(args.runs),
-                      "--modes", args.modes, "--label", args.label, *args.overrides])
+                      "--modes", args.modes, "--label", args.label,
+                      *(["--baseline", args.baseline] if args.baseline else []), *args.overrides])
     meta = {"command": cmd, "date": common.utc_now(),
             "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
             "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python "
                        f"{platform.python_version()}"}
     results = measure(args)
     stored = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    stored[args.label] = {"meta": meta, "results": results}
+    stored[" vs ".join(results)] = {"meta": meta, "results": results}
     common.write_json(RESULTS, stored)
     text = section(stored)
     print(text)

@@ -18,11 +18,8 @@ from keel.core import timeline
 from keel.errors import ConfigError, UserError
 from keel.launch import console
 
-# Ray Train on an instance of one host that keel train started itself (a user's setting wins):
+# Ray and Ray Train on an instance of one host that keel train started itself (a setting of the user's wins):
 LOCAL_TRAIN_ENV = {
-    # The controller polls its workers this often; it notices the end of training (and a failure) at the
-    # next poll, which on a one-host instance costs nothing to make frequent (Ray's default: 2 s).
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     # No node of a one-host instance is drained by an autoscaler: its watcher actor would be a process
     # started for nothing (Keel handles the scheduler's SIGTERM itself, keel.launch.signals).
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
