@@ -26,7 +26,7 @@ and run through these arms:
   packing without a document mask does); tokens attend across examples, so it is NOT exact
   and is a speed reference only;
 * GPU only (``torch.cuda.is_available()``): ``torch_varlen`` and ``fa_varlen`` through Keel's
-  backends, when ``keel.model.attention.unavailable_reason`` allows them.
+  backends, when ``keel.model.backends.unavailable_reason`` allows them.
 
 Usage (from the repository root):
   python bench/attention.py           # full run: bench/results/attention.json + docs/benchmarks.md section
@@ -53,6 +53,7 @@ from keel.data import encode
 from keel.data.packing import pack
 from keel.data.sources import load_conversations
 from keel.model import attention as keel_attn
+from keel.model.backends import unavailable_reason
 from keel.model.build import load_tokenizer
 from keel.model.tiny import ensure_tiny
 
@@ -255,7 +256,7 @@ ARMS = {  # name -> (function, layout)
 }
 SKIPPED: dict[str, str] = {}
 for _name in ("torch_varlen", "fa_varlen"):
-    _why = keel_attn.unavailable_reason(_name, use_gpu=True)
+    _why = unavailable_reason(_name, use_gpu=True)
     if _why:
         SKIPPED[_name] = _why
 FLEX_REPEATS = args.flex_repeats or (args.repeats if CUDA else 1)

@@ -36,7 +36,8 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("backend", ["torch_varlen", "fa_varlen", "flex"])
 def test_backend_matches_sdpa_block(tiny_path, backend):
-    from keel.model.attention import CALLS, unavailable_reason
+    from keel.model.attention import CALLS
+    from keel.model.backends import unavailable_reason
 
     reason = unavailable_reason(backend, use_gpu=True)
     if reason:
@@ -50,7 +51,7 @@ def test_backend_matches_sdpa_block(tiny_path, backend):
 
 
 def test_auto_picks_a_varlen_kernel_on_gpu():
-    from keel.model.attention import resolve
+    from keel.model.backends import resolve
 
     assert resolve("auto", use_gpu=True) in ("fa_varlen", "torch_varlen", "flex")
 
@@ -59,7 +60,8 @@ def test_auto_picks_a_varlen_kernel_on_gpu():
 @pytest.mark.parametrize("backend", ["torch_varlen", "fa_varlen", "flex"])
 def test_sliding_window_and_softcap_match_sdpa_block(family, backend):
     """The kernels' window_size=(W - 1, 0) and softcap against the exact mask (unverified on CPU: stand-ins)."""
-    from keel.model.attention import CALLS, implementation, model_features, unavailable_reason
+    from keel.model.attention import CALLS, implementation
+    from keel.model.backends import model_features, unavailable_reason
     from transformers import AutoModelForCausalLM
 
     from ..unit.test_attention import tiny_config

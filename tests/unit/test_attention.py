@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from keel.model import attention
+from keel.model import attention, backends
 from keel.model.attention import BACKENDS, block_causal_mask, cu_seqlens, document_ids, implementation
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -246,15 +246,15 @@ def test_torch_varlen_unavailable_where_its_signature_cannot_be_causal(monkeypat
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(varlen, "varlen_attn", _stub_not_causal(_Recorder()))
-    reason = attention.unavailable_reason("torch_varlen", use_gpu=True)
+    reason = backends.unavailable_reason("torch_varlen", use_gpu=True)
     assert reason and "neither window_size nor is_causal" in reason
     monkeypatch.setattr(varlen, "varlen_attn", _stub_gqa(_Recorder()))
-    assert attention.unavailable_reason("torch_varlen", use_gpu=True) is None
-    gemma = attention.model_features(tiny_config("gemma2"))
-    assert "softcap" in attention.unavailable_reason("torch_varlen", use_gpu=True, features=gemma)
+    assert backends.unavailable_reason("torch_varlen", use_gpu=True) is None
+    gemma = backends.model_features(tiny_config("gemma2"))
+    assert "softcap" in backends.unavailable_reason("torch_varlen", use_gpu=True, features=gemma)
     monkeypatch.setattr(varlen, "varlen_attn", _stub_is_causal(_Recorder()))
-    mistral = attention.model_features(tiny_config("mistral"))
-    assert "window_size" in attention.unavailable_reason("torch_varlen", use_gpu=True, features=mistral)
+    mistral = backends.model_features(tiny_config("mistral"))
+    assert "window_size" in backends.unavailable_reason("torch_varlen", use_gpu=True, features=mistral)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from keel.model import attention
-from keel.model.attention import Features, expected, resolve, unavailable_reason
+from keel.model import backends
+from keel.model.backends import Features, expected, resolve, unavailable_reason
 
 from .test_attention import _fake_flash_attn, _Recorder, _stub_gqa, _stub_not_causal
 
@@ -123,4 +123,18 @@ def test_flash_attn_config_name_is_a_deprecated_alias():
     with pytest.warns(FutureWarning, match="fa_varlen"):
         model = ModelConfig(name="x", path="tiny", attention="flash_attn")
     assert model.attention == "fa_varlen"
-    assert attention.check_name("flash_attn") == "fa_varlen"
+    assert backends.check_name("flash_attn") == "fa_varlen"
+
+
+def test_the_choice_imports_neither_transformers_nor_torch():
+    """The driver says what the workers will run while Ray starts: deciding that must not import transformers'
+    model code (about 2 s of the driver's critical path) or, for CPU workers, torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from keel.model.backends import expected, GPU_ORDER; "
+            "print(expected('auto', use_gpu=False)); print(expected('sdpa_block', use_gpu=False)); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["sdpa_block (model.attention=auto, CPU workers)",
+                                "sdpa_block (model.attention=sdpa_block, CPU workers)", "[]"]

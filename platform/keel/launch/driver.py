@@ -45,7 +45,7 @@ def _run(cfg: KeelConfig, run_dir: Path, attempt: str, ray_start: BackgroundStar
     # torch and transformers, imported while Ray starts (the module docstring)
     from keel.launch.prepare import prepare_data, worker_inputs
     from keel.mitigation import configured
-    from keel.model.attention import expected
+    from keel.model.backends import expected
     from keel.train import resume
 
     print(f"attention backend: {expected(cfg.model.attention, cfg.cluster.use_gpu)}")  # the workers resolve it

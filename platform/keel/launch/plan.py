@@ -13,10 +13,10 @@ from typing import Any
 
 from keel.config import KeelConfig
 from keel.model.arch import ModelShape, meta_model, model_hf_config, param_counts, shape_of
-from keel.model.attention import GPU_ORDER
+from keel.model.backends import GPU_ORDER
 from keel.train import memory
 
-# The module each kernel model.attention=auto tries on a GPU worker needs (keel.model.attention.resolve,
+# The module each kernel model.attention=auto tries on a GPU worker needs (keel.model.backends.resolve,
 # best first: GPU_ORDER); sdpa_block is the fallback.
 BACKEND_MODULES = {"fa_varlen": "flash_attn", "torch_varlen": "torch.nn.attention.varlen",
                    "flex": "torch.nn.attention.flex_attention"}

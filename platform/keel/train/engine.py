@@ -68,7 +68,7 @@ def resolve_attention(cfg: KeelConfig, info: WorkerInfo) -> str:
     GPU, its flash-attn) and for what the model's attention needs (softcapping, sliding windows)."""
     from transformers import AutoConfig
 
-    from keel.model.attention import model_features, resolve
+    from keel.model.backends import model_features, resolve
 
     config = AutoConfig.from_pretrained(info.model_path, trust_remote_code=cfg.model.trust_remote_code)
     chosen = resolve(info.attention, cfg.cluster.use_gpu, model_features(config),
