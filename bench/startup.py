@@ -14,7 +14,7 @@ phase they finish (``keel.core.timeline``), and reports every phase.
 
 Fixed cost = the process's wall time minus the steps (from the end of W&B's start, where the training loop
 begins, to the last step's end on rank 0). Each mode runs ``--runs`` times; the table shows the run with the
-lowest fixed cost and every run's fixed cost. ``cpu_s``: CPU seconds of the whole process tree (driver, Ray,
+median fixed cost and every run's fixed cost. ``cpu_s``: CPU seconds of the whole process tree (driver, Ray,
 workers), which on a 2-core machine bounds how far overlapping can go.
 
 Usage (from the repository root):
