@@ -2,8 +2,9 @@
 (in the background), the plugins, the data plan, the resume decision, the preemption handlers, the workers, the
 run's summary and Ray's stop.
 
-This module imports little: torch and transformers (the plugins, the data plan, the resume decision and the
-attention check need them, about 3 s) are imported after Ray has begun to start, so the two overlap."""
+This module imports little: torch and transformers' tokenizers (the plugins, the data plan and the resume
+decision need them) are imported after Ray has begun to start, so the two overlap; naming the attention backend
+the workers will run (``keel.model.backends``) needs neither."""
 
 from __future__ import annotations
 
