@@ -1,8 +1,8 @@
 """Which packed-attention backend runs where: the names ``model.attention`` takes, why a kernel cannot run on
 a host, and the choice ``auto`` makes (``resolve``); ``keel.model.attention`` holds the kernels themselves.
 
-This module imports neither transformers nor, until a GPU kernel is asked about, torch: the driver tells
-what the workers will run while Ray starts, and ``keel plan`` sizes a run, without either.
+This module imports neither transformers nor, until a GPU kernel is asked about, torch, so the driver can
+tell what the workers will run while Ray starts without either.
 """
 
 from __future__ import annotations
