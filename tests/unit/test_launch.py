@@ -93,3 +93,22 @@ def test_sbatch_script_refuses_to_run_outside_slurm():
     env = {"PATH": "/usr/bin:/bin"}
     out = subprocess.run(["bash", str(REPO / "slurm" / "sft.sh")], capture_output=True, text=True, env=env)
     assert out.returncode == 2 and "submit it with sbatch" in out.stderr
+
+
+def test_the_trainer_is_ray_trains_less_its_placement_group_cleaner():
+    """Every callback TorchTrainer would run, in order, but the one that starts a watcher process per run."""
+    from keel.launch.ray_train import trainer_class
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def loop() -> None:
+        pass
+
+    def names(cls: type) -> list[str]:
+        trainer = cls(loop, scaling_config=ScalingConfig(num_workers=1))
+        return [type(cb).__name__ for cb in trainer._create_default_callbacks()]
+
+    assert issubclass(trainer_class(), TorchTrainer)
+    theirs = names(TorchTrainer)
+    assert "PlacementGroupCleanerCallback" in theirs  # else the subclass has nothing left to do: drop it
+    assert names(trainer_class()) == [n for n in theirs if n != "PlacementGroupCleanerCallback"]

@@ -156,17 +156,34 @@ def run(cfg: KeelConfig, run_dir: Path, inputs: WorkerInputs) -> dict:
     return json.loads((run_dir / WORKER_RESULT).read_text())
 
 
+def trainer_class() -> type:
+    """Ray Train's ``TorchTrainer``, less its ``PlacementGroupCleanerCallback``.
+
+    That callback starts a detached actor per run (a Ray worker process of its own: about 2 CPU-seconds, in the
+    middle of the worker group's start) that removes the workers' placement group should the controller die while
+    its job lives on. Keel's driver ends its job whenever ``fit`` returns or raises, and a job's placement groups
+    go with it, so the actor would only ever watch. Where Ray has no such callback, this is ``TorchTrainer``."""
+    from ray.train.torch import TorchTrainer
+
+    class KeelTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            return [cb for cb in super()._create_default_callbacks()
+                    if type(cb).__name__ != "PlacementGroupCleanerCallback"]
+
+    return KeelTorchTrainer
+
+
 def _torch_trainer(cfg: KeelConfig, run_dir: Path, inputs: WorkerInputs) -> Any:
     """Ray Train's TorchTrainer of ``cluster.num_workers`` workers, each with its own dataset of step bundles."""
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     loop_config = {"cfg": to_plain(cfg), "run_dir": str(run_dir), "model_path": inputs.model_path,
                    "attention": inputs.attention, "step_source_tokens": inputs.step_source_tokens,
                    "source_names": inputs.source_names, "run_meta": inputs.run_meta,
                    "val_refs": _put(inputs.val_batches)}
     c = cfg.cluster
-    return TorchTrainer(
+    return trainer_class()(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
